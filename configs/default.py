@@ -1,0 +1,96 @@
+"""The embedded default: SFT warm-start then GRPO on generated arithmetic word problems, on CPU.
+
+  python -m grpo_jax.train --config configs/default.py --workdir /tmp/grpo_default
+  python -m grpo_jax.train --config configs/default.py:tiny --workdir /tmp/grpo_tiny   # ~1 minute smoke run
+  python -m grpo_jax.train --config configs/default.py --workdir /tmp/g16 --config.rl.group_size=16
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed drives init, data order and sampling
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = 'arithmetic'  # generated GSM8K-style +/- word problems (grpo_jax/tasks.py)
+  c.task.num_train = 20000  # train split size (prompts for SFT and GRPO)
+  c.task.num_val = 200  # validation split: SFT early stopping only
+  c.task.num_test = 500  # held-out split: the reported accuracies
+  c.task.min_steps = 2  # arithmetic steps per problem
+  c.task.max_steps = 3
+  c.task.start_range = (10, 99)  # starting quantity
+  c.task.change_range = (2, 9)  # size of each +/- change
+
+  c.model = ml_collections.ConfigDict()  # vocab_size comes from the tokenizer
+  c.model.d_model = 96
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2  # < num_heads: grouped-query attention
+  c.model.head_dim = 24
+  c.model.mlp_dim = 256  # SwiGLU hidden size
+  c.model.rope_theta = 10000.0
+  c.model.rms_eps = 1e-6
+  c.model.qkv_bias = False  # True for Qwen2
+  c.model.qk_norm = False  # True for Qwen3
+  c.model.tie_embeddings = False
+  c.model.param_dtype = 'float32'
+  c.model.dtype = 'float32'  # compute dtype ('bfloat16' on accelerators)
+  c.model.init_std = 0.02
+
+  c.max_prompt_len = 112  # tokens; longer prompts are an error, shorter are left-padded
+  c.max_new_tokens = 48  # completion budget (SFT targets must fit too)
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.batch_size = 32
+  c.sft.max_steps = 2000  # cap if the target is never reached
+  c.sft.target_accuracy = 0.35  # stop once greedy validation accuracy reaches this (leaves room for RL)
+  c.sft.eval_every = 50  # steps between validation evals
+  c.sft.lr = 3e-3
+  c.sft.warmup_steps = 50
+  c.sft.schedule = 'cosine'  # 'cosine' (decays over max_steps) or 'constant'
+  c.sft.weight_decay = 0.0
+  c.sft.grad_clip = 1.0
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.num_steps = 100  # GRPO steps (one rollout batch each)
+  c.rl.num_prompts = 16  # questions per step
+  c.rl.group_size = 8  # G, outputs per question (the paper: 64)
+  c.rl.num_epochs = 1  # mu, passes over each rollout batch (pi_old fixed during them)
+  c.rl.num_minibatches = 1  # gradient steps per pass
+  c.rl.clip_eps = 0.2  # epsilon
+  c.rl.beta = 0.0  # KL weight (the paper: 0.04); > 0 runs the frozen reference each step
+  c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's)
+  c.rl.advantage = 'grpo'  # 'grpo' (std-scaled) | 'group_mean'
+  c.rl.reward = 'gsm8k_exact'  # registry name in grpo_jax/rewards.py
+  c.rl.temperature = 1.0
+  c.rl.top_k = 0  # 0 = off
+  c.rl.top_p = 1.0  # 1.0 = off
+  c.rl.lr = 5e-5  # small: Adam turns sparse-reward noise into full-size steps
+  c.rl.warmup_steps = 0
+  c.rl.schedule = 'constant'
+  c.rl.weight_decay = 0.0
+  c.rl.grad_clip = 1.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 250  # greedy decoding batch for val/test evals
+
+  c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; -1 takes the remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.checkpoint_every = 50  # steps (per stage); also saved at the end of each stage and on SIGTERM
+  c.checkpoint_keep = 2
+  c.log_every = 1  # steps between metric fetches from device
+
+  if arg == 'tiny':  # a CPU smoke run: every stage, a few steps each
+    c.task.num_train, c.task.num_val, c.task.num_test = 256, 16, 32
+    c.model.d_model, c.model.num_layers, c.model.mlp_dim, c.model.head_dim = 32, 2, 64, 8
+    c.sft.batch_size, c.sft.max_steps, c.sft.eval_every, c.sft.warmup_steps = 8, 6, 3, 2
+    c.rl.num_steps, c.rl.num_prompts, c.rl.group_size = 4, 2, 4
+    c.rl.num_epochs, c.rl.num_minibatches, c.rl.beta = 2, 2, 0.04
+    c.eval.batch_size = 16
+    c.checkpoint_every = 2
+  elif arg:
+    raise ValueError(f'unknown preset {arg!r}; known: tiny')
+  return c

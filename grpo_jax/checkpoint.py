@@ -1,0 +1,65 @@
+"""Orbax checkpoints of one training stage: train state (params, optimizer, step), reference, and meta.
+
+Each stage ('sft', 'grpo') has its own CheckpointManager under <workdir>/checkpoints/<stage>. `meta` is
+JSON: data position, RNG key data, the model config (checked on restore) and results carried over.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def manager(workdir: str, stage: str, *, max_to_keep: int) -> ocp.CheckpointManager:
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints', stage))
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)  # a saved step is on disk
+  return ocp.CheckpointManager(path, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, trees: dict[str, Any], meta: dict[str, Any]) -> None:
+  args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+  if step in mngr.all_steps():  # the final save of a stage can land on a periodic one: the final wins
+    mngr.delete(step)
+  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
+  mngr.wait_until_finished()
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any] | None:
+  """The JSON meta of the latest (or given) step, or None if the stage has no checkpoint. Cheap: no arrays."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None
+  path = os.path.join(str(mngr.directory), str(step), 'meta', 'metadata')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'checkpoint {mngr.directory}/{step} has no readable meta ({e}); '
+                          'it is malformed: delete it or use another --workdir') from e
+
+
+def check_model_config(meta: dict[str, Any], model_config: dict[str, Any], where: str) -> None:
+  if meta.get('model') != model_config:
+    diff = {k: (meta.get('model', {}).get(k), v) for k, v in model_config.items()
+            if meta.get('model', {}).get(k) != v}
+    raise CheckpointError(f'{where} holds a checkpoint of a different model config '
+                          f'(saved, requested): {diff}; use a fresh --workdir or the saved config')
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+  """Restore trees into the shapes, dtypes and shardings of `targets` (concrete or abstract trees)."""
+  abstract = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, t) for name, t in targets.items()}
+  args = {name: ocp.args.StandardRestore(t) for name, t in abstract.items()}
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+  except Exception as e:  # orbax raises several types for missing/corrupt items
+    raise CheckpointError(f'could not restore {mngr.directory}/{step}: {e}') from e
+  return dict(restored)

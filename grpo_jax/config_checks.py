@@ -1,0 +1,52 @@
+"""Config validation that runs before anything is built or compiled, so bad input fails in a second."""
+from __future__ import annotations
+
+import math
+
+from grpo_jax.advantages import ADVANTAGES
+from grpo_jax.kl import KL_ESTIMATORS
+from grpo_jax.rewards import REWARDS
+from grpo_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
+
+
+def _positive(cfg, *paths: str) -> None:
+  for path in paths:
+    value = cfg
+    for part in path.split('.'):
+      value = value[part]
+    if not value > 0:
+      raise ValueError(f'config.{path} must be positive, got {value}')
+
+
+def check_config(cfg, num_devices: int) -> None:
+  """Raise ValueError naming the first bad knob."""
+  _positive(cfg, 'task.num_train', 'task.num_val', 'task.num_test', 'max_prompt_len', 'max_new_tokens',
+            'sft.batch_size', 'sft.max_steps', 'sft.eval_every', 'sft.lr', 'rl.num_steps', 'rl.num_prompts',
+            'rl.num_epochs', 'rl.num_minibatches', 'rl.lr', 'rl.temperature', 'eval.batch_size',
+            'checkpoint_every', 'checkpoint_keep', 'log_every')
+  if cfg.task.name != 'arithmetic':
+    raise ValueError(f"config.task.name={cfg.task.name!r} is unknown; known: 'arithmetic'")
+  if cfg.rl.group_size < 2:
+    raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
+  if not 0 < cfg.rl.clip_eps < 1:
+    raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
+  if cfg.rl.beta < 0:
+    raise ValueError(f'config.rl.beta must be >= 0, got {cfg.rl.beta}')
+  if not 0 < cfg.rl.top_p <= 1 or cfg.rl.top_k < 0:
+    raise ValueError(f'config.rl.top_p must be in (0, 1] and top_k >= 0, got {cfg.rl.top_p}, {cfg.rl.top_k}')
+  if not 0 <= cfg.sft.target_accuracy <= 1:
+    raise ValueError(f'config.sft.target_accuracy must be in [0, 1], got {cfg.sft.target_accuracy}')
+  for key, registry in (('kl_estimator', KL_ESTIMATORS), ('advantage', ADVANTAGES), ('reward', REWARDS)):
+    if cfg.rl[key] not in registry:
+      raise ValueError(f'config.rl.{key}={cfg.rl[key]!r} is unknown; known: {sorted(registry)}')
+
+  rollout_size = cfg.rl.num_prompts * cfg.rl.group_size
+  if rollout_size % cfg.rl.num_minibatches:
+    raise ValueError(f'rl.num_prompts * rl.group_size = {rollout_size} does not split into '
+                     f'rl.num_minibatches={cfg.rl.num_minibatches} equal minibatches')
+  sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
+  data_parallel = math.prod(sizes[a] for a in BATCH_AXES)
+  for name, size in (('sft.batch_size', cfg.sft.batch_size), ('eval.batch_size', cfg.eval.batch_size),
+                     ('rl minibatch', rollout_size // cfg.rl.num_minibatches), ('rl rollout', rollout_size)):
+    if size % data_parallel:
+      raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')

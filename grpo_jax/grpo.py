@@ -1,0 +1,88 @@
+"""One GRPO iteration: rollout -> reward -> advantage -> mu epochs x minibatches of clipped updates.
+
+The Python here only orchestrates; the math is in advantages.py, losses.py, kl.py and logprobs.py.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.data import TokenizedSplit
+from grpo_jax.evaluate import decode
+from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.losses import grpo_loss
+from grpo_jax.rewards import RewardFn, gsm8k_exact
+
+
+class Rollout(NamedTuple):
+  """One batch of experience, leading axis N = num_prompts * G with each group contiguous."""
+  prompt_tokens: np.ndarray  # [N, p]
+  prompt_mask: np.ndarray  # [N, p]
+  completion_tokens: np.ndarray  # [N, c]
+  completion_mask: np.ndarray  # [N, c]
+  old_logprobs: np.ndarray  # [N, c] log pi_old (the sampler's)
+  ref_logprobs: np.ndarray  # [N, c] log pi_ref (zeros when beta == 0)
+  advantages: np.ndarray  # [N]
+
+
+def grpo_objective(model, rollout: Rollout, *, clip_eps: float, beta: float, kl_estimator: str):
+  """Loss of the current policy on a (mini)batch of rollouts; also reports its token entropy."""
+  logprobs, entropy = sequence_logprobs(model, rollout.prompt_tokens, rollout.prompt_mask,
+                                        rollout.completion_tokens, rollout.completion_mask, return_entropy=True)
+  loss, metrics = grpo_loss(logprobs, rollout.old_logprobs, rollout.ref_logprobs, rollout.advantages,
+                            rollout.completion_mask, clip_eps=clip_eps, beta=beta, kl_estimator=kl_estimator)
+  mask = rollout.completion_mask.astype(jnp.float32)
+  metrics['entropy'] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return loss, metrics
+
+
+def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params, ref_params,
+                    prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
+                    advantage_fn: Callable) -> tuple[Rollout, dict[str, float]]:
+  """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages."""
+  prompt_tokens = np.repeat(prompts.prompt_tokens, group_size, axis=0)  # [N, p], groups contiguous
+  prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
+  answers = [a for a in prompts.answers for _ in range(group_size)]
+
+  start = time.perf_counter()
+  out = jax.block_until_ready(sampler(params, prompt_tokens, prompt_mask, rng))
+  sample_time = time.perf_counter() - start
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  texts = decode(tokenizer, tokens, mask)
+  rewards = reward_fn(texts, answers)  # [N]
+  advantages = np.asarray(advantage_fn(rewards.reshape(-1, group_size))).reshape(-1)
+  if ref_logprobs_fn is None:
+    ref_logprobs = np.zeros(tokens.shape, np.float32)
+  else:
+    ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, tokens, mask)
+  rollout = Rollout(prompt_tokens, prompt_mask, tokens, mask, out.logprobs, ref_logprobs, advantages)
+  group_rewards = rewards.reshape(-1, group_size)
+  stats = {
+      'reward': float(rewards.mean()),
+      'accuracy': float(gsm8k_exact(texts, answers).mean()),
+      'reward_std_in_group': float(group_rewards.std(axis=-1).mean()),
+      'frac_groups_no_signal': float((group_rewards.std(axis=-1) == 0).mean()),  # zero advantage everywhere
+      'completion_len': float(mask.sum(axis=-1).mean()),
+      'sample_time': sample_time,
+      'sampled_tokens_per_s': float(mask.sum() / max(sample_time, 1e-9)),
+  }
+  return rollout, stats
+
+
+def update(train_step: Callable, state, rollout: Rollout, rng: jax.Array, *, num_epochs: int,
+           num_minibatches: int):
+  """mu epochs over the rollout, each a fresh shuffle split into minibatches; pi_old stays fixed."""
+  n = rollout.advantages.shape[0]
+  all_metrics = []
+  for epoch in range(num_epochs):
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
+    for idx in np.split(order, num_minibatches):
+      state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)))
+      all_metrics.append(metrics)
+  mean = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
+  return state, mean

@@ -1,0 +1,44 @@
+"""Metrics sinks: <workdir>/metrics.jsonl (one JSON object per step, with `step` and `stage`) and TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def rewind(self, stage_order: list[str], stage: str, step: int) -> None:
+    """Drop lines logged after a checkpoint (stage, step): a resumed run rewrites them identically."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    rank = stage_order.index(stage)
+    keep = [r for r in rows if stage_order.index(r['stage']) < rank or (r['stage'] == stage and r['step'] <= step)]
+    with open(self.path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in keep)
+
+  def write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
+    row = {'stage': stage, 'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in row.items():
+      if isinstance(v, (int, float)) and k != 'step':
+        self.tb.add_scalar(f'{stage}/{k}', v, step)
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+def _scalar(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return v

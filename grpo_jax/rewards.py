@@ -1,0 +1,47 @@
+"""Reward functions, chosen by name in the config (`config.rl.reward`).
+
+Every reward function has the signature fn(completions: list[str], answers: list[str]) -> np.ndarray
+(float32, one reward per completion). Register an ablation by adding an entry to `REWARDS`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+RewardFn = Callable[[list[str], list[str]], np.ndarray]
+
+_FINAL_ANSWER = re.compile(r'####\s*(-?[\d,]*\.?\d+)')
+
+
+def extract_final_answer(text: str) -> str | None:
+  """The number after the last '#### ' (GSM8K's answer line), without thousands separators."""
+  matches = _FINAL_ANSWER.findall(text)
+  return matches[-1].replace(',', '') if matches else None
+
+
+def _same_number(a: str | None, b: str) -> bool:
+  if a is None:
+    return False
+  try:
+    return float(a) == float(b.replace(',', ''))
+  except ValueError:
+    return a.strip() == b.strip()
+
+
+def gsm8k_exact(completions: list[str], answers: list[str]) -> np.ndarray:
+  """1.0 if the completion's '#### N' equals the gold answer numerically, else 0.0."""
+  if len(completions) != len(answers):
+    raise ValueError(f'{len(completions)} completions but {len(answers)} answers')
+  pairs = zip(completions, answers, strict=True)
+  return np.array([_same_number(extract_final_answer(c), a) for c, a in pairs], np.float32)
+
+
+REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+  if name not in REWARDS:
+    raise ValueError(f'unknown reward {name!r}; known: {sorted(REWARDS)}')
+  return REWARDS[name]

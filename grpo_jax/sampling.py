@@ -1,0 +1,91 @@
+"""Group sampling: prefill the prompts once, then decode all completions in one compiled loop.
+
+`sample` is a pure function of (model, prompts, rng); jit it with `jax.jit(sample, static_argnames=...)`
+or through `make_sampler`. It compiles once per (batch, prompt length, max_new_tokens) shape.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.logprobs import token_logprobs
+from grpo_jax.model import KVCache, Transformer, positions_from_mask
+
+
+class Completions(NamedTuple):
+  tokens: jax.Array  # [b, c] int32; pad_id after EOS
+  mask: jax.Array  # [b, c] int32; 1 on generated tokens, the EOS included
+  logprobs: jax.Array  # [b, c] float32; log pi(token) under the model's own (temperature 1) distribution
+
+
+def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Temperature, then top-k (0 = off), then nucleus top-p (1.0 = off). logits [b, v] -> [b, v]."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+           max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False) -> Completions:
+  """Sample one completion per row (repeat prompts G times upstream for a group).
+
+  Args:
+    model: the policy.
+    prompt_tokens: [b, p] left-padded prompt ids.
+    prompt_mask: [b, p] 1 on real tokens.
+    rng: PRNG key.
+    greedy: argmax decoding (temperature / top-k / top-p ignored).
+  Returns:
+    Completions with arrays [b, max_new_tokens]. Rows stop at their own EOS.
+  """
+  b, p = prompt_tokens.shape
+  prompt_mask = prompt_mask.astype(bool)
+  cache = KVCache.zeros(model.cfg, b, p + max_new_tokens)
+  positions = positions_from_mask(prompt_mask)
+  logits, cache = model(prompt_tokens, positions, prompt_mask, cache=cache, cache_index=0)
+  next_position = positions[:, -1] + 1  # [b]
+
+  def pick(logits, key):
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+  def step(carry, key):
+    last_logits, cache, position, slot, done = carry
+    token = pick(last_logits, key)
+    logprob = token_logprobs(last_logits, token)
+    live = ~done
+    token = jnp.where(live, token, pad_id)
+    logits, cache = model(token[:, None], position[:, None], live[:, None], cache=cache, cache_index=slot)
+    done = done | (token == eos_id)
+    return (logits[:, -1], cache, position + 1, slot + 1, done), (token, live, logprob)
+
+  keys = jax.random.split(rng, max_new_tokens)
+  init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool))
+  _, (tokens, live, logprobs) = jax.lax.scan(step, init, keys)
+  mask = live.T.astype(jnp.int32)
+  return Completions(tokens.T, mask, jnp.where(live.T, logprobs.T, 0.0))
+
+
+def make_sampler(graphdef: nnx.GraphDef, **static):
+  """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options fixed."""
+
+  @jax.jit
+  def sampler(params, prompt_tokens, prompt_mask, rng):
+    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
+
+  return sampler

@@ -1,0 +1,263 @@
+r"""SFT warm-start, then GRPO, then a held-out comparison. The one entry point.
+
+  python -m grpo_jax.train --config configs/default.py --workdir /tmp/grpo
+  python -m grpo_jax.train --config configs/default.py:tiny --workdir /tmp/tiny --config.rl.group_size=16
+
+Rerunning with the same --workdir resumes from the last checkpoint of the unfinished stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from grpo_jax import checkpoint, sharding
+from grpo_jax.advantages import get_advantage_fn
+from grpo_jax.config_checks import check_config
+from grpo_jax.data import TokenizedSplit, batch_indices, encode
+from grpo_jax.evaluate import greedy_eval
+from grpo_jax.grpo import collect_rollout, grpo_objective, update
+from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.metrics import MetricWriter
+from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax.rewards import get_reward_fn
+from grpo_jax.sampling import make_sampler
+from grpo_jax.sft import SFTBatch, sft_loss
+from grpo_jax.tasks import generate_split
+from grpo_jax.tokenizer import build_char_tokenizer
+from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+
+STAGES = ['sft', 'grpo']
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the summary go.')
+
+
+class Interrupt:
+  """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+
+  def __init__(self):
+    self.signal = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signal is not None:  # a second signal: stop now, without the checkpoint
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __bool__(self):
+    return self.signal is not None
+
+
+class Job:
+  """What both stages share: config, mesh, model structure, data, samplers, sinks."""
+
+  def __init__(self, cfg, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
+    self.tokenizer = build_char_tokenizer()
+    self.model_cfg = ModelConfig(vocab_size=len(self.tokenizer), **cfg.model.to_dict())
+    self.model_cfg_dict = dataclasses.asdict(self.model_cfg)
+    task = dict(seed=cfg.seed, min_steps=cfg.task.min_steps, max_steps=cfg.task.max_steps,
+                start_range=tuple(cfg.task.start_range), change_range=tuple(cfg.task.change_range))
+    lengths = dict(max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens)
+    self.splits: dict[str, TokenizedSplit] = {
+        split: encode(self.tokenizer, generate_split(split, cfg.task[f'num_{split}'], **task), split=split, **lengths)
+        for split in ('train', 'val', 'test')}
+    for stage in STAGES:  # a mismatched checkpoint fails here, before any compile
+      meta = checkpoint.read_meta(self.manager(stage))
+      if meta is not None:
+        checkpoint.check_model_config(meta, self.model_cfg_dict, f'{workdir}/checkpoints/{stage}')
+
+    self.mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    model = Transformer(self.model_cfg, nnx.Rngs(cfg.seed))
+    self.graphdef, params = nnx.split(model, nnx.Param)
+    self.init_params = jax.device_put(params, sharding.tree_shardings(params, self.mesh))
+    self.reward_fn = get_reward_fn(cfg.rl.reward)
+    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_token_id,
+               pad_id=self.tokenizer.pad_token_id)
+    self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
+    self.sampler = make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
+                                top_p=cfg.rl.top_p, **tok)
+    self.writer = MetricWriter(workdir)
+    self.interrupt = Interrupt()
+    self.rng = jax.random.key(cfg.seed)
+
+  def manager(self, stage: str):
+    return checkpoint.manager(self.workdir, stage, max_to_keep=self.cfg.checkpoint_keep)
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    return greedy_eval(self.greedy_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
+                       batch_size=self.cfg.eval.batch_size, rng=self.rng)
+
+  def meta(self, stage: str, step: int, **extra) -> dict:
+    return {'stage': stage, 'step': step, 'model': self.model_cfg_dict,
+            'rng': np.asarray(jax.random.key_data(self.rng)).tolist(), **extra}
+
+  def run_stage(self, stage: str, num_steps: int, params, step_fn, *, extra_trees=None, carry=None):
+    """The loop both stages share: resume, step, log, checkpoint, stop on signal or when step_fn says so.
+
+    step_fn(state, step, carry) -> (state, metrics, carry, stop); `carry` is JSON (kept in checkpoint meta).
+    step_fn is built by step_fn(train_step, extra_trees) once the (possibly restored) trees are known.
+    Returns (final params, summary dict of the stage incl. held-out eval).
+    """
+    cfg, mngr = self.cfg, self.manager(stage)
+    opt_cfg = cfg.sft if stage == 'sft' else cfg.rl
+    tx = make_optimizer(opt_cfg, num_steps)
+    state = init_state(params, tx, self.mesh)
+    extra_trees = extra_trees or {}
+    meta = checkpoint.read_meta(mngr)
+    step, wall = 0, 0.0
+    if meta is not None:
+      restored = checkpoint.restore(mngr, meta['step'], {'state': state, **extra_trees})
+      state, extra_trees = restored['state'], {k: restored[k] for k in extra_trees}
+      step, wall, carry = meta['step'], meta['wall_time'], meta['carry']
+      if meta.get('finished'):
+        return state.params, meta['summary']
+      print(f'{stage}: resuming from step {step}')
+    self.writer.rewind(STAGES, stage, step)
+    train_step = make_train_step(self.graphdef, tx, self.loss_fn(stage), state_shardings(state, self.mesh),
+                                 self.batch_sharding, self.mesh)
+    step_fn = step_fn(train_step, extra_trees)
+
+    def save(finished=False, summary=None):
+      checkpoint.save(mngr, step, {'state': state, **extra_trees},
+                      self.meta(stage, step, wall_time=wall + time.perf_counter() - start, carry=carry,
+                                finished=finished, summary=summary, data_position=step))
+
+    print(f'\n=== {stage}: steps {step} -> {num_steps} ===')
+    start = time.perf_counter()
+    bar = tqdm(total=num_steps, initial=step, desc=stage, dynamic_ncols=True)
+    stop = False
+    while step < num_steps and not stop:
+      t0 = time.perf_counter()
+      state, metrics, carry, stop = step_fn(state, step, carry)
+      step += 1
+      if step % cfg.log_every == 0 or stop or step == num_steps:
+        metrics = {k: float(v) if np.ndim(v) == 0 else v for k, v in jax.device_get(metrics).items()}
+        metrics['step_time'] = time.perf_counter() - t0
+        self.writer.write(stage, step, metrics)
+        bar.set_postfix({k: f'{v:.3g}' for k, v in metrics.items() if k in self.progress_keys})
+      bar.update(1)
+      if self.interrupt:
+        save()
+        bar.close()
+        raise SystemExit(f'{self.interrupt.signal}: saved {stage} checkpoint at step {step}; '
+                         f'rerun the same command to resume.')
+      if step % cfg.checkpoint_every == 0:
+        save()
+    bar.close()
+    held_out = self.evaluate(state.params, 'test')
+    summary = {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'steps': step,
+               'wall_time': wall + time.perf_counter() - start, 'sample': held_out['sample'], 'carry': carry}
+    save(finished=True, summary=summary)
+    return state.params, summary
+
+  progress_keys = ('nll', 'val_accuracy', 'reward', 'kl', 'clip_frac')
+
+  def loss_fn(self, stage: str):
+    if stage == 'sft':
+      return sft_loss
+    rl = self.cfg.rl
+    return functools.partial(grpo_objective, clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator)
+
+  def sft_step_fn(self, train_step, extra_trees):
+    cfg, train = self.cfg, self.splits['train']
+
+    def step_fn(state, step, carry):
+      idx = batch_indices(len(train), cfg.sft.batch_size, step, seed=cfg.seed, stream='sft')
+      b = train.take(idx)
+      state, metrics = train_step(state, SFTBatch(b.prompt_tokens, b.prompt_mask, b.completion_tokens,
+                                                  b.completion_mask))
+      stop = False
+      if (step + 1) % cfg.sft.eval_every == 0:
+        val = self.evaluate(state.params, 'val')
+        metrics = dict(metrics, val_accuracy=val['accuracy'])
+        stop = val['accuracy'] >= cfg.sft.target_accuracy
+        carry = {'val_accuracy': val['accuracy'], 'stop_reason': 'target' if stop else 'cap'}
+      return state, metrics, carry, stop
+
+    return step_fn
+
+  def grpo_step_fn(self, train_step, extra_trees):
+    cfg, rl, train = self.cfg, self.cfg.rl, self.splits['train']
+    ref_fn = None
+    if rl.beta > 0:
+      ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(self.graphdef, p), *arrays))
+    advantage_fn = get_advantage_fn(rl.advantage)
+    rng = jax.random.fold_in(self.rng, 1)
+
+    ref_params = extra_trees['reference']
+
+    def step_fn(state, step, carry):
+      sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
+      prompts = train.take(batch_indices(len(train), rl.num_prompts, step, seed=cfg.seed, stream='grpo'))
+      rollout, stats = collect_rollout(self.sampler, ref_fn, state.params, ref_params, prompts, sample_rng,
+                                       group_size=rl.group_size, tokenizer=self.tokenizer,
+                                       reward_fn=self.reward_fn, advantage_fn=advantage_fn)
+      state, metrics = update(train_step, state, rollout, shuffle_rng, num_epochs=rl.num_epochs,
+                              num_minibatches=rl.num_minibatches)
+      return state, {**stats, **metrics}, carry, False
+
+    return step_fn
+
+
+
+def _table(rows: list[tuple[str, float, float, float]]) -> str:
+  lines = [f"{'stage':<8} {'held-out acc':>12} {'mean reward':>12} {'wall (s)':>9}"]
+  lines += [f'{s:<8} {a:>12.3f} {r:>12.3f} {w:>9.1f}' for s, a, r, w in rows]
+  return '\n'.join(lines)
+
+
+def run(cfg, workdir: str) -> dict:
+  check_config(cfg, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  job = Job(cfg, workdir)
+  job.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+  n_params = sum(x.size for x in jax.tree.leaves(job.init_params))
+  print(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()}; mesh: {dict(job.mesh.shape)}')
+
+  init_eval = job.evaluate(job.init_params, 'test')
+  sft_params, sft = job.run_stage('sft', cfg.sft.max_steps, job.init_params, job.sft_step_fn)
+  ref_params = jax.tree.map(jnp.copy, sft_params)  # frozen reference = the SFT policy
+  _, grpo = job.run_stage('grpo', cfg.rl.num_steps, sft_params, job.grpo_step_fn,
+                          extra_trees={'reference': ref_params})
+  job.writer.close()
+
+  summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft['test_accuracy'],
+             'grpo_accuracy': grpo['test_accuracy'], 'sft_reward': sft['test_reward'],
+             'grpo_reward': grpo['test_reward'], 'sft_steps': sft['steps'], 'grpo_steps': grpo['steps'],
+             'sft_wall_time': sft['wall_time'], 'grpo_wall_time': grpo['wall_time'],
+             'sft_sample': sft['sample'], 'grpo_sample': grpo['sample']}
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print('\n' + _table([('init', init_eval['accuracy'], init_eval['reward'], 0.0),
+                       ('sft', sft['test_accuracy'], sft['test_reward'], sft['wall_time']),
+                       ('grpo', grpo['test_accuracy'], grpo['test_reward'], grpo['wall_time'])]))
+  print(f'summary: {os.path.join(workdir, "summary.json")}')
+  return summary
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required')
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
