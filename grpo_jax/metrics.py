@@ -8,6 +8,13 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 
+def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
+  """The rows of <workdir>/metrics.jsonl (optionally of one stage), in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if stage is None or r['stage'] == stage]
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str):
@@ -18,8 +25,7 @@ class MetricWriter:
     """Drop lines logged after a checkpoint (stage, step): a resumed run rewrites them identically."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(os.path.dirname(self.path))
     rank = stage_order.index(stage)
     keep = [r for r in rows if stage_order.index(r['stage']) < rank or (r['stage'] == stage and r['step'] <= step)]
     with open(self.path, 'w') as f:

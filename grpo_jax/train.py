@@ -223,9 +223,9 @@ def _table(rows: list[tuple[str, float, float, float]]) -> str:
 def run(cfg, workdir: str) -> dict:
   check_config(cfg, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
+  job = Job(cfg, workdir)  # validates data and any existing checkpoint before writing anything
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  job = Job(cfg, workdir)
   job.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
   n_params = sum(x.size for x in jax.tree.leaves(job.init_params))
   print(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()}; mesh: {dict(job.mesh.shape)}')

@@ -1,0 +1,102 @@
+"""Tests for grpo_jax.advantages: group-relative advantages and the estimator registry."""
+import jax
+import numpy as np
+import pytest
+
+from grpo_jax import advantages
+from grpo_jax.advantages import ADVANTAGES, get_advantage_fn
+
+# Jitted: one compile per shape instead of one per primitive (op-by-op dispatch is slow to warm up on CPU).
+group_advantages = jax.jit(advantages.group_advantages, static_argnames=('scale_by_std', 'eps'))
+
+
+def _np_group_advantages(rewards, scale_by_std=True, eps=1e-6):
+  r = np.asarray(rewards, np.float64)
+  centered = r - r.mean(axis=-1, keepdims=True)
+  if scale_by_std:
+    centered = centered / (r.std(axis=-1, keepdims=True) + eps)  # population std (ddof=0)
+  return centered
+
+
+@pytest.mark.parametrize('scale_by_std', [True, False])
+@pytest.mark.parametrize('shape', [(1, 2), (3, 4), (5, 8)])
+def test_matches_numpy_reference(scale_by_std, shape):
+  rng = np.random.default_rng(sum(shape) + scale_by_std)
+  rewards = rng.normal(size=shape).astype(np.float32)
+  got = np.asarray(group_advantages(rewards, scale_by_std=scale_by_std))
+  assert got.shape == shape
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, _np_group_advantages(rewards, scale_by_std), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('scale_by_std', [True, False])
+def test_binary_rewards_match_numpy(scale_by_std):
+  rng = np.random.default_rng(0)
+  rewards = rng.integers(0, 2, size=(6, 8)).astype(np.float32)
+  got = np.asarray(group_advantages(rewards, scale_by_std=scale_by_std))
+  np.testing.assert_allclose(got, _np_group_advantages(rewards, scale_by_std), rtol=1e-5, atol=1e-5)
+
+
+def test_hand_worked_example():
+  # rewards [1, 0, 0, 1]: mean 0.5, population std 0.5 -> (r - 0.5) / 0.5 = [1, -1, -1, 1].
+  got = np.asarray(group_advantages(np.array([[1.0, 0.0, 0.0, 1.0]])))
+  np.testing.assert_allclose(got, [[1.0, -1.0, -1.0, 1.0]], rtol=1e-5)
+  # Without std scaling only the mean is removed: [0.5, -0.5, -0.5, 0.5].
+  got = np.asarray(group_advantages(np.array([[1.0, 0.0, 0.0, 1.0]]), scale_by_std=False))
+  np.testing.assert_allclose(got, [[0.5, -0.5, -0.5, 0.5]], rtol=1e-6)
+
+
+def test_hand_worked_one_correct_of_four():
+  # rewards [1, 0, 0, 0]: mean 0.25, std sqrt(0.1875) = 0.4330 -> [0.75, -0.25, -0.25, -0.25] / 0.4330
+  #                                                              = [1.7321, -0.5774, -0.5774, -0.5774].
+  got = np.asarray(group_advantages(np.array([[1.0, 0.0, 0.0, 0.0]])))
+  np.testing.assert_allclose(got, [[1.7320508, -0.5773503, -0.5773503, -0.5773503]], rtol=1e-5)
+
+
+def test_groups_are_independent():
+  # Each row is normalized on its own: changing one group does not move another.
+  a = np.array([[1.0, 0.0, 0.0, 1.0], [3.0, 5.0, 7.0, 9.0]], np.float32)
+  b = a.copy()
+  b[1] = [100.0, -4.0, 2.0, 0.5]
+  ga, gb = np.asarray(group_advantages(a)), np.asarray(group_advantages(b))
+  np.testing.assert_array_equal(ga[0], gb[0])
+  assert not np.allclose(ga[1], gb[1])
+
+
+@pytest.mark.parametrize('scale_by_std', [True, False])
+def test_rows_sum_to_zero(scale_by_std):
+  rewards = np.random.default_rng(1).uniform(-2, 2, size=(4, 6)).astype(np.float32)
+  got = np.asarray(group_advantages(rewards, scale_by_std=scale_by_std))
+  np.testing.assert_allclose(got.sum(axis=-1), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('scale_by_std', [True, False])
+@pytest.mark.parametrize('value', [0.0, 1.0, -3.5])
+def test_identical_rewards_give_zero_not_nan(scale_by_std, value):
+  rewards = np.array([[value] * 4, [1.0, 0.0, 1.0, 0.0]], np.float32)
+  got = np.asarray(group_advantages(rewards, scale_by_std=scale_by_std))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(got[0], np.zeros(4, np.float32))
+  assert np.all(got[1] != 0)
+
+
+def test_integer_rewards_are_cast_to_float():
+  got = np.asarray(advantages.group_advantages(np.array([[1, 0, 0, 1]], np.int32)))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, [[1.0, -1.0, -1.0, 1.0]], rtol=1e-5)
+
+
+def test_registry_functions():
+  rewards = np.random.default_rng(2).normal(size=(3, 5)).astype(np.float32)
+  assert get_advantage_fn('grpo') is advantages.group_advantages
+  np.testing.assert_allclose(np.asarray(get_advantage_fn('grpo')(rewards)), _np_group_advantages(rewards, True),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(get_advantage_fn('group_mean')(rewards)),
+                             _np_group_advantages(rewards, False), rtol=1e-5, atol=1e-5)
+  assert set(ADVANTAGES) >= {'grpo', 'group_mean'}
+
+
+@pytest.mark.parametrize('name', ['nope', '', 'GRPO', 'k3'])
+def test_registry_unknown_name_raises(name):
+  with pytest.raises(ValueError, match='unknown advantage estimator'):
+    get_advantage_fn(name)

@@ -1,0 +1,131 @@
+"""Tests for grpo_jax.config_checks.check_config on configs/default.py and bad overrides of it."""
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+from grpo_jax.config_checks import check_config
+
+CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
+
+
+def _load_config_module():
+  spec = importlib.util.spec_from_file_location('grpo_default_config', CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_CONFIGS = _load_config_module()
+
+
+def _get(preset):
+  return _CONFIGS.get_config(preset)
+
+
+def _set(cfg, path, value):
+  *parents, leaf = path.split('.')
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize('preset', [None, 'tiny'])
+def test_presets_pass(preset):
+  cfg = _get(preset)
+  check_config(cfg, 1)
+
+
+def test_presets_differ_and_unknown_preset_raises():
+  assert _get('tiny').task.num_train < _get(None).task.num_train
+  with pytest.raises(ValueError, match='unknown preset'):
+    _get('huge')
+
+
+@pytest.mark.parametrize('preset', [None, 'tiny'])
+def test_presets_pass_on_two_devices(preset):
+  # Every batch size of both presets is even, so a 2-way data-parallel mesh is fine too.
+  check_config(_get(preset), 2)
+
+
+# (config path, bad value, regex the error must match: it names the offending key)
+BAD_VALUES = [
+    ('rl.group_size', 1, r'config\.rl\.group_size'),
+    ('rl.group_size', 0, r'config\.rl\.group_size'),
+    ('rl.num_prompts', 0, r'config\.rl\.num_prompts'),
+    ('sft.batch_size', -1, r'config\.sft\.batch_size'),
+    ('rl.clip_eps', 0.0, r'config\.rl\.clip_eps'),
+    ('rl.clip_eps', 1.0, r'config\.rl\.clip_eps'),
+    ('rl.beta', -1.0, r'config\.rl\.beta'),
+    ('rl.reward', 'nope', r"config\.rl\.reward='nope'"),
+    ('rl.kl_estimator', 'k9', r"config\.rl\.kl_estimator='k9'"),
+    ('rl.advantage', 'ppo', r"config\.rl\.advantage='ppo'"),
+    ('rl.top_p', 0.0, r'config\.rl\.top_p'),
+    ('rl.top_k', -1, r'top_k'),
+    ('rl.lr', 0.0, r'config\.rl\.lr'),
+    ('rl.temperature', 0.0, r'config\.rl\.temperature'),
+    ('sft.target_accuracy', 1.5, r'config\.sft\.target_accuracy'),
+    ('task.name', 'gsm8k', r'config\.task\.name'),
+    ('max_new_tokens', 0, r'config\.max_new_tokens'),
+    ('mesh.data', 3, r"mesh .*'data': 3"),
+]
+
+
+@pytest.mark.parametrize('preset', [None, 'tiny'])
+@pytest.mark.parametrize('path,value,pattern', BAD_VALUES, ids=[f'{p}={v}' for p, v, _ in BAD_VALUES])
+def test_bad_value_raises_naming_key(preset, path, value, pattern):
+  cfg = _get(preset)
+  _set(cfg, path, value)
+  with pytest.raises(ValueError, match=pattern):
+    check_config(cfg, 1)
+
+
+@pytest.mark.parametrize('preset', [None, 'tiny'])
+def test_minibatches_must_divide_rollout(preset):
+  cfg = _get(preset)
+  rollout = cfg.rl.num_prompts * cfg.rl.group_size
+  bad = next(m for m in range(2, rollout) if rollout % m)
+  cfg.rl.num_minibatches = bad
+  with pytest.raises(ValueError, match=rf'rl\.num_minibatches={bad}'):
+    check_config(cfg, 1)
+  cfg.rl.num_minibatches = rollout  # a divisor (one example per minibatch) is fine
+  check_config(cfg, 1)
+
+
+def test_batch_sizes_must_divide_data_parallel_mesh():
+  cfg = _get('tiny')
+  cfg.sft.batch_size = 3
+  check_config(cfg, 1)  # fine on one device
+  with pytest.raises(ValueError, match=r'sft\.batch_size=3 .*data-parallel mesh size 2'):
+    check_config(cfg, 2)
+  cfg = _get('tiny')
+  cfg.eval.batch_size = 15
+  with pytest.raises(ValueError, match=r'eval\.batch_size=15'):
+    check_config(cfg, 2)
+  # With the devices on the tensor axis instead, data parallelism is 1 and the odd batch is fine.
+  cfg.mesh.data, cfg.mesh.tensor = 1, 2
+  check_config(cfg, 2)
+
+
+def test_mesh_must_fit_devices():
+  cfg = _get('tiny')  # every tiny batch size is divisible by 4
+  cfg.mesh.data, cfg.mesh.fsdp = 2, -1
+  check_config(cfg, 4)  # data 2 x fsdp 2
+  with pytest.raises(ValueError, match=re.escape("'data': 2")):
+    check_config(cfg, 3)
+  cfg.mesh.data, cfg.mesh.fsdp = -1, -1
+  with pytest.raises(ValueError, match='at most one -1'):
+    check_config(cfg, 1)
+
+
+def test_first_bad_knob_is_reported():
+  cfg = _get(None)
+  cfg.rl.group_size = 1
+  cfg.rl.kl_estimator = 'k9'
+  with pytest.raises(ValueError, match='group_size'):
+    check_config(cfg, 1)
+  cfg.rl.group_size = 8
+  with pytest.raises(ValueError, match='kl_estimator'):
+    check_config(cfg, 1)

@@ -1,0 +1,147 @@
+"""End-to-end: the main command on the tiny preset, kill-and-resume, SIGTERM, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT, train_command
+
+from grpo_jax import checkpoint, metrics, train
+
+TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s'}
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+# Long enough that a kill lands mid-GRPO; checkpoints every 3 steps.
+RESUME_OVERRIDES = ('--config.rl.num_steps=12', '--config.checkpoint_every=3')
+
+
+def read_metrics(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics.read_metrics(str(workdir))]
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """One uninterrupted tiny run of the README's main command (with more GRPO steps)."""
+  workdir = tmp_path_factory.mktemp('full')
+  proc = subprocess.run(train_command(workdir, *RESUME_OVERRIDES), cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_smoke_run_writes_summary_metrics_and_artifacts(finished_run):
+  workdir, stdout = finished_run
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  for key in ('sft_accuracy', 'grpo_accuracy'):
+    assert 0.0 <= summary[key] <= 1.0
+  assert summary['grpo_steps'] == 12
+  rows = read_metrics(workdir)
+  grpo_rows = [r for r in rows if r['stage'] == 'grpo']
+  assert [r['step'] for r in grpo_rows] == list(range(1, 13))
+  for key in ('reward', 'accuracy', 'kl', 'clip_frac', 'entropy', 'completion_len', 'loss', 'grad_norm'):
+    assert all(key in r for r in grpo_rows), key
+  assert any(r['stage'] == 'sft' and 'val_accuracy' in r for r in rows)
+  assert 'held-out acc' in stdout and 'grpo' in stdout
+  assert os.listdir(workdir / 'tensorboard')
+  assert (workdir / 'tokenizer' / 'tokenizer.json').exists()
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['rl']['num_steps'] == 12
+
+
+def _run_until(workdir, condition, sig):
+  proc = subprocess.Popen(train_command(workdir, *RESUME_OVERRIDES), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and condition(read_metrics(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.01)
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out, err
+
+
+def _resume_and_compare(workdir, reference_workdir):
+  proc = subprocess.run(train_command(workdir, *RESUME_OVERRIDES), cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'grpo: resuming from step' in proc.stdout
+  assert read_metrics(workdir) == read_metrics(reference_workdir)
+  with open(workdir / 'summary.json') as f, open(reference_workdir / 'summary.json') as g:
+    ours, ref = json.load(f), json.load(g)
+  assert {k: v for k, v in ours.items() if 'wall' not in k} == {k: v for k, v in ref.items() if 'wall' not in k}
+
+
+def test_sigkill_mid_grpo_then_resume_matches_uninterrupted(finished_run, tmp_path):
+  reference, _ = finished_run
+  in_grpo = lambda rows: any(r['stage'] == 'grpo' and r['step'] >= 4 for r in rows)  # noqa: E731
+  returncode, _, _ = _run_until(tmp_path, in_grpo, signal.SIGKILL)
+  assert returncode == -signal.SIGKILL, 'the run finished before the kill: make it longer'
+  _resume_and_compare(tmp_path, reference)
+
+
+def test_sigterm_saves_checkpoint_then_resume_matches(finished_run, tmp_path):
+  reference, _ = finished_run
+  in_grpo = lambda rows: any(r['stage'] == 'grpo' and r['step'] >= 1 for r in rows)  # noqa: E731
+  returncode, _, err = _run_until(tmp_path, in_grpo, signal.SIGTERM)
+  assert returncode not in (0, -signal.SIGTERM), 'SIGTERM should stop the run via its handler, not finish it'
+  assert 'SIGTERM: saved grpo checkpoint at step' in err
+  saved_step = int(err.split('checkpoint at step ')[1].split(';')[0])
+  assert saved_step in checkpoint.manager(str(tmp_path), 'grpo', max_to_keep=2).all_steps()
+  _resume_and_compare(tmp_path, reference)
+
+
+# --- bad input: each fails with a clear message before any model is built or compiled --------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('the model was built before the bad input was reported')
+  monkeypatch.setattr(train, 'Transformer', fail)
+
+
+@pytest.mark.parametrize('path, value, match', [
+    ('rl.group_size', 1, 'group_size'),
+    ('rl.num_prompts', 0, 'num_prompts'),
+    ('sft.batch_size', -4, 'batch_size'),
+    ('max_new_tokens', 0, 'max_new_tokens'),
+])
+def test_bad_config_values_fail_before_model(tiny_config, tmp_path, no_model, path, value, match):
+  section, _, key = path.rpartition('.')
+  (tiny_config[section] if section else tiny_config)[key] = value
+  with pytest.raises(ValueError, match=match):
+    train.run(tiny_config, str(tmp_path))
+
+
+def test_prompt_longer_than_max_len_fails_before_model(tiny_config, tmp_path, no_model):
+  tiny_config.max_prompt_len = 20
+  with pytest.raises(ValueError, match='max_prompt_len'):
+    train.run(tiny_config, str(tmp_path))
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = subprocess.run(train_command(tmp_path, '--config.rl.group_sise=16'), cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'group_sise' in proc.stderr
+  assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_checkpoint_of_another_model_config_is_rejected(finished_run, tiny_config, tmp_path, monkeypatch,
+                                                        no_model):
+  reference, _ = finished_run
+  tiny_config.model.d_model = 48
+  with pytest.raises(checkpoint.CheckpointError, match='d_model'):
+    train.run(tiny_config, str(reference))
+
+
+def test_malformed_checkpoint_is_reported(tiny_config, tmp_path, no_model):
+  step_dir = tmp_path / 'checkpoints' / 'sft' / '3'
+  (step_dir / 'meta').mkdir(parents=True)
+  (step_dir / 'meta' / 'metadata').write_text('{not json')
+  with pytest.raises(checkpoint.CheckpointError, match='malformed'):
+    train.run(tiny_config, str(tmp_path))
