@@ -5,6 +5,7 @@ decoding writes one shared cache slot per step); completions are right-padded an
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -59,7 +60,7 @@ def batch_indices(num_examples: int, batch_size: int, step: int, *, seed: int, s
   out = []
   while len(out) < batch_size:
     epoch, offset = divmod(start + len(out), num_examples)
-    salt = int.from_bytes(stream.encode(), 'little') % (2**32)
+    salt = int(hashlib.md5(stream.encode()).hexdigest(), 16) % (2**32)
     perm = np.random.default_rng([seed, salt, epoch]).permutation(num_examples)
     out.extend(perm[offset:offset + batch_size - len(out)])
   return np.asarray(out, np.int64)

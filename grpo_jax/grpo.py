@@ -26,7 +26,7 @@ class Rollout(NamedTuple):
   completion_tokens: np.ndarray  # [N, c]
   completion_mask: np.ndarray  # [N, c]
   old_logprobs: np.ndarray  # [N, c] log pi_old (the sampler's)
-  ref_logprobs: np.ndarray  # [N, c] log pi_ref (zeros when beta == 0)
+  ref_logprobs: np.ndarray  # [N, c] log pi_ref; when beta == 0 no reference runs and this is old_logprobs
   advantages: np.ndarray  # [N]
 
 
@@ -56,8 +56,8 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   texts = decode(tokenizer, tokens, mask)
   rewards = reward_fn(texts, answers)  # [N]
   advantages = np.asarray(advantage_fn(rewards.reshape(-1, group_size))).reshape(-1)
-  if ref_logprobs_fn is None:
-    ref_logprobs = np.zeros(tokens.shape, np.float32)
+  if ref_logprobs_fn is None:  # beta == 0: the logged 'kl' then measures the drift from pi_old
+    ref_logprobs = out.logprobs
   else:
     ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, tokens, mask)
   rollout = Rollout(prompt_tokens, prompt_mask, tokens, mask, out.logprobs, ref_logprobs, advantages)

@@ -22,7 +22,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 def token_entropy(logits: jax.Array) -> jax.Array:
   """Entropy of softmax(logits) per position: [..., v] -> [...] float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)  # 0 log 0 = 0 for -inf logits
 
 
 def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, completion_tokens: jax.Array,

@@ -27,11 +27,14 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
   Returns:
     (scalar loss, metrics dict of scalars).
   """
+  valid = mask.astype(bool)
   mask = mask.astype(jnp.float32)
   if advantages.ndim == 1:
     advantages = advantages[:, None]
-  old_logprobs = jax.lax.stop_gradient(old_logprobs)
-  ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
+  # Zero the padded slots before any exp: there a garbage logprob could overflow, and inf * 0 is NaN.
+  logprobs = jnp.where(valid, logprobs, 0.0)
+  old_logprobs = jnp.where(valid, jax.lax.stop_gradient(old_logprobs), 0.0)
+  ref_logprobs = jnp.where(valid, jax.lax.stop_gradient(ref_logprobs), 0.0)
   advantages = jax.lax.stop_gradient(advantages)
 
   ratio = jnp.exp(logprobs - old_logprobs)

@@ -36,7 +36,7 @@ def mesh_shape(shape: dict[str, int], num_devices: int) -> dict[str, int]:
   known = math.prod(s for s in sizes.values() if s != -1)
   resolved = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
   if math.prod(resolved.values()) != num_devices:
-    raise ValueError(f'mesh {sizes} does not fit {num_devices} devices')
+    raise ValueError(f'config.mesh {sizes} needs {math.prod(resolved.values())} devices; {num_devices} available')
   return resolved
 
 

@@ -43,7 +43,7 @@ def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, start_ra
     phrases.append(f'{verb} {change}')
     lines.append(f"{value}{'+' if gain else '-'}{change}={new}")
     value = new
-  actions = ', '.join(phrases[:-1]) + f', then {phrases[-1]}'
+  actions = ', '.join(phrases[:-1]) + f', then {phrases[-1]}' if len(phrases) > 1 else phrases[0]
   question = f'{name} has {start} {item}. {name} {actions}. How many {item} now?'
   return Example(question, '\n'.join(lines + [f'#### {value}']), str(value))
 

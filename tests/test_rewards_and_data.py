@@ -203,8 +203,6 @@ def test_too_small_problem_space_raises():
     generate_split('val', 200, seed=0, min_steps=1, max_steps=1, start_range=(10, 10), change_range=(2, 2))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with one step the question reads 'Mia , then finds 3.' "
-                   '(tasks.make_problem joins an empty list of earlier phrases)')
 def test_single_step_question_is_well_formed():
   for ex in generate_split('train', 5, seed=0, min_steps=1, max_steps=1):
     assert ' , ' not in ex.question, ex.question

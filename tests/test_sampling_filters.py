@@ -139,8 +139,8 @@ def test_top_k_then_top_p(k, top_p):
 
 def test_filtered_logits_sample_only_kept_tokens():
   logits = _random_logits(5, b=2)
-  got = _filter(jnp.asarray(logits), temperature=1.0, top_k=3)
-  samples = np.asarray(jax.random.categorical(jax.random.key(0), got, axis=-1, shape=(500, 2)))
+  draw = jax.jit(lambda key, x: jax.random.categorical(key, filter_logits(x, temperature=1.0, top_k=3), shape=(500, 2)))
+  samples = np.asarray(draw(jax.random.key(0), jnp.asarray(logits)))
   keep = _np_top_k_keep(logits, 3)
   for row in range(2):
     assert set(samples[:, row]) <= set(np.flatnonzero(keep[row]))
