@@ -209,9 +209,9 @@ def test_options_build_and_run(name):
   assert ('q_norm' in attn) == cfg.qk_norm and ('k_norm' in attn) == cfg.qk_norm
   assert ('lm_head' in pure) == (not cfg.tie_embeddings)
   assert hasattr(m, 'lm_head') == (not cfg.tie_embeddings)
-  tokens, mask = left_padded_batch(np.random.default_rng(6), [5, 3], total=5)
+  tokens, mask = left_padded_batch(np.random.default_rng(6), [8, 5, 2], total=8)  # shape shared with the test below
   logits = forward(m, tokens, mask)
-  assert logits.shape == (2, 5, 40) and np.all(np.isfinite(logits))
+  assert logits.shape == (3, 8, 40) and np.all(np.isfinite(logits))
 
 
 def test_tied_embeddings_use_the_embedding_as_head():
@@ -408,3 +408,9 @@ def test_bfloat16_compute_returns_float32_logits_close_to_fp32():
   assert b.dtype == np.float32
   scale = np.abs(a[mask]).max()
   assert np.abs(a[mask] - b[mask]).max() < 0.1 * scale
+
+
+def test_positions_from_mask():
+  mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], bool)
+  want = [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]]
+  np.testing.assert_array_equal(np.asarray(positions_from_mask(mask)), want)

@@ -17,7 +17,6 @@ VOCAB, PAD = 40, 0
 CFG = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 EOS = 5
 NEVER = -1  # an eos_id no token equals: rows run to max_new_tokens
-# Each distinct set of static options compiles the sampler once (seconds on CPU); the tests share a few.
 
 
 def build_model(seed: int = 0) -> Transformer:
@@ -47,6 +46,7 @@ def split(model):
   return nnx.split(model, nnx.Param)
 
 
+# Each distinct set of static options compiles the sampler once (seconds on CPU); the tests share a few.
 DEFAULTS = dict(max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=1.0, top_k=0, top_p=1.0, greedy=False)
 
 
