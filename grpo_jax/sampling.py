@@ -1,4 +1,4 @@
-"""Group sampling: prefill the prompts once, then decode all completions in one compiled loop.
+"""Group sampling: prefill the prompts once, then decode all completions in one compiled `while_loop`.
 
 `sample` is a pure function of (model, prompts, rng); jit it with `jax.jit(sample, static_argnames=...)`
 or through `make_sampler`. It compiles once per (batch, prompt length, max_new_tokens) shape.
@@ -64,21 +64,30 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
-  def step(carry, key):
-    last_logits, cache, position, slot, done = carry
-    token = pick(last_logits, key)
-    logprob = token_logprobs(last_logits, token)
-    live = ~done
-    token = jnp.where(live, token, pad_id)
-    logits, cache = model(token[:, None], position[:, None], live[:, None], cache=cache, cache_index=slot)
-    done = done | (token == eos_id)
-    return (logits[:, -1], cache, position + 1, slot + 1, done), (token, live, logprob)
-
   keys = jax.random.split(rng, max_new_tokens)
-  init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool))
-  _, (tokens, live, logprobs) = jax.lax.scan(step, init, keys)
-  mask = live.T.astype(jnp.int32)
-  return Completions(tokens.T, mask, jnp.where(live.T, logprobs.T, 0.0))
+  empty = jnp.zeros((b, max_new_tokens), jnp.int32)
+
+  def keep_going(carry):
+    step, done = carry[3] - p, carry[4]
+    return (step < max_new_tokens) & ~jnp.all(done)  # stop early once every row has emitted EOS
+
+  def decode_one(carry):
+    last_logits, cache, position, slot, done, tokens, live, logprobs = carry
+    step = slot - p
+    token = pick(last_logits, keys[step])
+    logprob = token_logprobs(last_logits, token)
+    alive = ~done
+    token = jnp.where(alive, token, pad_id)
+    logits, cache = model(token[:, None], position[:, None], alive[:, None], cache=cache, cache_index=slot)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1)
+    live = jax.lax.dynamic_update_index_in_dim(live, alive.astype(jnp.int32), step, 1)
+    logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(alive, logprob, 0.0), step, 1)
+    return logits[:, -1], cache, position + 1, slot + 1, done | (token == eos_id), tokens, live, logprobs
+
+  init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool),
+          jnp.full_like(empty, pad_id), empty, empty.astype(jnp.float32))
+  *_, tokens, live, logprobs = jax.lax.while_loop(keep_going, decode_one, init)
+  return Completions(tokens, live, logprobs)
 
 
 def make_sampler(graphdef: nnx.GraphDef, **static):
