@@ -37,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype ('bfloat16' on accelerators)
   c.model.init_std = 0.02
 
-  c.max_prompt_len = 112  # tokens; longer prompts are an error, shorter are left-padded
-  c.max_new_tokens = 48  # completion budget (SFT targets must fit too)
+  c.max_prompt_len = 56  # tokens; longer prompts are an error, shorter are left-padded
+  c.max_new_tokens = 40  # completion budget (SFT targets must fit too)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.batch_size = 32

@@ -16,6 +16,7 @@ NAMES = ('Mia', 'Noah', 'Ava', 'Liam', 'Zoe', 'Omar', 'Ivy', 'Leo', 'Ana', 'Ben'
 ITEMS = ('shells', 'apples', 'stickers', 'coins', 'marbles', 'cards', 'pens', 'stamps', 'beads', 'books')
 GAIN_VERBS = ('finds', 'buys', 'gets', 'wins')
 LOSS_VERBS = ('loses', 'eats', 'sells', 'gives away')
+TEMPLATE_WORDS = ('has', 'then', 'How', 'many', 'now', 'gives', 'away')
 SPLIT_BUCKETS = {'train': range(0, 80), 'val': range(80, 90), 'test': range(90, 100)}  # percent of hash space
 
 
@@ -69,6 +70,12 @@ def generate_split(split: str, size: int, *, seed: int, min_steps: int = 2, max_
       if len(examples) == size:
         return examples
   raise ValueError(f'could not generate {size} distinct {split!r} problems; widen the task ranges')
+
+
+def vocabulary() -> list[str]:
+  """The task's words, each one token of the task tokenizer (numbers stay one token per digit)."""
+  words = [*NAMES, *ITEMS, *TEMPLATE_WORDS, *GAIN_VERBS, *LOSS_VERBS]
+  return sorted({w for phrase in words for w in phrase.split()})
 
 
 def format_prompt(question: str) -> str:

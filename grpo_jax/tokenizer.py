@@ -1,4 +1,5 @@
-"""A character-level Hugging Face tokenizer for the embedded task.
+"""A small Hugging Face tokenizer for the embedded task: whole words for the task's vocabulary, characters
+for everything else (so digits and arithmetic stay one token per character, and any text round-trips).
 
 Built with the `tokenizers` library and wrapped as a `PreTrainedTokenizerFast`, so the trainer only uses
 the HF tokenizer interface a real model's tokenizer has (`save_pretrained` / `from_pretrained`, `pad_token_id`,
@@ -6,7 +7,9 @@ the HF tokenizer interface a real model's tokenizer has (`save_pretrained` / `fr
 """
 from __future__ import annotations
 
+import re
 import string
+from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -15,11 +18,14 @@ SPECIAL_TOKENS = {'pad_token': '<pad>', 'eos_token': '<eos>', 'bos_token': '<bos
 CHARACTERS = string.digits + string.ascii_letters + ' \n.,:;?!+-*/=#()\'"$%'
 
 
-def build_char_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
+def build_tokenizer(words: Sequence[str] = (), characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
+  """Each of `words` (whole, at word boundaries) is one token; every other character is its own token."""
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
-  for ch in characters:
-    vocab.setdefault(ch, len(vocab))
+  for tok in [*characters, *words]:
+    vocab.setdefault(tok, len(vocab))
+  longest_first = sorted(set(words), key=len, reverse=True)
+  pattern = ''.join(rf'\b{re.escape(w)}\b|' for w in longest_first) + r'[\s\S]'
   tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS['unk_token']))
-  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')  # every char a token
-  tok.decoder = decoders.Fuse()  # join without spaces
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior='isolated')
+  tok.decoder = decoders.Fuse()  # join without spaces: spaces are tokens of their own
   return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side='left', **SPECIAL_TOKENS)

@@ -34,8 +34,8 @@ from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
 from grpo_jax.sft import SFTBatch, sft_loss
-from grpo_jax.tasks import generate_split
-from grpo_jax.tokenizer import build_char_tokenizer
+from grpo_jax.tasks import generate_split, vocabulary
+from grpo_jax.tokenizer import build_tokenizer
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 STAGES = ['sft', 'grpo']
@@ -65,7 +65,7 @@ class Job:
 
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
-    self.tokenizer = build_char_tokenizer()
+    self.tokenizer = build_tokenizer(vocabulary())
     self.model_cfg = ModelConfig(vocab_size=len(self.tokenizer), **cfg.model.to_dict())
     self.model_cfg_dict = dataclasses.asdict(self.model_cfg)
     task = dict(seed=cfg.seed, min_steps=cfg.task.min_steps, max_steps=cfg.task.max_steps,
@@ -118,11 +118,11 @@ class Job:
     state = init_state(params, tx, self.mesh)
     extra_trees = extra_trees or {}
     meta = checkpoint.read_meta(mngr)
-    step, wall = 0, 0.0
+    step, wall, stop = 0, 0.0, False
     if meta is not None:
       restored = checkpoint.restore(mngr, meta['step'], {'state': state, **extra_trees})
       state, extra_trees = restored['state'], {k: restored[k] for k in extra_trees}
-      step, wall, carry = meta['step'], meta['wall_time'], meta['carry']
+      step, wall, carry, stop = meta['step'], meta['wall_time'], meta['carry'], meta['stopped']
       if meta.get('finished'):
         return state.params, meta['summary']
       print(f'{stage}: resuming from step {step}')
@@ -134,12 +134,11 @@ class Job:
     def save(finished=False, summary=None):
       checkpoint.save(mngr, step, {'state': state, **extra_trees},
                       self.meta(stage, step, wall_time=wall + time.perf_counter() - start, carry=carry,
-                                finished=finished, summary=summary, data_position=step))
+                                finished=finished, stopped=stop, summary=summary, data_position=step))
 
     print(f'\n=== {stage}: steps {step} -> {num_steps} ===')
     start = time.perf_counter()
     bar = tqdm(total=num_steps, initial=step, desc=stage, dynamic_ncols=True)
-    stop = False
     while step < num_steps and not stop:
       t0 = time.perf_counter()
       state, metrics, carry, stop = step_fn(state, step, carry)

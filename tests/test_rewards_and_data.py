@@ -7,15 +7,15 @@ import pytest
 from grpo_jax import tasks
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
 from grpo_jax.rewards import REWARDS, extract_final_answer, get_reward_fn, gsm8k_exact
-from grpo_jax.tasks import format_prompt, generate_split
-from grpo_jax.tokenizer import SPECIAL_TOKENS, build_char_tokenizer
+from grpo_jax.tasks import format_prompt, generate_split, vocabulary
+from grpo_jax.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
-MAX_PROMPT_LEN, MAX_NEW_TOKENS = 112, 48  # configs/default.py
+MAX_PROMPT_LEN, MAX_NEW_TOKENS = 56, 40  # configs/default.py
 
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  return build_char_tokenizer()
+  return build_tokenizer(vocabulary())
 
 
 @pytest.fixture(scope='module')
@@ -228,9 +228,27 @@ def test_tokenizer_round_trips_every_example(tokenizer, splits):
   encoded = tokenizer(texts, add_special_tokens=False)['input_ids']
   special = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
   for text, ids in zip(texts, encoded, strict=True):
-    assert len(ids) == len(text)  # one token per character
+    assert len(ids) == _num_tokens_expected(text)  # one token per task word, one per other character
     assert not special & set(ids)  # no <unk> (or other special) ids in task text
     assert tokenizer.decode(ids) == text
+
+
+def _num_tokens_expected(text):
+  words = set(vocabulary())
+  pieces = re.findall(r'[A-Za-z]+|[\s\S]', text)
+  return sum(1 if p in words else len(p) for p in pieces)
+
+
+def _ntok(tokenizer, text):
+  return len(tokenizer(text, add_special_tokens=False)['input_ids'])
+
+
+def test_tokenizer_words_are_single_tokens_and_others_split_into_characters(tokenizer):
+  ids = tokenizer('Mia sells 12 Banana', add_special_tokens=False)['input_ids']
+  assert tokenizer.convert_ids_to_tokens(ids) == ['Mia', ' ', 'sells', ' ', '1', '2', ' ', *'Banana']
+  assert tokenizer.decode(ids) == 'Mia sells 12 Banana'
+  # A task word inside a longer word is not split out (word boundaries).
+  assert tokenizer.convert_ids_to_tokens(tokenizer('Mias', add_special_tokens=False)['input_ids']) == list('Mias')
 
 
 def test_tokenizer_decode_skips_special_tokens(tokenizer):
@@ -277,13 +295,13 @@ def test_encode_layout(tokenizer, splits):
     prompt, solution = format_prompt(ex.question), ex.solution
     # Prompt: left-padded, the mask a contiguous suffix covering exactly the prompt.
     pm = enc.prompt_mask[i]
-    n_prompt = len(prompt)
+    n_prompt = _ntok(tokenizer, prompt)
     np.testing.assert_array_equal(pm, np.r_[np.zeros(MAX_PROMPT_LEN - n_prompt), np.ones(n_prompt)])
     assert np.all(enc.prompt_tokens[i, :MAX_PROMPT_LEN - n_prompt] == pad)
     assert tokenizer.decode(enc.prompt_tokens[i, pm == 1].tolist()) == prompt
     # Completion: solution then EOS, right-padded, the mask a contiguous prefix that includes the EOS.
     cm = enc.completion_mask[i]
-    n_comp = len(solution) + 1
+    n_comp = _ntok(tokenizer, solution) + 1
     np.testing.assert_array_equal(cm, np.r_[np.ones(n_comp), np.zeros(MAX_NEW_TOKENS - n_comp)])
     assert enc.completion_tokens[i, n_comp - 1] == eos
     assert np.all(enc.completion_tokens[i, n_comp:] == pad)
@@ -293,8 +311,8 @@ def test_encode_layout(tokenizer, splits):
 
 def test_encode_exact_fit(tokenizer, splits):
   examples = splits['test'][:10]
-  longest_prompt = max(len(format_prompt(e.question)) for e in examples)
-  longest_completion = max(len(e.solution) + 1 for e in examples)
+  longest_prompt = max(_ntok(tokenizer, format_prompt(e.question)) for e in examples)
+  longest_completion = max(_ntok(tokenizer, e.solution) + 1 for e in examples)
   enc = _encode(tokenizer, examples, max_prompt_len=longest_prompt, max_new_tokens=longest_completion)
   assert enc.prompt_mask.sum(axis=1).max() == longest_prompt  # some row has no padding at all
   assert enc.completion_mask.sum(axis=1).max() == longest_completion
@@ -303,7 +321,7 @@ def test_encode_exact_fit(tokenizer, splits):
 
 def test_encode_too_long_prompt_raises(tokenizer, splits):
   examples = splits['test'][:10]
-  longest_prompt = max(len(format_prompt(e.question)) for e in examples)
+  longest_prompt = max(_ntok(tokenizer, format_prompt(e.question)) for e in examples)
   with pytest.raises(ValueError, match='max_prompt_len') as info:
     _encode(tokenizer, examples, max_prompt_len=longest_prompt - 1, split='test')
   assert 'test example' in str(info.value)
@@ -311,7 +329,7 @@ def test_encode_too_long_prompt_raises(tokenizer, splits):
 
 def test_encode_too_long_solution_raises(tokenizer, splits):
   examples = splits['test'][:10]
-  longest_completion = max(len(e.solution) + 1 for e in examples)  # the EOS counts
+  longest_completion = max(_ntok(tokenizer, e.solution) + 1 for e in examples)  # the EOS counts
   with pytest.raises(ValueError, match='max_new_tokens'):
     _encode(tokenizer, examples, max_new_tokens=longest_completion - 1)
 
