@@ -10,7 +10,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from grpo_jax import sharding
 from grpo_jax.logprobs import token_logprobs
 from grpo_jax.model import KVCache, Transformer, positions_from_mask
 
@@ -90,11 +92,15 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   return Completions(tokens, live, logprobs)
 
 
-def make_sampler(graphdef: nnx.GraphDef, **static):
-  """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options fixed."""
+def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None, **static):
+  """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options fixed.
 
-  @jax.jit
+  With `param_shardings` and `mesh`, params keep their layout and prompts shard over the batch axes.
+  """
   def sampler(params, prompt_tokens, prompt_mask, rng):
     return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
 
-  return sampler
+  if param_shardings is None:
+    return jax.jit(sampler)
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(sampler, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)))

@@ -83,10 +83,11 @@ class Job:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     model = Transformer(self.model_cfg, nnx.Rngs(cfg.seed))
     self.graphdef, params = nnx.split(model, nnx.Param)
-    self.init_params = jax.device_put(params, sharding.tree_shardings(params, self.mesh))
+    self.param_shardings = sharding.tree_shardings(params, self.mesh)
+    self.init_params = jax.device_put(params, self.param_shardings)
     self.reward_fn = get_reward_fn(cfg.rl.reward)
     tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_token_id,
-               pad_id=self.tokenizer.pad_token_id)
+               pad_id=self.tokenizer.pad_token_id, param_shardings=self.param_shardings, mesh=self.mesh)
     self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
     self.sampler = make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
                                 top_p=cfg.rl.top_p, **tok)
@@ -193,7 +194,8 @@ class Job:
     cfg, rl, train = self.cfg, self.cfg.rl, self.splits['train']
     ref_fn = None
     if rl.beta > 0:
-      ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(self.graphdef, p), *arrays))
+      ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(self.graphdef, p), *arrays),
+                       in_shardings=(self.param_shardings, *[self.batch_sharding] * 4))
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)
 

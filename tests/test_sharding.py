@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
@@ -35,6 +36,7 @@ SCRIPT = textwrap.dedent('''
     from grpo_jax.grpo import Rollout, grpo_objective
     from grpo_jax.logprobs import sequence_logprobs
     from grpo_jax.model import ModelConfig, Transformer
+    from grpo_jax.sampling import make_sampler
     from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
     assert jax.device_count() == 8, jax.devices()
@@ -90,12 +92,18 @@ SCRIPT = textwrap.dedent('''
             losses.append(float(metrics['loss']))
             grad_norms.append(float(metrics['grad_norm']))
             clip_fracs.append(float(metrics['clip_frac']))
+        sampler = make_sampler(graphdef, param_shardings=state_shardings(state, mesh).params, mesh=mesh,
+                               max_new_tokens=6, eos_id=1, pad_id=0, temperature=1.0)
+        samples = sampler(jax.device_put(host_params, shardings.params), prompt_tokens, prompt_mask,
+                          jax.random.key(3))
         params = nnx.to_pure_dict(state.params)
         adam_mu = nnx.to_pure_dict(state.opt_state[1][0].mu)
         final[name] = jax.tree.map(np.asarray, params)
         flat = {'/'.join(str(getattr(e, 'key', e)) for e in path): describe(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         out[name] = dict(
+            samples=np.asarray(samples.tokens).tolist(), sample_logprobs=np.asarray(samples.logprobs).tolist(),
+            sample_tokens_spec=str(samples.tokens.sharding.spec),
             mesh=dict(mesh.shape), losses=losses, grad_norms=grad_norms, clip_fracs=clip_fracs, step=int(state.step),
             params=flat, mu_embed=describe(adam_mu['embed']),
             batch=describe(jax.device_put(rollout.completion_tokens, sharding.batch_sharding(mesh))),
@@ -253,3 +261,10 @@ def test_make_mesh_single_device_and_errors():
     sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), devices)
   with pytest.raises(ValueError, match='at most one -1'):
     sharding.make_mesh(dict(data=-1, fsdp=-1, tensor=1), devices)
+
+
+@pytest.mark.parametrize('name', ['fsdp', 'tensor'])
+def test_sharded_sampler_matches_single_device(result, name):
+  # Same initial params, same rng: the same tokens and (to float tolerance) logprobs.
+  assert result[name]['samples'] == result['one']['samples']
+  np.testing.assert_allclose(result[name]['sample_logprobs'], result['one']['sample_logprobs'], atol=1e-4)
