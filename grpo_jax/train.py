@@ -63,6 +63,8 @@ class Interrupt:
 class Job:
   """What both stages share: config, mesh, model structure, data, samplers, sinks."""
 
+  progress_keys = ('nll', 'val_accuracy', 'reward', 'kl', 'clip_frac')  # shown on the progress bar
+
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
     self.tokenizer = build_tokenizer(vocabulary())
@@ -163,8 +165,6 @@ class Job:
                'wall_time': wall + time.perf_counter() - start, 'sample': held_out['sample'], 'carry': carry}
     save(finished=True, summary=summary)
     return state.params, summary
-
-  progress_keys = ('nll', 'val_accuracy', 'reward', 'kl', 'clip_frac')
 
   def loss_fn(self, stage: str):
     if stage == 'sft':
