@@ -38,7 +38,18 @@ def gsm8k_exact(completions: list[str], answers: list[str]) -> np.ndarray:
   return np.array([_same_number(extract_final_answer(c), a) for c, a in pairs], np.float32)
 
 
-REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact}
+_FIRST_INTEGER = re.compile(r'-?\d+')
+
+
+def first_integer(completions: list[str], answers: list[str]) -> np.ndarray:
+  """1.0 if the first integer in the completion equals the gold answer (the TRL benchmark's reward)."""
+  if len(completions) != len(answers):
+    raise ValueError(f'{len(completions)} completions but {len(answers)} answers')
+  found = [_FIRST_INTEGER.search(c) for c in completions]
+  return np.array([m is not None and m.group(0) == a for m, a in zip(found, answers, strict=True)], np.float32)
+
+
+REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer}
 
 
 def get_reward_fn(name: str) -> RewardFn:

@@ -386,3 +386,13 @@ def test_batches_across_epoch_boundaries(n, b):
     assert np.all((got >= 0) & (got < n))
   for e in range(2):
     np.testing.assert_array_equal(np.sort(stream[e * n:(e + 1) * n]), np.arange(n))
+
+
+def test_first_integer_reward():
+  fn = get_reward_fn('first_integer')
+  out = fn(['57 and 12', 'x 12 57', '', '-3', '570'], ['57', '57', '57', '-3', '57'])
+  # '57 and 12' -> 57 (right); 'x 12 57' -> 12 (wrong); '' -> none; '-3' -> -3 (right); '570' != '57'
+  np.testing.assert_array_equal(out, [1, 0, 0, 1, 0])
+  assert out.dtype == np.float32
+  with pytest.raises(ValueError):
+    fn(['1'], [])

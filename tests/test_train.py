@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -145,3 +146,12 @@ def test_malformed_checkpoint_is_reported(tiny_config, tmp_path, no_model):
   (step_dir / 'meta' / 'metadata').write_text('{not json')
   with pytest.raises(checkpoint.CheckpointError, match='malformed'):
     train.run(tiny_config, str(tmp_path))
+
+
+def test_package_imports_from_outside_the_repo(tmp_path):
+  # Guards the install itself: without grpo_jax/__init__.py, find_packages() installs nothing and the
+  # package only imports from the repository root.
+  proc = subprocess.run([sys.executable, '-c', 'import grpo_jax.train, grpo_jax; print(grpo_jax.__file__)'],
+                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().startswith(ROOT)

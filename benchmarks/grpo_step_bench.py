@@ -1,0 +1,153 @@
+"""grpo_jax on the workload of ../shared/bench/trl_grpo_baseline.py (read its docstring), same JSON keys.
+
+  python benchmarks/grpo_step_bench.py --steps 10 --max-completion-length 32 --fixed-length
+
+Model: Qwen2-shaped (vocab 49, hidden 256, mlp 688, 4 layers, 4 heads of 64, 2 kv heads, q/k/v bias, tied
+embeddings), random init, fp32. Per step: 4 prompts "<bos>Q: {a}+{b}= A:" x G=8, sampled at temperature 1,
+reward = first integer equals a+b, group advantages, reference forward (beta 0.04, k3), one AdamW update
+(lr 1e-5, clip 1.0). The step is the trainer's own code path: `grpo.collect_rollout` + `grpo.update`.
+Step 1 (compilation) is excluded, as TRL's warm-up step is.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import resource
+import statistics
+import string
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from grpo_jax import sharding
+from grpo_jax.advantages import get_advantage_fn
+from grpo_jax.data import TokenizedSplit
+from grpo_jax.grpo import collect_rollout, grpo_objective, update
+from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax.rewards import get_reward_fn
+from grpo_jax.sampling import make_sampler
+from grpo_jax.tokenizer import build_tokenizer
+from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+
+CHARACTERS = string.digits + ' +-*/=:' + 'QA' + string.ascii_lowercase  # 45 + 4 specials = 49
+MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688, rope_theta=10000.0,
+             rms_eps=1e-6, qkv_bias=True, tie_embeddings=True)
+
+
+def cpu_sample():
+  """(wall, system-wide busy CPU seconds, this process's CPU seconds), for the shared-machine guard."""
+  busy = None
+  try:
+    with open('/proc/stat') as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    pass
+  t = os.times()
+  return time.perf_counter(), busy, t.user + t.system
+
+
+def prompts(tokenizer, n: int, seed: int = 0) -> TokenizedSplit:
+  rng = random.Random(seed)
+  pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+  ids = [[tokenizer.bos_token_id] + tokenizer(f'Q: {a}+{b}= A:', add_special_tokens=False)['input_ids']
+         for a, b in pairs]
+  tokens = np.asarray(ids, np.int32)  # every prompt is 13 tokens: no padding needed
+  empty = np.zeros((n, 1), np.int32)
+  return TokenizedSplit(tokens, np.ones_like(tokens), empty, empty, [str(a + b) for a, b in pairs])
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--steps', type=int, default=10)
+  ap.add_argument('--max-completion-length', type=int, default=32)
+  ap.add_argument('--num-generations', type=int, default=8)
+  ap.add_argument('--prompts-per-step', type=int, default=4)
+  ap.add_argument('--beta', type=float, default=0.04)
+  ap.add_argument('--fixed-length', action='store_true', help='suppress EOS: every completion is full length')
+  args = ap.parse_args()
+  if args.steps < 2:
+    ap.error('--steps must be >= 2 (step 1 is warm-up)')
+
+  t_start = time.perf_counter()
+  G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
+  tokenizer = build_tokenizer(characters=CHARACTERS)
+  cfg = ModelConfig(vocab_size=len(tokenizer), **MODEL)
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+  param_shardings = sharding.tree_shardings(params, mesh)
+  params = jax.device_put(params, param_shardings)
+  ref_params = jax.tree.map(lambda x: x.copy(), params)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+
+  opt_cfg = ConfigDict(dict(lr=1e-5, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
+  tx = make_optimizer(opt_cfg, args.steps)
+  state = init_state(params, tx, mesh)
+  loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=args.beta, kl_estimator='k3')
+  train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
+                               mesh)
+  eos_id = -1 if args.fixed_length else tokenizer.eos_token_id  # -1: no token ever ends a row
+  sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=L, eos_id=eos_id,
+                         pad_id=tokenizer.pad_token_id, temperature=1.0)
+  ref_fn = None
+  if args.beta > 0:
+    ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(graphdef, p), *arrays))
+  reward_fn, advantage_fn = get_reward_fn('first_integer'), functools.partial(get_advantage_fn('grpo'), eps=1e-4)
+  data = prompts(tokenizer, P * args.steps)
+  rng = jax.random.key(0)
+
+  marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
+  for step in range(args.steps):
+    batch = data.take(np.arange(step * P, (step + 1) * P))
+    sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
+    rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng, group_size=G,
+                                     tokenizer=tokenizer, reward_fn=reward_fn, advantage_fn=advantage_fn)
+    state, metrics = update(train_step, state, rollout, shuffle_rng, num_epochs=1, num_minibatches=1)
+    jax.block_until_ready(metrics)
+    marks.append(cpu_sample())
+    gen_times.append(stats['sample_time'])
+    gen_tokens.append(int(rollout.completion_mask.sum()))
+    rewards.append(stats['reward'])
+
+  step_times = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:], strict=True)]
+  foreign = [None if a[1] is None else max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9)
+             for a, b in zip(marks[:-1], marks[1:], strict=True)]
+  clean = [t for t, f in zip(step_times[1:], foreign[1:], strict=True) if f is not None and f < 0.15]
+  timed, timed_tok, timed_gen = step_times[1:], gen_tokens[1:], gen_times[1:]
+  result = {
+      'impl': 'grpo_jax', 'jax_version': jax.__version__, 'steps': args.steps,
+      'step_time_median_s': round(statistics.median(timed), 4),
+      'step_time_mean_s': round(statistics.mean(timed), 4),
+      'step_time_min_s': round(min(timed), 4),
+      'step_time_median_clean_s': round(statistics.median(clean), 4) if clean else None,
+      'clean_steps': len(clean),
+      'foreign_cpu_per_step': [None if f is None else round(f, 2) for f in foreign],
+      'gen_tokens_per_s': round(sum(timed_tok) / sum(timed), 2),
+      'gen_only_tokens_per_s': round(sum(timed_tok) / sum(timed_gen), 2),
+      'gen_time_median_s': round(statistics.median(timed_gen), 4),
+      'completion_tokens_per_step_mean': round(statistics.mean(timed_tok), 1),
+      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+      'total_wall_s': round(time.perf_counter() - t_start, 2),
+      'step_times_s': [round(x, 4) for x in step_times],
+      'gen_times_s': [round(x, 4) for x in gen_times],
+      'cpu_count': os.cpu_count(), 'G': G, 'prompts_per_step': P, 'completions_per_step': P * G,
+      'max_completion_length': L, 'fixed_length': args.fixed_length, 'beta': args.beta,
+      'reward_mean': round(statistics.mean(rewards), 4),
+      'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg.vocab_size, **MODEL,
+                'n_params': int(n_params), 'dtype': 'float32'},
+  }
+  sys.stdout.flush()
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
