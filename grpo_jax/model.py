@@ -111,11 +111,12 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg, rngs)
       self.k_norm = RMSNorm(h, cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, key_mask, q_slots, cache=None, layer=0, cache_index=None):
     """x [b, t, d]; key_mask [b, s]; q_slots [t] = the key slot each query sits in (for causality).
 
-    layer_cache: (k [b, s, k, h], v [b, s, k, h]) or None. With a cache, this step's keys and values
-    are written at `cache_index` and attention runs over all s slots.
+    cache: the stacked (k [l, b, s, k, h], v [l, b, s, k, h]) or None. With a cache, this step's keys and
+    values are written into slots cache_index.. of `layer` (only those t slots: the buffer is updated in
+    place, never copied per token) and attention runs over all s slots of that layer.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = jnp.einsum('btd,dnh->btnh', x, self.wq[...].astype(dt))
@@ -126,10 +127,11 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    if layer_cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
-      new_cache = (k_all, v_all)
+    if cache is not None:
+      start = (layer, 0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
+      k_all, v_all, new_cache = cache_k[layer], cache_v[layer], (cache_k, cache_v)
     else:
       k_all, v_all, new_cache = k, v, None
     b, t, n, h = q.shape
@@ -167,8 +169,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
-    attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, layer_cache, cache_index)
+  def __call__(self, x, positions, key_mask, q_slots, cache=None, layer=0, cache_index=None):
+    attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, cache, layer, cache_index)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), new_cache
 
@@ -200,21 +202,16 @@ class Transformer(nnx.Module):
     t = tokens.shape[1]
     q_slots = cache_index + jnp.arange(t)
     if cache is None:
-      key_mask, cache_k, cache_v = mask, None, None
+      key_mask, kv = mask, None
     else:
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
-      cache_k, cache_v = cache.k, cache.v
+      kv = (cache.k, cache.v)
     for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else (cache_k[i], cache_v[i])
-      x, new_layer = block(x, positions, key_mask, q_slots, layer_cache, cache_index)
-      if cache is not None:
-        # Write this layer's slice back into the stacked buffer; XLA does it in place.
-        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, new_layer[0], i, 0)
-        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, new_layer[1], i, 0)
+      x, kv = block(x, positions, key_mask, q_slots, kv, i, cache_index)
     x = self.final_norm(x)
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum('btd,dv->btv', x, head.astype(dt)).astype(jnp.float32)
-    new_cache = None if cache is None else KVCache(cache_k, cache_v, key_mask)
+    new_cache = None if cache is None else KVCache(*kv, key_mask)
     return logits, new_cache
 
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# grpo_jax vs TRL on the identical GRPO workload (../shared/bench/trl_grpo_baseline.py), one after the other
+# in this session, then the ratios. TRL and CPU torch go into benchmarks/.venv-trl on first use.
+#   bash benchmarks/run.sh                 # L = 32 and 128, fixed length, 10 steps each
+#   LENGTHS="32 64" STEPS=20 bash benchmarks/run.sh
+set -euo pipefail
+source "$(dirname "$0")/../launch/_env.sh"
+BASELINE="${BASELINE:-$ROOT/../shared/bench/trl_grpo_baseline.py}"
+TRL_VENV="$ROOT/benchmarks/.venv-trl"
+LENGTHS="${LENGTHS:-32 128}"
+STEPS="${STEPS:-10}"
+OUT="${OUT:-$ROOT/benchmarks/results.jsonl}"
+[ -f "$BASELINE" ] || { echo "baseline script not found: $BASELINE (set BASELINE=...)" >&2; exit 1; }
+if [ ! -x "$TRL_VENV/bin/python" ]; then
+  echo "[bench] installing TRL + CPU torch into $TRL_VENV"
+  python3 -m venv "$TRL_VENV"
+  "$TRL_VENV/bin/pip" install -q torch==2.13.0
+  "$TRL_VENV/bin/pip" install -q trl==1.16.0 transformers==5.24.0 datasets==5.2.0 accelerate==1.15.0
+fi
+echo "[bench] lengths=$LENGTHS steps=$STEPS out=$OUT ($(nproc) cores, $(uname -m))"
+: > "$OUT"
+for L in $LENGTHS; do
+  echo "[bench] TRL L=$L"
+  "$TRL_VENV/bin/python" "$BASELINE" --steps "$STEPS" --max-completion-length "$L" --fixed-length | tail -n 1 >> "$OUT"
+  echo "[bench] grpo_jax L=$L"
+  python "$ROOT/benchmarks/grpo_step_bench.py" --steps "$STEPS" --max-completion-length "$L" --fixed-length \
+    | tail -n 1 >> "$OUT"
+done
+python "$ROOT/benchmarks/compare.py" "$OUT"
