@@ -37,6 +37,9 @@ from grpo_jax.sampling import make_sampler
 from grpo_jax.tokenizer import build_tokenizer
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roofline import grpo_step_flops, matmul_peak_flops  # noqa: E402
+
 CHARACTERS = string.digits + ' +-*/=:' + 'QA' + string.ascii_lowercase  # 45 + 4 specials = 49
 MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688, rope_theta=10000.0,
              rms_eps=1e-6, qkv_bias=True, tie_embeddings=True)
@@ -104,6 +107,7 @@ def main() -> int:
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)
 
+  peak = matmul_peak_flops()
   marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
   for step in range(args.steps):
     batch = data.take(np.arange(step * P, (step + 1) * P))
@@ -122,6 +126,32 @@ def main() -> int:
              for a, b in zip(marks[:-1], marks[1:], strict=True)]
   clean = [t for t, f in zip(step_times[1:], foreign[1:], strict=True) if f is not None and f < 0.15]
   timed, timed_tok, timed_gen = step_times[1:], gen_tokens[1:], gen_times[1:]
+
+  # Phases timed one by one on the last rollout's shapes (fixed length makes them the step's shapes).
+  def best_time(fn, repeats=3):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  arrays = (rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens, rollout.completion_mask)
+  phase_time = {'sample': statistics.median(timed_gen)}
+  if ref_fn is not None:
+    phase_time['reference_forward'] = best_time(lambda: ref_fn(ref_params, *arrays))
+  holder = [state]
+
+  def one_update():
+    holder[0], m = train_step(holder[0], rollout)
+    return m
+
+  phase_time['policy_forward_backward'] = best_time(one_update)
+  flops = grpo_step_flops(cfg, num_sequences=P * G, prompt_len=data.prompt_tokens.shape[1], completion_len=L,
+                          reference=ref_fn is not None)
+  flops['sample'] = flops['prefill'] + flops['decode']
+  roofline_s = flops['total'] / peak
   result = {
       'impl': 'grpo_jax', 'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),
@@ -141,6 +171,12 @@ def main() -> int:
       'cpu_count': os.cpu_count(), 'G': G, 'prompts_per_step': P, 'completions_per_step': P * G,
       'max_completion_length': L, 'fixed_length': args.fixed_length, 'beta': args.beta,
       'reward_mean': round(statistics.mean(rewards), 4),
+      'matmul_peak_gflops': round(peak / 1e9, 1),
+      'step_gflops': round(flops['total'] / 1e9, 2),
+      'roofline_step_s': round(roofline_s, 4),
+      'step_over_roofline': round(statistics.median(timed) / roofline_s, 2),
+      'phase_time_s': {k: round(v, 4) for k, v in phase_time.items()},
+      'phase_fraction_of_peak': {k: round(flops[k] / v / peak, 3) for k, v in phase_time.items()},
       'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg.vocab_size, **MODEL,
                 'n_params': int(n_params), 'dtype': 'float32'},
   }
