@@ -54,15 +54,17 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Stacked over layers so the decode loop updates one buffer in place."""
-  k: jax.Array  # [l, b, s, k, h]
-  v: jax.Array  # [l, b, s, k, h]
+  """One buffer per layer: each is updated in place at the new slots and read whole by attention, so no
+  token copies a layer's cache (slicing a layer out of one stacked buffer did, every decode step)."""
+  k: tuple[jax.Array, ...]  # num_layers x [b, s, k, h]
+  v: tuple[jax.Array, ...]  # num_layers x [b, s, k, h]
   mask: jax.Array  # [b, s] bool: slot holds a real (non-pad) token
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), jnp.zeros((batch, max_len), bool))
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    layers = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))  # noqa: E731
+    return cls(layers(), layers(), jnp.zeros((batch, max_len), bool))
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
@@ -111,12 +113,11 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg, rngs)
       self.k_norm = RMSNorm(h, cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, q_slots, cache=None, layer=0, cache_index=None):
+  def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
     """x [b, t, d]; key_mask [b, s]; q_slots [t] = the key slot each query sits in (for causality).
 
-    cache: the stacked (k [l, b, s, k, h], v [l, b, s, k, h]) or None. With a cache, this step's keys and
-    values are written into slots cache_index.. of `layer` (only those t slots: the buffer is updated in
-    place, never copied per token) and attention runs over all s slots of that layer.
+    layer_cache: (k [b, s, k, h], v [b, s, k, h]) of this layer, or None. With a cache, this step's keys
+    and values are written into slots cache_index.. (in place) and attention runs over all s slots.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = jnp.einsum('btd,dnh->btnh', x, self.wq[...].astype(dt))
@@ -127,11 +128,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    if cache is not None:
-      start = (layer, 0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
-      k_all, v_all, new_cache = cache_k[layer], cache_v[layer], (cache_k, cache_v)
+    if layer_cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
+      new_cache = (k_all, v_all)
     else:
       k_all, v_all, new_cache = k, v, None
     b, t, n, h = q.shape
@@ -169,8 +169,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, q_slots, cache=None, layer=0, cache_index=None):
-    attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, cache, layer, cache_index)
+  def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
+    attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, layer_cache, cache_index)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), new_cache
 
@@ -201,17 +201,18 @@ class Transformer(nnx.Module):
     x = self.embed[...].astype(dt)[tokens]
     t = tokens.shape[1]
     q_slots = cache_index + jnp.arange(t)
-    if cache is None:
-      key_mask, kv = mask, None
-    else:
-      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
-      kv = (cache.k, cache.v)
+    key_mask = mask if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
+    new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
-      x, kv = block(x, positions, key_mask, q_slots, kv, i, cache_index)
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, new_layer = block(x, positions, key_mask, q_slots, layer_cache, cache_index)
+      if cache is not None:
+        new_k.append(new_layer[0])
+        new_v.append(new_layer[1])
     x = self.final_norm(x)
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum('btd,dv->btv', x, head.astype(dt)).astype(jnp.float32)
-    new_cache = None if cache is None else KVCache(*kv, key_mask)
+    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
     return logits, new_cache
 
 

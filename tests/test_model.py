@@ -149,7 +149,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model, lengths, hole)
     np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, j], atol=1e-5, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache.mask[:, :total]), np.asarray(mask))
   assert not np.asarray(cache.mask[:, total:]).any()
-  assert cache.k.shape == (2, len(lengths), total + 3, 2, 8)
+  assert len(cache.k) == len(cache.v) == 2  # one buffer per layer
+  assert all(k.shape == (len(lengths), total + 3, 2, 8) for k in cache.k + cache.v)
 
 
 def test_kv_cache_multi_token_chunks(model):
