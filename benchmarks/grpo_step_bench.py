@@ -99,7 +99,7 @@ def main() -> int:
                                mesh)
   eos_id = -1 if args.fixed_length else tokenizer.eos_token_id  # -1: no token ever ends a row
   sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=L, eos_id=eos_id,
-                         pad_id=tokenizer.pad_token_id, temperature=1.0)
+                         pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
   ref_fn = None
   if args.beta > 0:
     ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(graphdef, p), *arrays))

@@ -47,6 +47,7 @@ def check_config(cfg, num_devices: int) -> None:
   sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
   data_parallel = math.prod(sizes[a] for a in BATCH_AXES)
   for name, size in (('sft.batch_size', cfg.sft.batch_size), ('eval.batch_size', cfg.eval.batch_size),
+                     ('rl.num_prompts', cfg.rl.num_prompts),  # the sampler shards prompts before the group repeat
                      ('rl minibatch', rollout_size // cfg.rl.num_minibatches), ('rl rollout', rollout_size)):
     if size % data_parallel:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')

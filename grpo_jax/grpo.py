@@ -44,15 +44,21 @@ def grpo_objective(model, rollout: Rollout, *, clip_eps: float, beta: float, kl_
 def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params, ref_params,
                     prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
                     advantage_fn: Callable) -> tuple[Rollout, dict[str, float]]:
-  """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages."""
+  """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages.
+
+  `sampler(params, prompt_tokens [P, p], prompt_mask, rng)` must return G completions per prompt
+  (`make_sampler(..., group_size=G)`), groups contiguous.
+  """
+  start = time.perf_counter()
+  out = jax.block_until_ready(sampler(params, prompts.prompt_tokens, prompts.prompt_mask, rng))
+  sample_time = time.perf_counter() - start
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  if tokens.shape[0] != len(prompts) * group_size:
+    raise ValueError(f'sampler returned {tokens.shape[0]} rows for {len(prompts)} prompts x G={group_size}; '
+                     'build it with make_sampler(..., group_size=G)')
   prompt_tokens = np.repeat(prompts.prompt_tokens, group_size, axis=0)  # [N, p], groups contiguous
   prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
   answers = [a for a in prompts.answers for _ in range(group_size)]
-
-  start = time.perf_counter()
-  out = jax.block_until_ready(sampler(params, prompt_tokens, prompt_mask, rng))
-  sample_time = time.perf_counter() - start
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   texts = decode(tokenizer, tokens, mask)
   rewards = reward_fn(texts, answers)  # [N]
   advantages = np.asarray(advantage_fn(rewards.reshape(-1, group_size))).reshape(-1)

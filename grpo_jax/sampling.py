@@ -41,24 +41,30 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_
 
 def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
            max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, greedy: bool = False) -> Completions:
-  """Sample one completion per row (repeat prompts G times upstream for a group).
+           top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Completions:
+  """Sample `group_size` completions per prompt; each prompt's prefill runs once and its KV cache is shared.
 
   Args:
     model: the policy.
-    prompt_tokens: [b, p] left-padded prompt ids.
-    prompt_mask: [b, p] 1 on real tokens.
+    prompt_tokens: [num_prompts, p] left-padded prompt ids.
+    prompt_mask: [num_prompts, p] 1 on real tokens.
     rng: PRNG key.
     greedy: argmax decoding (temperature / top-k / top-p ignored).
+    group_size: G, completions per prompt.
   Returns:
-    Completions with arrays [b, max_new_tokens]. Rows stop at their own EOS.
+    Completions with arrays [num_prompts * G, max_new_tokens]; rows i*G .. i*G + G-1 answer prompt i (groups
+    contiguous). Rows stop at their own EOS.
   """
-  b, p = prompt_tokens.shape
+  num_prompts, p = prompt_tokens.shape
+  b = num_prompts * group_size
   prompt_mask = prompt_mask.astype(bool)
-  cache = KVCache.zeros(model.cfg, b, p + max_new_tokens)
+  cache = KVCache.zeros(model.cfg, num_prompts, p + max_new_tokens)
   positions = positions_from_mask(prompt_mask)
   logits, cache = model(prompt_tokens, positions, prompt_mask, cache=cache, cache_index=0)
-  next_position = positions[:, -1] + 1  # [b]
+  next_position = positions[:, -1] + 1  # [num_prompts]
+  if group_size > 1:  # the group's G samples continue from one prefill
+    logits, cache, next_position = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0),
+                                                (logits[:, -1:], cache, next_position))
 
   def pick(logits, key):
     if greedy:
@@ -93,7 +99,8 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
 
 
 def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None, **static):
-  """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options fixed.
+  """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options (max_new_tokens,
+  eos_id, pad_id, temperature, top_k, top_p, greedy, group_size) fixed.
 
   With `param_shardings` and `mesh`, params keep their layout and prompts shard over the batch axes.
   """

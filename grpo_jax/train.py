@@ -92,7 +92,7 @@ class Job:
                pad_id=self.tokenizer.pad_token_id, param_shardings=self.param_shardings, mesh=self.mesh)
     self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
     self.sampler = make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
-                                top_p=cfg.rl.top_p, **tok)
+                                top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok)
     self.writer = MetricWriter(workdir)
     self.interrupt = Interrupt()
     self.rng = jax.random.key(cfg.seed)

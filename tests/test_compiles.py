@@ -34,7 +34,8 @@ def test_second_and_third_grpo_steps_compile_nothing():
   train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
                                mesh)
   sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=8,
-                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=1.0)
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=1.0,
+                         group_size=4)
   ref_fn = jax.jit(lambda p, *a: sequence_logprobs(nnx.merge(graphdef, p), *a),
                    in_shardings=(param_shardings, *[sharding.batch_sharding(mesh)] * 4))
   ref_params = jax.tree.map(lambda x: x.copy(), state.params)

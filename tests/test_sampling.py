@@ -258,3 +258,22 @@ def test_filter_logits_top_k_and_top_p():
   np.testing.assert_array_equal(keep(temperature=1.0, top_k=2, top_p=0.99), [1, 1, 0, 0, 0])
   scaled = np.asarray(filter_logits(logits, temperature=0.5))
   np.testing.assert_allclose(scaled, np.asarray(logits) / 0.5, rtol=1e-6)
+
+
+def test_group_sampling_shares_the_prefill_and_equals_repeated_prompts(model, split):
+  # group_size=G prefills each prompt once and repeats its cache; that must be the same as sampling from the
+  # prompts repeated G times (greedy: same tokens; sampled: same logprobs as a full forward pass).
+  prompts, mask = prompts_batch(lengths=(6, 2, 4))
+  group = 3
+  grouped = run(split, prompts, mask, greedy=True, group_size=group)
+  repeated = run(split, np.repeat(prompts, group, 0), np.repeat(mask, group, 0), greedy=True)
+  assert grouped.tokens.shape == (9, DEFAULTS['max_new_tokens'])
+  np.testing.assert_array_equal(grouped.tokens, repeated.tokens)
+  np.testing.assert_allclose(grouped.logprobs, repeated.logprobs, atol=1e-5)
+
+  sampled = run(split, prompts, mask, seed=4, group_size=group)
+  assert len({tuple(row) for row in sampled.tokens[:group]}) > 1  # the G samples of a prompt differ
+  forward = sequence_logprobs(model, np.repeat(prompts, group, 0), np.repeat(mask, group, 0), sampled.tokens,
+                              sampled.mask)
+  live = sampled.mask.astype(bool)
+  np.testing.assert_allclose(sampled.logprobs[live], np.asarray(forward)[live], atol=1e-4)
