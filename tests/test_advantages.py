@@ -100,3 +100,36 @@ def test_registry_functions():
 def test_registry_unknown_name_raises(name):
   with pytest.raises(ValueError, match='unknown advantage estimator'):
     get_advantage_fn(name)
+
+
+def _process_reference(step_rewards, step_ends, step_mask, num_tokens, eps=1e-6):
+  """Straight from the paper: normalize every real step reward over the group, then sum the later ones."""
+  p, g, _ = step_rewards.shape
+  out = np.zeros((p, g, num_tokens))
+  for i in range(p):
+    real = step_rewards[i][step_mask[i] == 1]
+    mean, std = real.mean(), real.std()
+    for j in range(g):
+      for s in np.flatnonzero(step_mask[i, j]):
+        out[i, j, :step_ends[i, j, s] + 1] += (step_rewards[i, j, s] - mean) / (std + eps)
+  return out
+
+
+def test_process_advantages_match_the_paper_formula():
+  from grpo_jax.advantages import process_advantages
+  rng = np.random.default_rng(0)
+  p, g, s, t = 3, 4, 5, 12
+  rewards = rng.standard_normal((p, g, s)).astype(np.float32)
+  mask = (np.arange(s) < rng.integers(1, s + 1, (p, g, 1))).astype(np.int32)
+  ends = np.sort(rng.integers(0, t, (p, g, s)), axis=-1)
+  got = process_advantages(rewards, ends, mask, num_tokens=t)
+  np.testing.assert_allclose(np.asarray(got), _process_reference(rewards, ends, mask, t), atol=1e-5)
+
+
+def test_process_advantages_hand_worked():
+  from grpo_jax.advantages import process_advantages
+  # One prompt, G=2, one step each ending at token 1: rewards [1, 0] -> normalized [1, -1] (mean 0.5, std 0.5).
+  # Tokens 0..1 of each output carry its step's advantage; token 2 comes after the last step: 0.
+  got = process_advantages(np.array([[[1.0], [0.0]]]), np.array([[[1], [1]]]), np.ones((1, 2, 1)), num_tokens=3,
+                           eps=0.0)
+  np.testing.assert_allclose(np.asarray(got), [[[1, 1, 0], [-1, -1, 0]]], atol=1e-6)
