@@ -30,7 +30,7 @@ from grpo_jax import sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.data import TokenizedSplit
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.logprobs import make_sequence_logprobs_fn
 from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
@@ -102,7 +102,7 @@ def main() -> int:
                          pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
   ref_fn = None
   if args.beta > 0:
-    ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(graphdef, p), *arrays))
+    ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh)
   reward_fn, advantage_fn = get_reward_fn('first_integer'), functools.partial(get_advantage_fn('grpo'), eps=1e-4)
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from grpo_jax import sharding
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -47,3 +51,15 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   if return_entropy:
     return logprobs, token_entropy(completion_logits)
   return logprobs
+
+
+def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None):
+  """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+  the reference policy's forward. With `param_shardings` and `mesh`, params keep their layout and the four
+  token arrays shard over the batch axes."""
+  def logprobs_of(params, *arrays):
+    return sequence_logprobs(nnx.merge(graphdef, params), *arrays)
+
+  if param_shardings is None:
+    return jax.jit(logprobs_of)
+  return jax.jit(logprobs_of, in_shardings=(param_shardings, *[sharding.batch_sharding(mesh)] * 4))

@@ -28,7 +28,7 @@ from grpo_jax.config_checks import check_config
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
 from grpo_jax.evaluate import greedy_eval
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.logprobs import make_sequence_logprobs_fn
 from grpo_jax.metrics import MetricWriter
 from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import get_reward_fn
@@ -194,8 +194,7 @@ class Job:
     cfg, rl, train = self.cfg, self.cfg.rl, self.splits['train']
     ref_fn = None
     if rl.beta > 0:
-      ref_fn = jax.jit(lambda p, *arrays: sequence_logprobs(nnx.merge(self.graphdef, p), *arrays),
-                       in_shardings=(self.param_shardings, *[self.batch_sharding] * 4))
+      ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh)
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)
 

@@ -10,7 +10,7 @@ from grpo_jax import sharding
 from grpo_jax.advantages import group_advantages
 from grpo_jax.data import TokenizedSplit
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.logprobs import make_sequence_logprobs_fn
 from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
@@ -36,8 +36,7 @@ def test_second_and_third_grpo_steps_compile_nothing():
   sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=8,
                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=1.0,
                          group_size=4)
-  ref_fn = jax.jit(lambda p, *a: sequence_logprobs(nnx.merge(graphdef, p), *a),
-                   in_shardings=(param_shardings, *[sharding.batch_sharding(mesh)] * 4))
+  ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh)
   ref_params = jax.tree.map(lambda x: x.copy(), state.params)
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, len(tokenizer), (4, 6)).astype(np.int32)
