@@ -18,9 +18,14 @@ setup(
         'numpy>=1.26',
         'tqdm>=4.66',
         'tensorboardX>=2.6',
+        'safetensors>=0.4',  # Hugging Face weights in and out (never pickle)
+        'tensorflow-datasets>=4.9.8',  # dataset builders; array_record format, no TensorFlow needed
+        'array-record>=0.5',
+        'math-verify>=0.7',  # MATH answer equivalence
+        'jinja2>=3.1',  # chat templates
     ],
     extras_require={
-        'test': ['pytest>=8', 'ruff>=0.6'],
-        'torch-reference': ['torch>=2.6'],  # CPU torch, only for the transformers logit-match tests
+        # torch (CPU build when pinned) is only the reference in the transformers parity tests.
+        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
     },
 )
