@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.max_steps = 3
   c.task.start_range = (10, 99)  # starting quantity
   c.task.change_range = (2, 9)  # size of each +/- change
+  c.task.prompt_template = 'qa'  # 'Q: {question}\nA: ' (grpo_jax/prompts.py), or any string with {question}
+  c.task.chat = 'never'  # 'auto' | 'always' | 'never': wrap the prompt in the tokenizer's chat template
+  c.task.verifier = 'gsm8k_exact'  # what counts as correct in the reported accuracy (rewards registry)
 
   c.model = ml_collections.ConfigDict()  # vocab_size comes from the tokenizer
   c.model.d_model = 96
@@ -79,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.export_hf = False  # also write the final policy as a Hugging Face model to <workdir>/hf_model
   c.checkpoint_every = 50  # steps (per stage); also saved at the end of each stage and on SIGTERM
   c.checkpoint_keep = 2
   c.log_every = 1  # steps between metric fetches from device

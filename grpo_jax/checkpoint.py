@@ -63,3 +63,36 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> 
   except Exception as e:  # orbax raises several types for missing/corrupt items
     raise CheckpointError(f'could not restore {mngr.directory}/{step}: {e}') from e
   return dict(restored)
+
+
+def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] | None = None,
+                   stages: tuple[str, ...] = ('grpo', 'sft')) -> tuple[Any, str, int]:
+  """The policy params of the latest checkpoint of the last stage that has one (GRPO, else SFT).
+
+  abstract_params: the nnx.State of nnx.Param as shape/dtype/sharding structs (e.g. from nnx.eval_shape);
+  only the params are read (no optimizer state). Returns (params, stage, step).
+  """
+  for stage in stages:
+    mngr = manager(workdir, stage, max_to_keep=1_000_000)  # never prunes: only reads here
+    meta = read_meta(mngr)
+    if meta is None:
+      continue
+    if model_config is not None:
+      check_model_config(meta, model_config, f'{workdir}/checkpoints/{stage}')
+    target = {'params': jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+    try:
+      restored = mngr.restore(meta['step'], args=args)
+    except Exception as e:  # orbax raises several types for missing/corrupt items
+      raise CheckpointError(f'could not restore params from {mngr.directory}/{meta["step"]}: {e}') from e
+    return restored['state']['params'], stage, meta['step']
+  raise CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under {workdir}/checkpoints')
+
+
+def saved_model_config(workdir: str, stages: tuple[str, ...] = ('grpo', 'sft')) -> dict[str, Any]:
+  """The model config (a dict of ModelConfig fields) stored with the workdir's latest checkpoint."""
+  for stage in stages:
+    meta = read_meta(manager(workdir, stage, max_to_keep=1_000_000))
+    if meta is not None:
+      return meta['model']
+  raise CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under {workdir}/checkpoints')

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 from grpo_jax.advantages import ADVANTAGES
+from grpo_jax.datasets import DATASETS
 from grpo_jax.kl import KL_ESTIMATORS
+from grpo_jax.prompts import CHAT_MODES, resolve_template
 from grpo_jax.rewards import REWARDS
 from grpo_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
@@ -18,14 +21,46 @@ def _positive(cfg, *paths: str) -> None:
       raise ValueError(f'config.{path} must be positive, got {value}')
 
 
+def _check_task(cfg) -> None:
+  task = cfg.task
+  known = ['arithmetic', 'jsonl', *DATASETS]
+  if task.name not in known:
+    raise ValueError(f'config.task.name={task.name!r} is unknown; known: {known}')
+  if task.name == 'arithmetic':
+    _positive(cfg, 'task.num_train', 'task.num_val', 'task.num_test')
+  elif task.num_val < 0 or task.num_test < 0:
+    raise ValueError(f'config.task.num_val and num_test must be >= 0, got {task.num_val}, {task.num_test}')
+  if task.name != 'arithmetic' and not cfg.model.get('path'):
+    raise ValueError(f'config.task.name={task.name!r} needs a tokenizer: set config.model.path to a local '
+                     'Hugging Face model directory')
+  if task.name == 'jsonl':
+    for key in ('train_file', 'test_file'):
+      if not os.path.isfile(task[key]):
+        raise FileNotFoundError(f'config.task.{key}={task[key]!r} is not a file')
+  resolve_template(task.prompt_template)
+  if task.chat not in CHAT_MODES:
+    raise ValueError(f'config.task.chat={task.chat!r} is unknown; known: {CHAT_MODES}')
+
+
+def _check_model_path(path: str) -> None:
+  if not path:
+    return
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.model.path={path!r} is not a directory (a local Hugging Face model: '
+                            'config.json, *.safetensors and the tokenizer files)')
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise FileNotFoundError(f'config.model.path={path!r} has no config.json')
+
+
 def check_config(cfg, num_devices: int) -> None:
   """Raise ValueError naming the first bad knob."""
-  _positive(cfg, 'task.num_train', 'task.num_val', 'task.num_test', 'max_prompt_len', 'max_new_tokens',
-            'sft.batch_size', 'sft.max_steps', 'sft.eval_every', 'sft.lr', 'rl.num_steps', 'rl.num_prompts',
-            'rl.num_epochs', 'rl.num_minibatches', 'rl.lr', 'rl.temperature', 'eval.batch_size',
+  _positive(cfg, 'max_prompt_len', 'max_new_tokens', 'sft.batch_size', 'sft.eval_every', 'sft.lr', 'rl.num_steps',
+            'rl.num_prompts', 'rl.num_epochs', 'rl.num_minibatches', 'rl.lr', 'rl.temperature', 'eval.batch_size',
             'checkpoint_every', 'checkpoint_keep', 'log_every')
-  if cfg.task.name != 'arithmetic':
-    raise ValueError(f"config.task.name={cfg.task.name!r} is unknown; known: 'arithmetic'")
+  if cfg.sft.max_steps < 0:
+    raise ValueError(f'config.sft.max_steps must be >= 0 (0 skips SFT), got {cfg.sft.max_steps}')
+  _check_task(cfg)
+  _check_model_path(cfg.model.get('path', ''))
   if cfg.rl.group_size < 2:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
   if not 0 < cfg.rl.clip_eps < 1:
@@ -36,9 +71,11 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.rl.top_p must be in (0, 1] and top_k >= 0, got {cfg.rl.top_p}, {cfg.rl.top_k}')
   if not 0 <= cfg.sft.target_accuracy <= 1:
     raise ValueError(f'config.sft.target_accuracy must be in [0, 1], got {cfg.sft.target_accuracy}')
-  for key, registry in (('kl_estimator', KL_ESTIMATORS), ('advantage', ADVANTAGES), ('reward', REWARDS)):
-    if cfg.rl[key] not in registry:
-      raise ValueError(f'config.rl.{key}={cfg.rl[key]!r} is unknown; known: {sorted(registry)}')
+  for key, registry in (('rl.kl_estimator', KL_ESTIMATORS), ('rl.advantage', ADVANTAGES), ('rl.reward', REWARDS),
+                        ('task.verifier', REWARDS)):
+    group, name = key.split('.')
+    if cfg[group][name] not in registry:
+      raise ValueError(f'config.{key}={cfg[group][name]!r} is unknown; known: {sorted(registry)}')
 
   rollout_size = cfg.rl.num_prompts * cfg.rl.group_size
   if rollout_size % cfg.rl.num_minibatches:

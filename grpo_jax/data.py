@@ -1,7 +1,8 @@
 """Tokenized splits and deterministic batch order.
 
 Prompts are left-padded to a fixed length (so every row's last prompt token sits in the same slot and
-decoding writes one shared cache slot per step); completions are right-padded and end with EOS.
+decoding writes one shared cache slot per step); completions are right-padded and end with EOS. Masks come
+from lengths, never from comparing with pad_id (real models often pad with EOS).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from grpo_jax.tasks import Example, format_prompt
+from grpo_jax.prompts import format_prompt, tokenize_prompts, uses_chat_template
 
 
 class TokenizedSplit(NamedTuple):
@@ -29,26 +30,42 @@ class TokenizedSplit(NamedTuple):
                           self.completion_mask[idx], [self.answers[i] for i in idx])
 
 
-def encode(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_new_tokens: int,
-           split: str = '') -> TokenizedSplit:
-  """Tokenize prompts and solutions; raise (naming the example) if one does not fit the lengths."""
-  n = len(examples)
+def encode(tokenizer, examples: Sequence, *, max_prompt_len: int, max_new_tokens: int, template: str = 'qa',
+           chat: str = 'never', split: str = '', with_solutions: bool = True,
+           skip_long_prompts: bool = False) -> TokenizedSplit:
+  """Tokenize prompts (and solutions, for SFT) of examples with .question / .solution / .answer.
+
+  A prompt longer than max_prompt_len (or a solution + EOS longer than max_new_tokens) raises, naming the
+  example, unless skip_long_prompts drops such prompts (and says how many). Without solutions the completion
+  arrays are [n, 0].
+  """
+  chat_formatted = uses_chat_template(tokenizer, chat)
+  texts = [format_prompt(e.question, template=template, tokenizer=tokenizer, chat=chat) for e in examples]
+  prompt_ids = tokenize_prompts(tokenizer, texts, chat_formatted=chat_formatted)
+  keep = [i for i, p in enumerate(prompt_ids) if len(p) <= max_prompt_len]
+  if len(keep) < len(examples):
+    i = next(i for i, p in enumerate(prompt_ids) if len(p) > max_prompt_len)
+    if not skip_long_prompts:
+      raise ValueError(f'{split} example {i} has a {len(prompt_ids[i])}-token prompt, longer than max_prompt_len='
+                       f'{max_prompt_len}: {examples[i].question[:200]!r} (raise max_prompt_len, or set '
+                       'task.skip_long_prompts=True to drop such prompts)')
+    print(f'{split}: dropped {len(examples) - len(keep)} of {len(examples)} prompts longer than '
+          f'max_prompt_len={max_prompt_len}')
+    examples, prompt_ids = [examples[i] for i in keep], [prompt_ids[i] for i in keep]
+  n, c = len(examples), max_new_tokens if with_solutions else 0
   prompts = np.full((n, max_prompt_len), tokenizer.pad_token_id, np.int32)
-  completions = np.full((n, max_new_tokens), tokenizer.pad_token_id, np.int32)
-  prompt_ids = tokenizer([format_prompt(e.question) for e in examples], add_special_tokens=False)['input_ids']
-  solution_ids = tokenizer([e.solution for e in examples], add_special_tokens=False)['input_ids']
+  prompt_mask = np.zeros((n, max_prompt_len), np.int32)
+  completions, completion_mask = np.full((n, c), tokenizer.pad_token_id, np.int32), np.zeros((n, c), np.int32)
+  solution_ids = tokenizer([e.solution for e in examples], add_special_tokens=False)['input_ids'] if c else [[]] * n
   for i, (p, s) in enumerate(zip(prompt_ids, solution_ids, strict=True)):
-    s = s + [tokenizer.eos_token_id]
-    if len(p) > max_prompt_len:
-      raise ValueError(f'{split} example {i} has a {len(p)}-token prompt, longer than max_prompt_len='
-                       f'{max_prompt_len}: {examples[i].question!r}')
-    if len(s) > max_new_tokens:
-      raise ValueError(f'{split} example {i} has a {len(s)}-token solution (with EOS), longer than '
-                       f'max_new_tokens={max_new_tokens}: {examples[i].solution!r}')
-    prompts[i, max_prompt_len - len(p):] = p
-    completions[i, :len(s)] = s
-  return TokenizedSplit(prompts, (prompts != tokenizer.pad_token_id).astype(np.int32), completions,
-                        (completions != tokenizer.pad_token_id).astype(np.int32), [e.answer for e in examples])
+    prompts[i, max_prompt_len - len(p):], prompt_mask[i, max_prompt_len - len(p):] = p, 1
+    if c:
+      s = s + [tokenizer.eos_token_id]
+      if len(s) > max_new_tokens:
+        raise ValueError(f'{split} example {i} has a {len(s)}-token solution (with EOS), longer than '
+                         f'max_new_tokens={max_new_tokens}: {examples[i].solution[:200]!r}')
+      completions[i, :len(s)], completion_mask[i, :len(s)] = s, 1
+  return TokenizedSplit(prompts, prompt_mask, completions, completion_mask, [e.answer for e in examples])
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, *, seed: int, stream: str) -> np.ndarray:

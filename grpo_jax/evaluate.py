@@ -1,12 +1,21 @@
-"""Greedy evaluation on a tokenized split: accuracy (final answer matches) and mean reward."""
+"""Evaluation: greedy pass@1 and maj@k on tokenized splits, and loading a policy to evaluate.
+
+A policy comes from a Hugging Face model directory or from a training workdir's latest Orbax checkpoint.
+Used by the trainer (held-out accuracy) and by the `eval` / `generate` commands.
+"""
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Callable
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
 from grpo_jax.data import TokenizedSplit
-from grpo_jax.rewards import RewardFn, gsm8k_exact
+from grpo_jax.rewards import RewardFn, score
 
 
 def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -15,18 +24,91 @@ def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
   return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
-                batch_size: int, rng) -> dict[str, float]:
-  """Decode every example greedily in fixed-size batches (the last is padded, so one compile).
-
-  greedy_sampler(params, prompt_tokens, prompt_mask, rng) -> Completions.
+def sample_texts(sampler: Callable, params, split: TokenizedSplit, tokenizer, *, batch_size: int, rng,
+                 group_size: int = 1, desc: str | None = None) -> list[str]:
+  """Decode `group_size` completions per example, in fixed-size batches of prompts (the last is padded by
+  wrapping around, so one compile). sampler(params, prompt_tokens, prompt_mask, rng) -> Completions.
+  Returns len(split) * group_size texts, each example's group contiguous.
   """
-  n = len(split)
-  texts: list[str] = []
-  for start in range(0, n, batch_size):
+  n, texts = len(split), []
+  starts = range(0, n, batch_size)
+  for i, start in enumerate(tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True)):
     idx = np.arange(start, start + batch_size) % n
-    out = greedy_sampler(params, split.prompt_tokens[idx], split.prompt_mask[idx], rng)
-    texts.extend(decode(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))[:min(batch_size, n - start)])
-  return {'accuracy': float(gsm8k_exact(texts, split.answers).mean()),
-          'reward': float(reward_fn(texts, split.answers).mean()),
-          'sample': texts[0]}
+    out = sampler(params, split.prompt_tokens[idx], split.prompt_mask[idx], jax.random.fold_in(rng, i))
+    batch = decode(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))
+    texts.extend(batch[:min(batch_size, n - start) * group_size])
+  return texts
+
+
+def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
+                batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None) -> dict:
+  """Greedy decoding of every example: accuracy (the fraction the verifier, default the reward, scores >= 1),
+  mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample."""
+  texts = sample_texts(greedy_sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, desc=desc)
+  rewards, failures = score(reward_fn, texts, split.answers)
+  correct = rewards if verifier is None else score(verifier, texts, split.answers)[0]
+  return {'accuracy': float((correct >= 1).mean()), 'reward': float(rewards.mean()),
+          'reward_failures': failures, 'sample': texts[0]}
+
+
+def majority_answers(texts: list[str], k: int, extract: Callable[[str], str | None]) -> list[str | None]:
+  """Most frequent extracted answer of each group of k texts (ties: the first to reach the top count);
+  None when no text of the group has an answer. Answers are compared as whitespace-stripped strings."""
+  out = []
+  for g in range(0, len(texts), k):
+    found = [a.strip() for a in map(extract, texts[g:g + k]) if a is not None and a.strip()]
+    out.append(collections.Counter(found).most_common(1)[0][0] if found else None)
+  return out
+
+
+def maj_at_k(sampler: Callable, params, split: TokenizedSplit, tokenizer, verifier: RewardFn,
+             extract: Callable[[str], str | None], *, k: int, batch_size: int, rng, desc: str | None = None
+             ) -> dict:
+  """maj@k: sample k completions per problem, vote over their extracted final answers, verify the winner.
+
+  `sampler` must produce k completions per prompt (make_sampler(..., group_size=k)); batch_size counts prompts.
+  """
+  texts = sample_texts(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, group_size=k, desc=desc)
+  voted = majority_answers(texts, k, extract)
+  # The winner is verified as a completion that states it in the form every verifier reads.
+  as_text = ['' if a is None else f'The answer is \\boxed{{{a}}}' for a in voted]
+  correct, failures = score(verifier, as_text, split.answers)
+  return {'accuracy': float((correct >= 1).mean()), 'reward_failures': failures,
+          'no_answer': float(np.mean([a is None for a in voted]))}
+
+
+def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dtype: str = 'float32', mesh=None):
+  """(graphdef, params, model_config, tokenizer) from a Hugging Face directory or a training workdir.
+
+  A workdir gives the params of its latest checkpoint (GRPO, else SFT), the model config saved with it and the
+  tokenizer the run saved in <workdir>/tokenizer.
+  """
+  import dataclasses
+
+  from grpo_jax import checkpoint, hf, sharding
+  from grpo_jax.model import ModelConfig, Transformer
+  from grpo_jax.tokenizer import load_tokenizer
+
+  if (model_dir is None) == (workdir is None):
+    raise ValueError('give exactly one of a model directory and a training workdir')
+  if workdir is not None:
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise FileNotFoundError(f'{workdir!r} is not a training workdir (it has no checkpoints/)')
+    saved = checkpoint.saved_model_config(workdir)
+    model_cfg = ModelConfig(**{**saved, 'dtype': dtype})
+    tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  else:
+    model_cfg = dataclasses.replace(hf.read_config(model_dir), dtype=dtype, param_dtype=dtype)
+    tokenizer = load_tokenizer(model_dir)
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  shardings = None if mesh is None else sharding.tree_shardings(abstract_params, mesh)
+  if shardings is not None:
+    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   abstract_params, shardings)
+  if workdir is not None:
+    params, stage, step = checkpoint.restore_params(workdir, abstract_params, saved)
+    print(f'loaded {workdir}: {stage} checkpoint, step {step}')
+  else:
+    params = hf.load_params(model_dir, model_cfg, dtype=model_cfg.param_dtype, shardings=shardings)
+  return graphdef, params, model_cfg, tokenizer

@@ -16,7 +16,7 @@ from grpo_jax.data import TokenizedSplit
 from grpo_jax.evaluate import decode
 from grpo_jax.logprobs import sequence_logprobs
 from grpo_jax.losses import grpo_loss
-from grpo_jax.rewards import RewardFn, gsm8k_exact
+from grpo_jax.rewards import RewardFn, score
 
 
 class Rollout(NamedTuple):
@@ -43,11 +43,12 @@ def grpo_objective(model, rollout: Rollout, *, clip_eps: float, beta: float, kl_
 
 def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params, ref_params,
                     prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
-                    advantage_fn: Callable) -> tuple[Rollout, dict[str, float]]:
+                    advantage_fn: Callable, verifier: RewardFn | None = None) -> tuple[Rollout, dict[str, float]]:
   """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages.
 
   `sampler(params, prompt_tokens [P, p], prompt_mask, rng)` must return G completions per prompt
-  (`make_sampler(..., group_size=G)`), groups contiguous.
+  (`make_sampler(..., group_size=G)`), groups contiguous. `verifier` gives the logged accuracy (default:
+  the reward itself).
   """
   start = time.perf_counter()
   out = jax.block_until_ready(sampler(params, prompts.prompt_tokens, prompts.prompt_mask, rng))
@@ -60,7 +61,8 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
   answers = [a for a in prompts.answers for _ in range(group_size)]
   texts = decode(tokenizer, tokens, mask)
-  rewards = reward_fn(texts, answers)  # [N]
+  rewards, reward_failures = score(reward_fn, texts, answers)  # [N]
+  correct = rewards if verifier is None else score(verifier, texts, answers)[0]
   advantages = np.asarray(advantage_fn(rewards.reshape(-1, group_size))).reshape(-1)
   if ref_logprobs_fn is None:  # beta == 0: the logged 'kl' then measures the drift from pi_old
     ref_logprobs = out.logprobs
@@ -70,7 +72,8 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   group_rewards = rewards.reshape(-1, group_size)
   stats = {
       'reward': float(rewards.mean()),
-      'accuracy': float(gsm8k_exact(texts, answers).mean()),
+      'accuracy': float((correct >= 1).mean()),
+      'reward_failures': reward_failures,  # verifier timeouts / errors, scored 0
       'reward_std_in_group': float(group_rewards.std(axis=-1).mean()),
       'frac_groups_no_signal': float((group_rewards.std(axis=-1) == 0).mean()),  # zero advantage everywhere
       'completion_len': float(mask.sum(axis=-1).mean()),

@@ -1,7 +1,9 @@
 """Reward functions, chosen by name in the config (`config.rl.reward`).
 
 Every reward function has the signature fn(completions: list[str], answers: list[str]) -> np.ndarray
-(float32, one reward per completion). Register an ablation by adding an entry to `REWARDS`.
+(float32, one reward per completion). NaN means "could not score" (a verifier timed out or raised): `score`
+turns those into 0 and counts them, so one pathological completion cannot stop training. Register an
+ablation by adding an entry to `REWARDS`; the benchmark verifiers (gsm8k, math, cmath) live in verifiers.py.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ def first_integer(completions: list[str], answers: list[str]) -> np.ndarray:
 
 
 REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer}
+
+
+def score(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> tuple[np.ndarray, int]:
+  """(rewards [n] float32 with failures scored 0, number of failures)."""
+  rewards = np.asarray(reward_fn(completions, answers), np.float32)
+  failed = np.isnan(rewards)
+  return np.where(failed, 0.0, rewards).astype(np.float32), int(failed.sum())
 
 
 def get_reward_fn(name: str) -> RewardFn:

@@ -76,8 +76,3 @@ def vocabulary() -> list[str]:
   """The task's words, each one token of the task tokenizer (numbers stay one token per digit)."""
   words = [*NAMES, *ITEMS, *TEMPLATE_WORDS, *GAIN_VERBS, *LOSS_VERBS]
   return sorted({w for phrase in words for w in phrase.split()})
-
-
-def format_prompt(question: str) -> str:
-  """The text the model is conditioned on; the completion is the solution followed by EOS."""
-  return f'Q: {question}\nA: '

@@ -7,12 +7,13 @@ the HF tokenizer interface a real model's tokenizer has (`save_pretrained` / `fr
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {'pad_token': '<pad>', 'eos_token': '<eos>', 'bos_token': '<bos>', 'unk_token': '<unk>'}
 CHARACTERS = string.digits + string.ascii_letters + ' \n.,:;?!+-*/=#()\'"$%'
@@ -29,3 +30,21 @@ def build_tokenizer(words: Sequence[str] = (), characters: str = CHARACTERS) -> 
   tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior='isolated')
   tok.decoder = decoders.Fuse()  # join without spaces: spaces are tokens of their own
   return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side='left', **SPECIAL_TOKENS)
+
+
+def load_tokenizer(path: str):
+  """A local Hugging Face tokenizer (never downloads), left-padding, with a pad token.
+
+  Models without a pad token get EOS as pad: masks are built from lengths, so padding with EOS is safe.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left', local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'could not load a tokenizer from {path!r}: {e}') from e
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f'the tokenizer in {path!r} has no EOS token; generation could not stop')
+  return tokenizer

@@ -22,10 +22,11 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, sharding
+from grpo_jax import checkpoint, hf, sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.config_checks import check_config
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
+from grpo_jax.datasets import load_examples, load_jsonl
 from grpo_jax.evaluate import greedy_eval
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
 from grpo_jax.logprobs import make_sequence_logprobs_fn
@@ -35,12 +36,58 @@ from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
 from grpo_jax.sft import SFTBatch, sft_loss
 from grpo_jax.tasks import generate_split, vocabulary
-from grpo_jax.tokenizer import build_tokenizer
+from grpo_jax.tokenizer import build_tokenizer, load_tokenizer
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 STAGES = ['sft', 'grpo']
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the summary go.')
+
+
+def tokenizer_and_model_config(cfg):
+  """The embedded task's tokenizer and a model from config.model, or a local Hugging Face model's (model.path).
+
+  A config that also writes the architecture out (configs/deepseekmath_7b.py) must agree with the model's
+  config.json.
+  """
+  dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *dtypes)}
+  if cfg.model.get('path'):
+    tokenizer = load_tokenizer(cfg.model.path)
+    model_cfg = dataclasses.replace(hf.read_config(cfg.model.path), **dtypes)
+    differ = {k: (v, getattr(model_cfg, k)) for k, v in arch.items() if getattr(model_cfg, k) != v}
+    if differ:
+      raise ValueError(f'config.model and {cfg.model.path}/config.json disagree (config, checkpoint): {differ}')
+  else:
+    tokenizer = build_tokenizer(vocabulary())
+    model_cfg = ModelConfig(**{'vocab_size': len(tokenizer), **arch, **dtypes})
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model embeds only {model_cfg.vocab_size}')
+  return tokenizer, model_cfg
+
+
+def task_splits(task, seed: int) -> dict[str, list]:
+  """Examples (.question, .solution, .answer) of the 'train', 'val' and 'test' splits.
+
+  For datasets, 'val' (SFT early stopping) is the last task.num_val examples of the train file, and 'test'
+  the first task.num_test of the test file (0 = all of it).
+  """
+  if task.name == 'arithmetic':
+    gen = dict(seed=seed, min_steps=task.min_steps, max_steps=task.max_steps,
+               start_range=tuple(task.start_range), change_range=tuple(task.change_range))
+    return {split: generate_split(split, task[f'num_{split}'], **gen) for split in ('train', 'val', 'test')}
+  if task.name == 'jsonl':
+    fields = dict(question_field=task.question_field, answer_field=task.answer_field,
+                  solution_field=task.solution_field or None, answer_from_solution=task.answer_from_solution or None)
+    train, test = load_jsonl(task.train_file, **fields), load_jsonl(task.test_file, **fields)
+  else:
+    source = dict(source_dir=task.source_dir or None)
+    train = load_examples(task.name, task.train_split, **source)
+    test = load_examples(task.name, task.test_split, **source)
+  if len(train) <= task.num_val:
+    raise ValueError(f'task.num_val={task.num_val} leaves no training examples of {len(train)}')
+  return {'train': train[:len(train) - task.num_val], 'val': train[len(train) - task.num_val:],
+          'test': test[:task.num_test] if task.num_test > 0 else test}
 
 
 class Interrupt:
@@ -67,15 +114,14 @@ class Job:
 
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
-    self.tokenizer = build_tokenizer(vocabulary())
-    self.model_cfg = ModelConfig(vocab_size=len(self.tokenizer), **cfg.model.to_dict())
+    self.tokenizer, self.model_cfg = tokenizer_and_model_config(cfg)
     self.model_cfg_dict = dataclasses.asdict(self.model_cfg)
-    task = dict(seed=cfg.seed, min_steps=cfg.task.min_steps, max_steps=cfg.task.max_steps,
-                start_range=tuple(cfg.task.start_range), change_range=tuple(cfg.task.change_range))
-    lengths = dict(max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens)
+    encode_kw = dict(max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens,
+                     template=cfg.task.prompt_template, chat=cfg.task.chat,
+                     skip_long_prompts=cfg.task.get('skip_long_prompts', False))
     self.splits: dict[str, TokenizedSplit] = {
-        split: encode(self.tokenizer, generate_split(split, cfg.task[f'num_{split}'], **task), split=split, **lengths)
-        for split in ('train', 'val', 'test')}
+        split: encode(self.tokenizer, examples, split=split, with_solutions=cfg.sft.max_steps > 0, **encode_kw)
+        for split, examples in task_splits(cfg.task, cfg.seed).items()}
     for stage in STAGES:  # a mismatched checkpoint fails here, before any compile
       meta = checkpoint.read_meta(self.manager(stage))
       if meta is not None:
@@ -83,11 +129,18 @@ class Job:
 
     self.mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    model = Transformer(self.model_cfg, nnx.Rngs(cfg.seed))
-    self.graphdef, params = nnx.split(model, nnx.Param)
-    self.param_shardings = sharding.tree_shardings(params, self.mesh)
-    self.init_params = jax.device_put(params, self.param_shardings)
+    if cfg.model.get('path'):  # weights straight from safetensors into their shardings; no random init
+      abstract = nnx.eval_shape(lambda: Transformer(self.model_cfg, nnx.Rngs(cfg.seed)))
+      self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+      self.param_shardings = sharding.tree_shardings(abstract_params, self.mesh)
+      self.init_params = hf.load_params(cfg.model.path, self.model_cfg, dtype=jnp.dtype(self.model_cfg.param_dtype),
+                                        shardings=self.param_shardings)
+    else:
+      self.graphdef, params = nnx.split(Transformer(self.model_cfg, nnx.Rngs(cfg.seed)), nnx.Param)
+      self.param_shardings = sharding.tree_shardings(params, self.mesh)
+      self.init_params = jax.device_put(params, self.param_shardings)
     self.reward_fn = get_reward_fn(cfg.rl.reward)
+    self.verifier = get_reward_fn(cfg.task.verifier)
     tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_token_id,
                pad_id=self.tokenizer.pad_token_id, param_shardings=self.param_shardings, mesh=self.mesh)
     self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
@@ -102,7 +155,7 @@ class Job:
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     return greedy_eval(self.greedy_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
-                       batch_size=self.cfg.eval.batch_size, rng=self.rng)
+                       batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier)
 
   def meta(self, stage: str, step: int, **extra) -> dict:
     return {'stage': stage, 'step': step, 'model': self.model_cfg_dict,
@@ -205,7 +258,8 @@ class Job:
       prompts = train.take(batch_indices(len(train), rl.num_prompts, step, seed=cfg.seed, stream='grpo'))
       rollout, stats = collect_rollout(self.sampler, ref_fn, state.params, ref_params, prompts, sample_rng,
                                        group_size=rl.group_size, tokenizer=self.tokenizer,
-                                       reward_fn=self.reward_fn, advantage_fn=advantage_fn)
+                                       reward_fn=self.reward_fn, advantage_fn=advantage_fn,
+                                       verifier=self.verifier)
       state, metrics = update(train_step, state, rollout, shuffle_rng, num_epochs=rl.num_epochs,
                               num_minibatches=rl.num_minibatches)
       return state, {**stats, **metrics}, carry, False
@@ -230,12 +284,28 @@ def run(cfg, workdir: str) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(job.init_params))
   print(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()}; mesh: {dict(job.mesh.shape)}')
 
-  init_eval = job.evaluate(job.init_params, 'test')
-  sft_params, sft = job.run_stage('sft', cfg.sft.max_steps, job.init_params, job.sft_step_fn)
+  init_path = os.path.join(workdir, 'init_eval.json')  # kept, so a resumed run does not re-evaluate
+  if os.path.exists(init_path):
+    with open(init_path) as f:
+      init_eval = json.load(f)
+  else:
+    init_eval = job.evaluate(job.init_params, 'test')
+    with open(init_path, 'w') as f:
+      json.dump(init_eval, f)
+  if cfg.sft.max_steps > 0:
+    sft_params, sft = job.run_stage('sft', cfg.sft.max_steps, job.init_params, job.sft_step_fn)
+  else:  # RL straight from the loaded model (an SFT / instruct checkpoint), as in the paper
+    sft_params, sft = job.init_params, {'test_accuracy': init_eval['accuracy'], 'test_reward': init_eval['reward'],
+                                        'steps': 0, 'wall_time': 0.0, 'sample': init_eval['sample']}
   ref_params = jax.tree.map(jnp.copy, sft_params)  # frozen reference = the SFT policy
-  _, grpo = job.run_stage('grpo', cfg.rl.num_steps, sft_params, job.grpo_step_fn,
-                          extra_trees={'reference': ref_params})
+  grpo_params, grpo = job.run_stage('grpo', cfg.rl.num_steps, sft_params, job.grpo_step_fn,
+                                    extra_trees={'reference': ref_params})
   job.writer.close()
+  if cfg.get('export_hf', False):  # the trained policy as a Hugging Face model directory
+    export_dir = os.path.join(workdir, 'hf_model')
+    hf.save_model(nnx.merge(job.graphdef, grpo_params), job.model_cfg, export_dir)
+    job.tokenizer.save_pretrained(export_dir)
+    print(f'exported the policy to {export_dir}')
 
   summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft['test_accuracy'],
              'grpo_accuracy': grpo['test_accuracy'], 'sft_reward': sft['test_reward'],

@@ -6,11 +6,16 @@ import pytest
 
 from grpo_jax import tasks
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
+from grpo_jax.prompts import format_prompt as _format_prompt
 from grpo_jax.rewards import REWARDS, extract_final_answer, get_reward_fn, gsm8k_exact
-from grpo_jax.tasks import format_prompt, generate_split, vocabulary
+from grpo_jax.tasks import generate_split, vocabulary
 from grpo_jax.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 MAX_PROMPT_LEN, MAX_NEW_TOKENS = 56, 40  # configs/default.py
+
+
+def format_prompt(question):
+  return _format_prompt(question, template='qa')
 
 
 @pytest.fixture(scope='module')
