@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from grpo_jax.verifiers import VERIFIERS
+
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
 
 _FINAL_ANSWER = re.compile(r'####\s*(-?[\d,]*\.?\d+)')
@@ -51,7 +53,7 @@ def first_integer(completions: list[str], answers: list[str]) -> np.ndarray:
   return np.array([m is not None and m.group(0) == a for m, a in zip(found, answers, strict=True)], np.float32)
 
 
-REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer}
+REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer, **VERIFIERS}
 
 
 def score(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> tuple[np.ndarray, int]:

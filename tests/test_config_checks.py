@@ -67,7 +67,12 @@ BAD_VALUES = [
     ('rl.lr', 0.0, r'config\.rl\.lr'),
     ('rl.temperature', 0.0, r'config\.rl\.temperature'),
     ('sft.target_accuracy', 1.5, r'config\.sft\.target_accuracy'),
-    ('task.name', 'gsm8k', r'config\.task\.name'),
+    ('task.name', 'gsm8k', r"config\.task\.name='gsm8k' needs a tokenizer"),  # no model.path
+    ('task.name', 'nope', r"config\.task\.name='nope' is unknown"),
+    ('task.prompt_template', 'nope', r"prompt template 'nope'"),
+    ('task.chat', 'sometimes', r"config\.task\.chat='sometimes'"),
+    ('task.verifier', 'nope', r"config\.task\.verifier='nope'"),
+    ('sft.max_steps', -1, r'config\.sft\.max_steps'),
     ('max_new_tokens', 0, r'config\.max_new_tokens'),
     ('mesh.data', 3, r"mesh .*'data': 3"),
 ]
@@ -128,4 +133,42 @@ def test_first_bad_knob_is_reported():
     check_config(cfg, 1)
   cfg.rl.group_size = 8
   with pytest.raises(ValueError, match='kl_estimator'):
+    check_config(cfg, 1)
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f'grpo_{name}_config', CONFIG_PATH.parent / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('name', ['gsm8k_hf', 'deepseekmath_7b'])
+@pytest.mark.parametrize('preset', [None, 'tiny'])
+def test_hf_configs_need_a_model_dir_then_pass(name, preset, tmp_path):
+  cfg = _load(name).get_config(preset)
+  with pytest.raises(ValueError, match='config.model.path'):
+    check_config(cfg, 1)
+  cfg.model.path = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='is not a directory'):
+    check_config(cfg, 1)
+  cfg.model.path = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    check_config(cfg, 1)
+  (tmp_path / 'config.json').write_text('{}')
+  check_config(cfg, 1)
+
+
+def test_paper_hyperparameters_in_gsm8k_hf():
+  rl = _load('gsm8k_hf').get_config().rl
+  assert (rl.lr, rl.beta, rl.group_size, rl.num_epochs, rl.num_prompts * rl.group_size) == (1e-6, 0.04, 64, 1, 1024)
+  assert _load('gsm8k_hf').get_config().max_new_tokens == 1024
+
+
+def test_jsonl_task_files_must_exist(tmp_path):
+  cfg = _load('gsm8k_hf').get_config('tiny')
+  (tmp_path / 'config.json').write_text('{}')
+  cfg.model.path, cfg.task.name = str(tmp_path), 'jsonl'
+  cfg.task.train_file = str(tmp_path / 'train.jsonl')
+  with pytest.raises(FileNotFoundError, match=r'config\.task\.train_file'):
     check_config(cfg, 1)

@@ -1,0 +1,67 @@
+"""Evaluation helpers: batching over a split, greedy accuracy, majority voting and maj@k, with a fake sampler."""
+import jax
+import numpy as np
+
+from grpo_jax.data import TokenizedSplit
+from grpo_jax.evaluate import greedy_eval, maj_at_k, majority_answers, sample_texts
+from grpo_jax.sampling import Completions
+from grpo_jax.tokenizer import build_tokenizer
+from grpo_jax.verifiers import VERIFIERS, extract_answer
+
+TOK = build_tokenizer()
+
+
+def fake_split(answers):
+  n = len(answers)
+  ids = np.arange(n, dtype=np.int32)[:, None]  # the prompt is just the example's index
+  return TokenizedSplit(ids, np.ones_like(ids), np.zeros((n, 0), np.int32), np.zeros((n, 0), np.int32), answers)
+
+
+def fake_sampler(script, group_size=1):
+  """Completions whose texts are script[example index][sample]: a stand-in for make_sampler."""
+  calls = []
+
+  def sampler(params, prompt_tokens, prompt_mask, rng):
+    calls.append(prompt_tokens[:, 0].tolist())
+    texts = [script[int(i)][g] for i in prompt_tokens[:, 0] for g in range(group_size)]
+    ids = [TOK(t, add_special_tokens=False)['input_ids'] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.full((len(ids), width), TOK.pad_token_id, np.int32)
+    mask = np.zeros_like(tokens)
+    for r, row in enumerate(ids):
+      tokens[r, :len(row)], mask[r, :len(row)] = row, 1
+    return Completions(tokens, mask, np.zeros(tokens.shape, np.float32))
+
+  return sampler, calls
+
+
+def test_sample_texts_pads_the_last_batch_by_wrapping():
+  script = {i: [f'#### {i}'] for i in range(5)}
+  sampler, calls = fake_sampler(script)
+  texts = sample_texts(sampler, None, fake_split([str(i) for i in range(5)]), TOK, batch_size=2,
+                       rng=jax.random.key(0))
+  assert texts == [f'#### {i}' for i in range(5)]
+  assert calls == [[0, 1], [2, 3], [4, 0]]  # fixed batch shape: one compile
+
+
+def test_greedy_accuracy_counts_verified_answers():
+  script = {0: ['#### 3'], 1: ['The answer is 7.'], 2: ['no idea'], 3: ['#### 1,000']}
+  sampler, _ = fake_sampler(script)
+  result = greedy_eval(sampler, None, fake_split(['3', '8', '2', '1000']), TOK, VERIFIERS['gsm8k'], batch_size=4,
+                       rng=jax.random.key(0))
+  assert result['accuracy'] == 0.5 and result['sample'] == '#### 3' and result['reward_failures'] == 0
+
+
+def test_majority_answers():
+  extract = lambda t: extract_answer('gsm8k', t)  # noqa: E731
+  texts = ['#### 4', '#### 5', '#### 5', 'nothing', 'nothing', 'nothing', '#### 2', '#### 3', '#### 3']
+  assert majority_answers(texts, 3, extract) == ['5', None, '3']
+
+
+def test_maj_at_k_beats_a_wrong_greedy_sample():
+  # Problem 0: 2 of 3 samples right -> the vote is right. Problem 1: 1 of 3 right -> wrong. Problem 2: none.
+  script = {0: ['#### 12', '#### 11', 'so #### 12'], 1: ['#### 5', '#### 6', '#### 6'], 2: ['?', '?', '?']}
+  sampler, _ = fake_sampler(script, group_size=3)
+  result = maj_at_k(sampler, None, fake_split(['12', '5', '1']), TOK, VERIFIERS['gsm8k'],
+                    lambda t: extract_answer('gsm8k', t), k=3, batch_size=2, rng=jax.random.key(0))
+  assert result['accuracy'] == 1 / 3 and result['no_answer'] == 1 / 3
