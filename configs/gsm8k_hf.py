@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == 'tiny':  # CPU test settings for a tiny random model (tests/test_hf_train.py)
     c.task.num_test = 8
-    c.max_prompt_len, c.max_new_tokens = 160, 8
+    c.max_prompt_len, c.max_new_tokens = 512, 8
     c.model.dtype = 'float32'
     c.rl.num_steps, c.rl.num_prompts, c.rl.group_size = 2, 2, 4
     c.eval.batch_size = 8

@@ -5,12 +5,15 @@ JSON: data position, RNG key data, the model config (checked on restore) and res
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from grpo_jax.model import ModelConfig
 
 
 class CheckpointError(RuntimeError):
@@ -47,9 +50,11 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str,
 
 
 def check_model_config(meta: dict[str, Any], model_config: dict[str, Any], where: str) -> None:
-  if meta.get('model') != model_config:
-    diff = {k: (meta.get('model', {}).get(k), v) for k, v in model_config.items()
-            if meta.get('model', {}).get(k) != v}
+  # Fields added to ModelConfig after a checkpoint was written take their defaults (the behaviour it had).
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+  saved = {**defaults, **meta.get('model', {})}
+  if saved != model_config:
+    diff = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
     raise CheckpointError(f'{where} holds a checkpoint of a different model config '
                           f'(saved, requested): {diff}; use a fresh --workdir or the saved config')
 
@@ -80,7 +85,9 @@ def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] |
     if model_config is not None:
       check_model_config(meta, model_config, f'{workdir}/checkpoints/{stage}')
     target = {'params': jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # each array into its sharding
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                           partial_restore=True))
     try:
       restored = mngr.restore(meta['step'], args=args)
     except Exception as e:  # orbax raises several types for missing/corrupt items

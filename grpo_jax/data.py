@@ -41,7 +41,7 @@ def encode(tokenizer, examples: Sequence, *, max_prompt_len: int, max_new_tokens
   """
   chat_formatted = uses_chat_template(tokenizer, chat)
   texts = [format_prompt(e.question, template=template, tokenizer=tokenizer, chat=chat) for e in examples]
-  prompt_ids = tokenize_prompts(tokenizer, texts, chat_formatted=chat_formatted)
+  prompt_ids = tokenize_prompts(tokenizer, texts, chat_formatted=chat_formatted) if texts else []
   keep = [i for i, p in enumerate(prompt_ids) if len(p) <= max_prompt_len]
   if len(keep) < len(examples):
     i = next(i for i, p in enumerate(prompt_ids) if len(p) > max_prompt_len)
@@ -56,7 +56,8 @@ def encode(tokenizer, examples: Sequence, *, max_prompt_len: int, max_new_tokens
   prompts = np.full((n, max_prompt_len), tokenizer.pad_token_id, np.int32)
   prompt_mask = np.zeros((n, max_prompt_len), np.int32)
   completions, completion_mask = np.full((n, c), tokenizer.pad_token_id, np.int32), np.zeros((n, c), np.int32)
-  solution_ids = tokenizer([e.solution for e in examples], add_special_tokens=False)['input_ids'] if c else [[]] * n
+  solutions = [e.solution for e in examples]
+  solution_ids = tokenizer(solutions, add_special_tokens=False)['input_ids'] if c and n else [[]] * n
   for i, (p, s) in enumerate(zip(prompt_ids, solution_ids, strict=True)):
     prompts[i, max_prompt_len - len(p):], prompt_mask[i, max_prompt_len - len(p):] = p, 1
     if c:

@@ -6,6 +6,7 @@ Used by the trainer (held-out accuracy) and by the `eval` / `generate` commands.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -14,8 +15,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from grpo_jax import checkpoint, hf, sharding
 from grpo_jax.data import TokenizedSplit
+from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import RewardFn, score
+from grpo_jax.tokenizer import load_tokenizer
 
 
 def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -83,12 +87,6 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
   A workdir gives the params of its latest checkpoint (GRPO, else SFT), the model config saved with it and the
   tokenizer the run saved in <workdir>/tokenizer.
   """
-  import dataclasses
-
-  from grpo_jax import checkpoint, hf, sharding
-  from grpo_jax.model import ModelConfig, Transformer
-  from grpo_jax.tokenizer import load_tokenizer
-
   if (model_dir is None) == (workdir is None):
     raise ValueError('give exactly one of a model directory and a training workdir')
   if workdir is not None:
@@ -102,10 +100,10 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
     tokenizer = load_tokenizer(model_dir)
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  shardings = None if mesh is None else sharding.tree_shardings(abstract_params, mesh)
-  if shardings is not None:
-    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract_params, shardings)
+  mesh = mesh if mesh is not None else sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  shardings = sharding.tree_shardings(abstract_params, mesh)
+  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract_params, shardings)
   if workdir is not None:
     params, stage, step = checkpoint.restore_params(workdir, abstract_params, saved)
     print(f'loaded {workdir}: {stage} checkpoint, step {step}')

@@ -34,7 +34,7 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   """Logprobs of each completion token given prompt + earlier completion tokens, one full forward pass.
 
   Args:
-    model: a `Transformer` (called as model(tokens, positions, mask)).
+    model: a `Transformer` (called as model(tokens, positions, mask) -> logits).
     prompt_tokens, prompt_mask: [b, p] left-padded prompts.
     completion_tokens, completion_mask: [b, c] right-padded completions.
   Returns:
@@ -43,7 +43,7 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   from grpo_jax.model import positions_from_mask  # local: model imports nothing from here
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-  logits, _ = model(tokens, positions_from_mask(mask), mask)
+  logits = model(tokens, positions_from_mask(mask), mask)
   p = prompt_tokens.shape[1]
   # The logit at slot j predicts the token at slot j + 1.
   completion_logits = logits[:, p - 1:-1]

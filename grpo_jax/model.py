@@ -1,8 +1,9 @@
-"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 family, in flax.nnx.
+"""Decoder-only transformer of the Llama / Mistral / Qwen2 / Qwen3 / Gemma family, in flax.nnx.
 
-One module serves training (full causal forward) and sampling (prefill + one-token decode against a KV
-cache). Parameters carry *logical* axis names (`logical_axes=...`); `sharding.py` maps them to mesh axes,
-so this file never mentions a mesh.
+One module serves training (`model(tokens, positions, mask)`, the full causal forward) and sampling
+(`model.forward_with_cache`: prefill + one-token decode against a KV cache). `hf.py` loads and saves Hugging
+Face checkpoints of these architectures. Parameters carry *logical* axis names (`logical_axes=...`);
+`sharding.py` maps them to mesh axes, so this file never mentions a mesh.
 
 Einsum letters: b batch, t query time, s key time, d model, n query heads, k kv heads, g queries per kv
 head, h head dim, f mlp, v vocab, l layer.
@@ -10,6 +11,8 @@ head, h head dim, f mlp, v vocab, l layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -17,6 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
+
+MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma')  # the HF architectures this module implements
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
+ROPE_TYPES = ('default', 'llama3')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +43,18 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype; logits are always returned in float32
   init_std: float = 0.02
+  # Only JSON scalars below: the config is stored as dataclasses.asdict JSON in checkpoint meta.
+  model_type: str = 'llama'  # the HF architecture this config corresponds to (hf.save_model writes it)
+  activation: str = 'silu'  # of the gated MLP: 'silu' (SwiGLU) or 'gelu_tanh' (Gemma's GeGLU)
+  norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + scale); Gemma: 1.0, with scales initialized to 0
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+  sliding_window: int = 0  # > 0: a query sees only the last sliding_window slots, itself included (Mistral)
+  rope_type: str = 'default'  # or 'llama3' (Llama 3.1 frequency scaling, with the four fields below)
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  max_position_embeddings: int = 0  # informational (0 = unknown); carried into HF config.json
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
@@ -51,6 +70,19 @@ class ModelConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f'model.{name}={getattr(self, name)!r} is not a dtype') from e
+    for name, allowed in (('model_type', MODEL_TYPES), ('activation', tuple(ACTIVATIONS)), ('rope_type', ROPE_TYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {allowed}')
+    for name in ('sliding_window', 'max_position_embeddings'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f'model.{name} must be an int >= 0 (0 = off / unknown), got {getattr(self, name)!r}')
+    if self.rope_type == 'llama3':
+      if not self.rope_factor > 0 or not self.rope_original_max_len > 0:
+        raise ValueError(f'model.rope_factor={self.rope_factor} and model.rope_original_max_len='
+                         f'{self.rope_original_max_len} must be positive for llama3 RoPE')
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(f'llama3 RoPE needs 0 < model.rope_low_freq_factor={self.rope_low_freq_factor} < '
+                         f'model.rope_high_freq_factor={self.rope_high_freq_factor}')
 
 
 class KVCache(NamedTuple):
@@ -75,19 +107,39 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Para
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.scale = _param(rngs, cfg, (dim,), ('norm',), jax.nn.initializers.ones)
+    # Initialized so that the effective multiplier (offset + scale) starts at 1.
+    init = jax.nn.initializers.constant(1.0 - cfg.norm_offset) if cfg.norm_offset else jax.nn.initializers.ones
+    self.scale = _param(rngs, cfg, (dim,), ('norm',), init)
     self.eps = cfg.rms_eps
+    self.offset = cfg.norm_offset
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (x32 * (scale + self.offset if self.offset else scale)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF "rotate_half" layout. x [b, t, n, h], positions [b, t]."""
-  h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """[head_dim / 2] float32 RoPE inverse frequencies, as transformers' rope init functions compute them
+  (`_compute_default_rope_parameters`, `_compute_llama3_parameters`)."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if cfg.rope_type == 'llama3':
+    old_len, low, high, factor = (cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                  cfg.rope_factor)
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are stretched by `factor`, short ones kept, the band between interpolated.
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" layout. x [b, t, n, h], positions [b, t], inv_freq [h/2]."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -127,7 +179,8 @@ class Attention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    inv_freq = rope_inv_freq(cfg)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     if layer_cache is not None:
       k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
       v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
@@ -139,7 +192,12 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, cfg.num_kv_heads, groups, h)
     scores = jnp.einsum('btkgh,bskh->bkgts', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
     k_slots = jnp.arange(k_all.shape[1])
-    allowed = key_mask[:, None, :] & (k_slots[None, :] <= q_slots[:, None])[None]  # [b, t, s]
+    visible = k_slots[None, :] <= q_slots[:, None]  # [t, s]
+    if cfg.sliding_window:
+      # On slots, not positions: a row's real tokens are contiguous (left padding; the sampler only appends
+      # masked slots after EOS), so slot distance is position distance, as in transformers' mask.
+      visible &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
+    allowed = key_mask[:, None, :] & visible[None]  # [b, t, s]
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum('bkgts,bskh->btkgh', probs, v_all.astype(dt)).reshape(b, t, n, h)
@@ -147,17 +205,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU."""
+  """Gated MLP: SwiGLU, or GeGLU with activation='gelu_tanh'."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
+    self.activation = cfg.activation
     self.gate = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.up = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.down = _param(rngs, cfg, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'))
 
   def __call__(self, x):
     dt = self.dtype
-    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    hidden = ACTIVATIONS[self.activation](x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
     return hidden @ self.down[...].astype(dt)
 
 
@@ -185,20 +244,39 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | int = 0):
-    """Causal forward.
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Causal forward, no cache: `model(tokens)` gives the logits of unpadded sequences.
 
     Args:
       tokens: [b, t] int token ids.
-      positions: [b, t] RoPE positions (left padding means they do not start at 0 in the slot axis).
-      mask: [b, t] bool, False on padding.
-      cache: optional KV cache; if given, the t tokens occupy slots cache_index .. cache_index + t - 1.
+      positions: [b, t] RoPE positions; default positions_from_mask(mask) (0 .. t-1 without padding).
+      mask: [b, t] bool, False on (left) padding; default all True.
     Returns:
-      (logits [b, t, v] float32, updated cache or None).
+      logits [b, t, v] float32.
     """
-    dt = jnp.dtype(self.cfg.dtype)
+    mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
+    positions = positions_from_mask(mask) if positions is None else positions
+    return self._forward(tokens, positions, mask, None, 0)[0]
+
+  def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
+                         cache_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
+    """Causal forward of t new tokens that occupy cache slots cache_index .. cache_index + t - 1 (prefill or
+    decode); they attend to the earlier slots in `cache`.
+
+    Args:
+      tokens, positions, mask: [b, t] as in __call__ (all required).
+      cache: KVCache with s >= cache_index + t slots.
+    Returns:
+      (logits [b, t, v] float32, the updated cache).
+    """
+    return self._forward(tokens, positions, mask.astype(bool), cache, cache_index)
+
+  def _forward(self, tokens, positions, mask, cache, cache_index):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x = self.embed[...].astype(dt)[tokens]
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)  # the normalizer rounded to the compute dtype, as in HF
     t = tokens.shape[1]
     q_slots = cache_index + jnp.arange(t)
     key_mask = mask if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
@@ -210,7 +288,7 @@ class Transformer(nnx.Module):
         new_k.append(new_layer[0])
         new_v.append(new_layer[1])
     x = self.final_norm(x)
-    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum('btd,dv->btv', x, head.astype(dt)).astype(jnp.float32)
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
     return logits, new_cache

@@ -60,7 +60,7 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   prompt_mask = prompt_mask.astype(bool)
   cache = KVCache.zeros(model.cfg, num_prompts, p + max_new_tokens)
   positions = positions_from_mask(prompt_mask)
-  logits, cache = model(prompt_tokens, positions, prompt_mask, cache=cache, cache_index=0)
+  logits, cache = model.forward_with_cache(prompt_tokens, positions, prompt_mask, cache, 0)
   next_position = positions[:, -1] + 1  # [num_prompts]
   if group_size > 1:  # the group's G samples continue from one prefill
     logits, cache, next_position = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0),
@@ -86,7 +86,7 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     logprob = token_logprobs(last_logits, token)
     alive = ~done
     token = jnp.where(alive, token, pad_id)
-    logits, cache = model(token[:, None], position[:, None], alive[:, None], cache=cache, cache_index=slot)
+    logits, cache = model.forward_with_cache(token[:, None], position[:, None], alive[:, None], cache, slot)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1)
     live = jax.lax.dynamic_update_index_in_dim(live, alive.astype(jnp.int32), step, 1)
     logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(alive, logprob, 0.0), step, 1)

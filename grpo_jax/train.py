@@ -122,6 +122,10 @@ class Job:
     self.splits: dict[str, TokenizedSplit] = {
         split: encode(self.tokenizer, examples, split=split, with_solutions=cfg.sft.max_steps > 0, **encode_kw)
         for split, examples in task_splits(cfg.task, cfg.seed).items()}
+    for split in ('train', 'test'):
+      if not len(self.splits[split]):
+        raise ValueError(f'the {split} split is empty (after dropping prompts longer than max_prompt_len='
+                         f'{cfg.max_prompt_len}?)')
     for stage in STAGES:  # a mismatched checkpoint fails here, before any compile
       meta = checkpoint.read_meta(self.manager(stage))
       if meta is not None:

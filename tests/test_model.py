@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax.model import KVCache, ModelConfig, Transformer, positions_from_mask, rope
+from grpo_jax.model import KVCache, ModelConfig, RMSNorm, Transformer, positions_from_mask, rope, rope_inv_freq
 
 TINY = dict(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 
@@ -31,8 +31,8 @@ def randomize(model: Transformer, seed: int) -> Transformer:
 
   def draw(path, x):
     name = str(path[-1].key)
-    if name == 'scale':
-      return jnp.asarray(1.0 + 0.3 * rng.standard_normal(x.shape), x.dtype)
+    if name == 'scale':  # effective multiplier offset + scale around 1
+      return jnp.asarray(1.0 - model.cfg.norm_offset + 0.3 * rng.standard_normal(x.shape), x.dtype)
     std = 1.0 if name == 'embed' else 0.3 if name.startswith('b') else 0.25
     return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
 
@@ -53,9 +53,7 @@ def pure_params(model: Transformer) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, tokens, mask):
-  logits, cache = nnx.merge(graphdef, state)(tokens, positions_from_mask(mask), mask)
-  assert cache is None
-  return logits
+  return nnx.merge(graphdef, state)(tokens, positions_from_mask(mask), mask)
 
 
 def forward(model, tokens, mask) -> np.ndarray:
@@ -65,7 +63,7 @@ def forward(model, tokens, mask) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _cached_forward(graphdef, state, tokens, positions, mask, cache, cache_index):
-  return nnx.merge(graphdef, state)(tokens, positions, mask, cache=cache, cache_index=cache_index)
+  return nnx.merge(graphdef, state).forward_with_cache(tokens, positions, mask, cache, cache_index)
 
 
 def cached_forward(model, tokens, positions, mask, cache, cache_index):
@@ -125,8 +123,11 @@ def test_causality(model):
 
 # ------------------------------------------------------------------------------------------------- KV cache
 
-@pytest.mark.parametrize('lengths, hole', [([6, 6, 6], False), ([6, 2, 4, 1], False), ([6, 2, 4, 1], True)])
-def test_kv_cache_prefill_then_decode_matches_full_forward(model, lengths, hole):
+@pytest.mark.parametrize('lengths, hole, window', [([6, 6, 6], False, 0), ([6, 2, 4, 1], False, 0),
+                                                   ([6, 2, 4, 1], True, 0), ([6, 2, 4, 1], False, 3)])
+def test_kv_cache_prefill_then_decode_matches_full_forward(model, lengths, hole, window):
+  if window:  # the window applies to cached slots too
+    model = make_model(0, sliding_window=window)
   rng = np.random.default_rng(4)
   prompt_len, decode_len = 6, 5
   total = prompt_len + decode_len
@@ -151,6 +152,12 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model, lengths, hole)
   assert not np.asarray(cache.mask[:, total:]).any()
   assert len(cache.k) == len(cache.v) == 2  # one buffer per layer
   assert all(k.shape == (len(lengths), total + 3, 2, 8) for k in cache.k + cache.v)
+
+
+def test_call_defaults_to_an_unpadded_batch(model):
+  tokens = np.random.default_rng(15).integers(0, 40, (2, 7))
+  got = np.asarray(jax.jit(lambda t: model(t))(jnp.asarray(tokens, jnp.int32)))
+  np.testing.assert_allclose(got, forward(model, tokens, np.ones_like(tokens, bool)), atol=1e-5, rtol=0)
 
 
 def test_kv_cache_multi_token_chunks(model):
@@ -181,6 +188,9 @@ OPTIONS = {
     'mha': dict(num_kv_heads=4),
     'mqa': dict(num_kv_heads=1),
     'all': dict(qkv_bias=True, qk_norm=True, tie_embeddings=True, rope_theta=500.0),
+    'gemma': dict(activation='gelu_tanh', norm_offset=1.0, embed_scale=True, tie_embeddings=True),
+    'sliding_window': dict(sliding_window=3),
+    'llama3_rope': dict(rope_type='llama3', rope_original_max_len=16, rope_factor=4.0),
 }
 
 
@@ -196,6 +206,9 @@ def test_default_init():
   assert m.embed[...].dtype == jnp.float32
   # Different layers get different weights.
   assert not np.allclose(np.asarray(m.blocks[0].attn.wq[...]), np.asarray(attn.wq[...]))
+  # Gemma-style norms multiply by (1 + scale): scales start at 0.
+  gemma_norm = RMSNorm(8, tiny_cfg(norm_offset=1.0), nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(gemma_norm.scale[...]), np.zeros(8, np.float32))
 
 
 @pytest.mark.parametrize('name', list(OPTIONS))
@@ -269,10 +282,27 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 # ----------------------------------------------------------------------------------------------------- RoPE
 
-def np_rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+def np_inv_freq(h: int, theta: float, llama3: dict | None = None) -> np.ndarray:
+  """Default RoPE frequencies; with llama3 = dict(factor, low, high, old_len), Meta's Llama 3.1 apply_scaling loop."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+  if not llama3:
+    return inv_freq
+  out = []
+  for f in inv_freq:
+    wavelen = 2 * np.pi / f
+    if wavelen < llama3['old_len'] / llama3['high']:
+      out.append(f)
+    elif wavelen > llama3['old_len'] / llama3['low']:
+      out.append(f / llama3['factor'])
+    else:
+      smooth = (llama3['old_len'] / wavelen - llama3['low']) / (llama3['high'] - llama3['low'])
+      out.append((1 - smooth) * f / llama3['factor'] + smooth * f)
+  return np.asarray(out)
+
+
+def np_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
   """transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb, [b, t, n, h] layout."""
   h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
   freqs = positions[..., None].astype(np.float64) * inv_freq
   emb = np.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
   cos, sin = np.cos(emb), np.sin(emb)
@@ -284,17 +314,36 @@ def np_rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
   return x * cos + rotate_half(x) * sin
 
 
+def np_cfg_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  llama3 = dict(factor=cfg.rope_factor, low=cfg.rope_low_freq_factor, high=cfg.rope_high_freq_factor,
+                old_len=cfg.rope_original_max_len) if cfg.rope_type == 'llama3' else None
+  return np_inv_freq(cfg.head_dim, cfg.rope_theta, llama3)
+
+
 @pytest.mark.parametrize('theta', [10000.0, 1e6, 50.0])
 def test_rope_matches_hf_rotate_half(theta):
   rng = np.random.default_rng(11)
   x = rng.standard_normal((2, 6, 3, 8)).astype(np.float32)
   positions = rng.integers(0, 40, (2, 6))
-  got = np.asarray(rope(jnp.asarray(x), jnp.asarray(positions), theta))
-  np.testing.assert_allclose(got, np_rope(x.astype(np.float64), positions, theta), atol=2e-5, rtol=0)
+  inv_freq = rope_inv_freq(tiny_cfg(rope_theta=theta))
+  got = np.asarray(rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
+  np.testing.assert_allclose(got, np_rope(x.astype(np.float64), positions, np_inv_freq(8, theta)), atol=2e-5, rtol=0)
   # Rotation: norms preserved; position 0 is the identity.
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
-  zero = np.asarray(rope(jnp.asarray(x), jnp.zeros((2, 6), jnp.int32), theta))
+  zero = np.asarray(rope(jnp.asarray(x), jnp.zeros((2, 6), jnp.int32), inv_freq))
   np.testing.assert_allclose(zero, x, atol=1e-7)
+
+
+def test_llama3_rope_frequencies_match_the_reference_loop():
+  # theta and old_len chosen so the 8 frequencies fall in all three bands (kept, interpolated, stretched).
+  cfg = tiny_cfg(head_dim=16, rope_type='llama3', rope_theta=10000.0, rope_factor=8.0, rope_low_freq_factor=1.0,
+                 rope_high_freq_factor=4.0, rope_original_max_len=64)
+  want = np_cfg_inv_freq(cfg)
+  base = np_inv_freq(16, 10000.0)
+  assert np.sum(want == base) >= 1 and np.sum(np.isclose(want, base / 8)) >= 1
+  assert np.sum(~np.isclose(want, base) & ~np.isclose(want, base / 8)) >= 1
+  np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg)), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(rope_inv_freq(tiny_cfg(head_dim=16))), base, rtol=1e-6)
 
 
 def test_rope_relative_position_property():
@@ -303,8 +352,8 @@ def test_rope_relative_position_property():
   k = jnp.asarray(rng.standard_normal((1, 1, 2, 8)), jnp.float32)
 
   def score(m, n):
-    rq = rope(q, jnp.full((1, 1), m), 10000.0)
-    rk = rope(k, jnp.full((1, 1), n), 10000.0)
+    rq = rope(q, jnp.full((1, 1), m), rope_inv_freq(tiny_cfg()))
+    rk = rope(k, jnp.full((1, 1), n), rope_inv_freq(tiny_cfg()))
     return np.asarray(jnp.sum(rq * rk, axis=-1))[0, 0]  # one dot product per head
 
   for m, n in ((5, 2), (3, 3), (2, 9)):
@@ -326,6 +375,12 @@ def test_rope_relative_position_property():
     (dict(mlp_dim=0), 'mlp_dim'),
     (dict(dtype='float33'), 'dtype'),
     (dict(param_dtype='float33'), 'param_dtype'),
+    (dict(model_type='gpt2'), 'model_type'),
+    (dict(activation='relu'), 'activation'),
+    (dict(rope_type='yarn'), 'rope_type'),
+    (dict(sliding_window=-1), 'sliding_window'),
+    (dict(rope_type='llama3', rope_factor=0.0), 'rope_factor'),
+    (dict(rope_type='llama3', rope_low_freq_factor=4.0), 'rope_low_freq_factor'),
 ])
 def test_bad_model_config_raises_value_error_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=rf'model\.{field}\b'):
@@ -340,30 +395,40 @@ def test_good_model_config_is_frozen():
 
 # ------------------------------------------------------------------------------- numpy reference forward
 
-def np_rms(x, scale, eps):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+def np_rms(x, scale, eps, offset=0.0):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (offset + scale)
+
+
+def np_gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def np_forward(params: dict, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """The Llama / Qwen2 / Qwen3 decoder in float64 numpy, written from the HF modeling code, not from model.py."""
+  """The Llama / Mistral / Qwen2 / Qwen3 / Gemma decoder in float64 numpy, written from the HF modeling code, not
+  from model.py."""
   b, t = tokens.shape
   positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
   groups = cfg.num_heads // cfg.num_kv_heads
   causal = np.tril(np.ones((t, t), bool))
+  if cfg.sliding_window:  # transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window
+    causal &= np.arange(t)[None, :] > np.arange(t)[:, None] - cfg.sliding_window
   allowed = causal[None, None] & mask[:, None, None, :].astype(bool)  # [b, 1, q, k]
-  x = params['embed'][tokens]
+  rms = functools.partial(np_rms, eps=cfg.rms_eps, offset=cfg.norm_offset)
+  act = np_gelu_tanh if cfg.activation == 'gelu_tanh' else lambda g: g / (1.0 + np.exp(-g))
+  inv_freq = np_cfg_inv_freq(cfg)
+  x = params['embed'][tokens] * (np.sqrt(cfg.d_model) if cfg.embed_scale else 1.0)
   for i in range(cfg.num_layers):
     p = params['blocks'][i]
     a = p['attn']
-    h = np_rms(x, p['attn_norm']['scale'], cfg.rms_eps)
+    h = rms(x, p['attn_norm']['scale'])
     q = np.einsum('btd,dnh->btnh', h, a['wq'])
     k = np.einsum('btd,dkh->btkh', h, a['wk'])
     v = np.einsum('btd,dkh->btkh', h, a['wv'])
     if cfg.qkv_bias:
       q, k, v = q + a['bq'], k + a['bk'], v + a['bv']
     if cfg.qk_norm:
-      q, k = np_rms(q, a['q_norm']['scale'], cfg.rms_eps), np_rms(k, a['k_norm']['scale'], cfg.rms_eps)
-    q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
+      q, k = rms(q, a['q_norm']['scale']), rms(k, a['k_norm']['scale'])
+    q, k = np_rope(q, positions, inv_freq), np_rope(k, positions, inv_freq)
     k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)  # repeat_kv
     scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(cfg.head_dim)
     scores = np.where(allowed, scores, -1e9)
@@ -372,10 +437,9 @@ def np_forward(params: dict, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndar
     probs /= probs.sum(axis=-1, keepdims=True)
     out = np.einsum('bnqk,bknh->bqnh', probs, v)
     x = x + np.einsum('bqnh,nhd->bqd', out, a['wo'])
-    h = np_rms(x, p['mlp_norm']['scale'], cfg.rms_eps)
-    gate = h @ p['mlp']['gate']
-    x = x + (gate / (1.0 + np.exp(-gate)) * (h @ p['mlp']['up'])) @ p['mlp']['down']
-  x = np_rms(x, params['final_norm']['scale'], cfg.rms_eps)
+    h = rms(x, p['mlp_norm']['scale'])
+    x = x + (act(h @ p['mlp']['gate']) * (h @ p['mlp']['up'])) @ p['mlp']['down']
+  x = rms(x, params['final_norm']['scale'])
   head = params['embed'].T if cfg.tie_embeddings else params['lm_head']
   return x @ head
 

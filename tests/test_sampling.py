@@ -73,7 +73,7 @@ def prompts_batch(seed=1, lengths=(6, 2, 4, 1, 5, 3, 6, 2), p=6):
 @functools.partial(jax.jit, static_argnums=0)
 def _full_logits(graphdef, params, tokens, mask):
   mask = mask.astype(bool)
-  return nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)[0]
+  return nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)
 
 
 def completion_logits(split, prompts, prompt_mask, out) -> np.ndarray:
