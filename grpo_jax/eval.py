@@ -21,6 +21,7 @@ from grpo_jax.datasets import load_examples
 from grpo_jax.evaluate import greedy_eval, load_policy, maj_at_k
 from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
+from grpo_jax.tokenizer import stop_token_ids
 from grpo_jax.verifiers import extract_answer
 
 # dataset -> (split, verifier, the paper's column)
@@ -70,9 +71,11 @@ def main(argv):
   # Data first: a missing or broken dataset file fails before the model is loaded.
   examples = {name: load_examples(name, BENCHMARKS[name][0], source_dir=_SOURCE_DIR.value, limit=_LIMIT.value)
               for name in _DATASETS.value}
+  tokenizer_dir = _MODEL.value or os.path.join(_WORKDIR.value, 'tokenizer')
   graphdef, params, _, tokenizer = load_policy(model_dir=_MODEL.value, workdir=_WORKDIR.value, dtype=_DTYPE.value,
                                                mesh=mesh)
-  common = dict(max_new_tokens=_MAX_NEW.value, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, mesh=mesh,
+  common = dict(max_new_tokens=_MAX_NEW.value, eos_id=stop_token_ids(tokenizer, tokenizer_dir),
+                pad_id=tokenizer.pad_token_id, mesh=mesh,
                 param_shardings=jax.tree.map(lambda x: x.sharding, params))
   greedy = make_sampler(graphdef, greedy=True, **common)
   voter = None if not _MAJ_K.value else make_sampler(graphdef, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,

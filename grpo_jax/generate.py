@@ -9,6 +9,8 @@ the chat template (--chat never for raw text).
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from absl import app, flags, logging
@@ -16,6 +18,7 @@ from absl import app, flags, logging
 from grpo_jax.evaluate import decode, load_policy
 from grpo_jax.prompts import format_prompt, tokenize_prompts, uses_chat_template
 from grpo_jax.sampling import make_sampler
+from grpo_jax.tokenizer import stop_token_ids
 
 _MODEL = flags.DEFINE_string('model', None, 'Local Hugging Face model directory.')
 _WORKDIR = flags.DEFINE_string('workdir', None, "A training workdir: uses its latest checkpoint's policy.")
@@ -38,12 +41,13 @@ def main(argv):
     raise app.UsageError('give exactly one of --model and --workdir')
   if _TEMPERATURE.value < 0 or _NUM.value < 1 or _MAX_NEW.value < 1:
     raise app.UsageError('need --temperature >= 0, --num_samples >= 1 and --max_new_tokens >= 1')
+  tokenizer_dir = _MODEL.value or os.path.join(_WORKDIR.value, 'tokenizer')
   graphdef, params, _, tokenizer = load_policy(model_dir=_MODEL.value, workdir=_WORKDIR.value, dtype=_DTYPE.value)
   text = format_prompt(_PROMPT.value, template=_TEMPLATE.value, tokenizer=tokenizer, chat=_CHAT.value)
   ids = tokenize_prompts(tokenizer, [text], chat_formatted=uses_chat_template(tokenizer, _CHAT.value))[0]
   tokens = np.asarray([ids], np.int32)  # [1, p]: one unpadded prompt
   greedy = _TEMPERATURE.value == 0
-  sampler = make_sampler(graphdef, max_new_tokens=_MAX_NEW.value, eos_id=tokenizer.eos_token_id,
+  sampler = make_sampler(graphdef, max_new_tokens=_MAX_NEW.value, eos_id=stop_token_ids(tokenizer, tokenizer_dir),
                          pad_id=tokenizer.pad_token_id, greedy=greedy, temperature=_TEMPERATURE.value or 1.0,
                          top_p=_TOP_P.value, top_k=_TOP_K.value, group_size=1 if greedy else _NUM.value)
   out = sampler(params, tokens, np.ones_like(tokens), jax.random.key(_SEED.value))

@@ -40,8 +40,8 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_
 
 
 def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
-           max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Completions:
+           max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Completions:
   """Sample `group_size` completions per prompt; each prompt's prefill runs once and its KV cache is shared.
 
   Args:
@@ -49,6 +49,7 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     prompt_tokens: [num_prompts, p] left-padded prompt ids.
     prompt_mask: [num_prompts, p] 1 on real tokens.
     rng: PRNG key.
+    eos_id: the token (or tuple of tokens: instruct models often end a turn with several) that ends a row.
     greedy: argmax decoding (temperature / top-k / top-p ignored).
     group_size: G, completions per prompt.
   Returns:
@@ -90,7 +91,8 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1)
     live = jax.lax.dynamic_update_index_in_dim(live, alive.astype(jnp.int32), step, 1)
     logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(alive, logprob, 0.0), step, 1)
-    return logits[:, -1], cache, position + 1, slot + 1, done | (token == eos_id), tokens, live, logprobs
+    done = done | jnp.isin(token, jnp.asarray(eos_id))
+    return logits[:, -1], cache, position + 1, slot + 1, done, tokens, live, logprobs
 
   init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool),
           jnp.full_like(empty, pad_id), empty, empty.astype(jnp.float32))

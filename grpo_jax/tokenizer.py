@@ -7,6 +7,7 @@ the HF tokenizer interface a real model's tokenizer has (`save_pretrained` / `fr
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
@@ -48,3 +49,14 @@ def load_tokenizer(path: str):
   if tokenizer.eos_token_id is None:
     raise ValueError(f'the tokenizer in {path!r} has no EOS token; generation could not stop')
   return tokenizer
+
+
+def stop_token_ids(tokenizer, model_dir: str | None = None) -> tuple[int, ...]:
+  """EOS plus the model's generation_config.json `eos_token_id`s (e.g. Llama-3's <|eot_id|>): any ends a row."""
+  ids = [tokenizer.eos_token_id]
+  path = os.path.join(model_dir, 'generation_config.json') if model_dir else ''
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      extra = json.load(f).get('eos_token_id')
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+  return tuple(dict.fromkeys(int(i) for i in ids))

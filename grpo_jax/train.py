@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -36,7 +37,7 @@ from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
 from grpo_jax.sft import SFTBatch, sft_loss
 from grpo_jax.tasks import generate_split, vocabulary
-from grpo_jax.tokenizer import build_tokenizer, load_tokenizer
+from grpo_jax.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 STAGES = ['sft', 'grpo']
@@ -145,7 +146,7 @@ class Job:
       self.init_params = jax.device_put(params, self.param_shardings)
     self.reward_fn = get_reward_fn(cfg.rl.reward)
     self.verifier = get_reward_fn(cfg.task.verifier)
-    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=self.tokenizer.eos_token_id,
+    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
                pad_id=self.tokenizer.pad_token_id, param_shardings=self.param_shardings, mesh=self.mesh)
     self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
     self.sampler = make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
@@ -285,6 +286,9 @@ def run(cfg, workdir: str) -> dict:
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2))
   job.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+  generation_config = os.path.join(cfg.model.get('path') or '', 'generation_config.json')
+  if cfg.model.get('path') and os.path.isfile(generation_config):  # its stop tokens, for eval from the workdir
+    shutil.copy(generation_config, os.path.join(workdir, 'tokenizer'))
   n_params = sum(x.size for x in jax.tree.leaves(job.init_params))
   print(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()}; mesh: {dict(job.mesh.shape)}')
 
@@ -309,6 +313,8 @@ def run(cfg, workdir: str) -> dict:
     export_dir = os.path.join(workdir, 'hf_model')
     hf.save_model(nnx.merge(job.graphdef, grpo_params), job.model_cfg, export_dir)
     job.tokenizer.save_pretrained(export_dir)
+    if os.path.isfile(generation_config):
+      shutil.copy(generation_config, export_dir)
     print(f'exported the policy to {export_dir}')
 
   summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft['test_accuracy'],

@@ -15,7 +15,7 @@ from flax import nnx
 from grpo_jax import hf
 from grpo_jax.evaluate import load_policy
 from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.tokenizer import build_tokenizer
+from grpo_jax.tokenizer import build_tokenizer, stop_token_ids
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -98,3 +98,25 @@ def test_bad_model_dirs_fail_before_compile(model_dir, tmp_path):
                          f'--workdir={tmp_path}/w', f'--config.model.path={tmp_path}/nope'], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'is not a directory' in proc.stderr
+
+
+def test_tokenizer_larger_than_the_embedding_fails_before_compile(tmp_path):
+  tokenizer = build_tokenizer(['user', 'assistant'])
+  cfg = ModelConfig(model_type='llama', vocab_size=len(tokenizer) - 5, d_model=16, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=8, mlp_dim=32)
+  hf.save_model(Transformer(cfg, nnx.Rngs(0)), cfg, str(tmp_path))
+  tokenizer.save_pretrained(str(tmp_path))
+  proc = subprocess.run([sys.executable, '-m', 'grpo_jax.train', f'--config={ROOT}/configs/gsm8k_hf.py:tiny',
+                         f'--workdir={tmp_path}/w', f'--config.model.path={tmp_path}'], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert f'tokenizer has {len(tokenizer)} tokens but the model embeds only {cfg.vocab_size}' in proc.stderr
+
+
+def test_stop_tokens_include_generation_config_eos(tmp_path):
+  tokenizer = build_tokenizer()
+  assert stop_token_ids(tokenizer, str(tmp_path)) == (tokenizer.eos_token_id,)
+  (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': [tokenizer.eos_token_id, 7, 9]}))
+  assert stop_token_ids(tokenizer, str(tmp_path)) == (tokenizer.eos_token_id, 7, 9)
+  (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': 11}))
+  assert stop_token_ids(tokenizer, str(tmp_path)) == (tokenizer.eos_token_id, 11)

@@ -206,6 +206,20 @@ def test_per_sequence_eos_stop(split):
   assert stopped >= 1
 
 
+def test_any_of_several_stop_tokens_ends_a_row(split):
+  """eos_id as a tuple (EOS plus e.g. an end-of-turn token): a row ends at the first of any of them."""
+  prompts, prompt_mask = prompts_batch(seed=4)
+  free = run(split, prompts, prompt_mask, seed=5, eos_id=NEVER)
+  stops = (int(free.tokens[0, 2]), int(free.tokens[1, 3]))
+  out = run(split, prompts, prompt_mask, seed=5, eos_id=stops)
+  for row in range(prompts.shape[0]):
+    hits = np.flatnonzero(np.isin(free.tokens[row], stops))
+    end = hits[0] + 1 if hits.size else 10
+    np.testing.assert_array_equal(out.tokens[row, :end], free.tokens[row, :end])
+    assert out.mask[row].sum() == end
+  assert out.mask[0].sum() <= 3 and out.mask[1].sum() <= 4
+
+
 def test_max_new_tokens_respected(split):
   prompts, prompt_mask = prompts_batch(seed=6)
   short = run(split, prompts, prompt_mask, greedy=True, max_new_tokens=3)
