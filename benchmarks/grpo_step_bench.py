@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 from grpo_jax import sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.data import TokenizedSplit
+from grpo_jax.flops import grpo_step_flops
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
 from grpo_jax.logprobs import make_sequence_logprobs_fn
 from grpo_jax.model import ModelConfig, Transformer
@@ -38,7 +39,7 @@ from grpo_jax.tokenizer import build_tokenizer
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from roofline import grpo_step_flops, matmul_peak_flops  # noqa: E402
+from roofline import matmul_peak_flops  # noqa: E402
 
 CHARACTERS = string.digits + ' +-*/=:' + 'QA' + string.ascii_lowercase  # 45 + 4 specials = 49
 MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688, rope_theta=10000.0,
@@ -148,7 +149,7 @@ def main() -> int:
     return m
 
   phase_time['policy_forward_backward'] = best_time(one_update)
-  flops = grpo_step_flops(cfg, num_sequences=P * G, prompt_len=data.prompt_tokens.shape[1], completion_len=L,
+  flops = grpo_step_flops(cfg, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1], completion_len=L,
                           reference=ref_fn is not None)
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak

@@ -6,6 +6,8 @@
 """
 import ml_collections
 
+from grpo_jax.sharding import LOGICAL_RULES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -39,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # compute dtype ('bfloat16' on accelerators)
   c.model.init_std = 0.02
+  c.model.remat = 'none'  # training forward: 'none' | 'full' (blocks recompute in backward) | 'save_dots' (keep dots)
+  c.model.logprob_chunk = 0  # > 0: LM head + logprobs over this many completion positions at a time; 0 = all at once
 
   c.max_prompt_len = 56  # tokens; longer prompts are an error, shorter are left-padded
   c.max_new_tokens = 40  # completion budget (SFT targets must fit too)
@@ -53,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft.schedule = 'cosine'  # 'cosine' (decays over max_steps) or 'constant'
   c.sft.weight_decay = 0.0
   c.sft.grad_clip = 1.0
+  c.sft.grad_accum_steps = 1  # k micro-batches per batch, one update (live activations: one micro-batch's)
+  c.sft.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
   c.rl = ml_collections.ConfigDict()
   c.rl.num_steps = 100  # GRPO steps (one rollout batch each)
@@ -73,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.schedule = 'constant'
   c.rl.weight_decay = 0.0
   c.rl.grad_clip = 1.0
+  c.rl.grad_accum_steps = 1  # k micro-batches per minibatch, one update (live activations: one micro-batch's)
+  c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250  # greedy decoding batch for val/test evals
@@ -81,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  c.sharding = ml_collections.ConfigDict()  # logical axis -> mesh axes (the table, explained: grpo_jax/sharding.py)
+  c.sharding.rules = tuple(LOGICAL_RULES.items())  # ((logical axis, mesh axis | (axes, ...) | None), ...), all axes
+  c.sharding.sampler_rules = ()  # overrides for the samplers' param layout, e.g. (('embed', None),): no fsdp gathers
+  c.sharding.allow_replication_fallback = False  # True: replicate a param dim its mesh axes do not divide, not error
 
   c.export_hf = False  # also write the final policy as a Hugging Face model to <workdir>/hf_model
   c.checkpoint_every = 50  # steps (per stage); also saved at the end of each stage and on SIGTERM

@@ -7,9 +7,10 @@ import os
 from grpo_jax.advantages import ADVANTAGES
 from grpo_jax.datasets import DATASETS
 from grpo_jax.kl import KL_ESTIMATORS
+from grpo_jax.model import REMAT_POLICIES
 from grpo_jax.prompts import CHAT_MODES, resolve_template
 from grpo_jax.rewards import REWARDS
-from grpo_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
+from grpo_jax.sharding import MESH_AXES, mesh_shape, rules_from_config
 
 
 def _positive(cfg, *paths: str) -> None:
@@ -52,6 +53,20 @@ def _check_model_path(path: str) -> None:
     raise FileNotFoundError(f'config.model.path={path!r} has no config.json')
 
 
+def _check_memory_knobs(cfg) -> None:
+  """model.remat, model.logprob_chunk, {sft,rl}.master_dtype (grad_accum_steps: check_batch_layout)."""
+  remat = cfg.model.get('remat', 'none')
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'config.model.remat={remat!r} is unknown; known: {list(REMAT_POLICIES)}')
+  chunk = cfg.model.get('logprob_chunk', 0)
+  if not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(f'config.model.logprob_chunk must be an int >= 0 (0 = off), got {chunk!r}')
+  for stage in ('sft', 'rl'):
+    master = cfg[stage].get('master_dtype', 'float32')
+    if master not in ('float32', ''):
+      raise ValueError(f"config.{stage}.master_dtype={master!r} must be 'float32' or '' (off)")
+
+
 def check_config(cfg, num_devices: int) -> None:
   """Raise ValueError naming the first bad knob."""
   _positive(cfg, 'max_prompt_len', 'max_new_tokens', 'sft.batch_size', 'sft.eval_every', 'sft.lr', 'rl.num_steps',
@@ -61,6 +76,7 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.sft.max_steps must be >= 0 (0 skips SFT), got {cfg.sft.max_steps}')
   _check_task(cfg)
   _check_model_path(cfg.model.get('path', ''))
+  _check_memory_knobs(cfg)
   if cfg.rl.group_size < 2:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
   if not 0 < cfg.rl.clip_eps < 1:
@@ -76,15 +92,29 @@ def check_config(cfg, num_devices: int) -> None:
     group, name = key.split('.')
     if cfg[group][name] not in registry:
       raise ValueError(f'config.{key}={cfg[group][name]!r} is unknown; known: {sorted(registry)}')
+  check_batch_layout(cfg, num_devices)
 
+
+def check_batch_layout(cfg, num_devices: int) -> None:
+  """The mesh fits num_devices and every batch splits evenly (minibatches, data-parallel shards); grpo_jax.plan
+  runs this alone, without the task and model checks."""
   rollout_size = cfg.rl.num_prompts * cfg.rl.group_size
   if rollout_size % cfg.rl.num_minibatches:
     raise ValueError(f'rl.num_prompts * rl.group_size = {rollout_size} does not split into '
                      f'rl.num_minibatches={cfg.rl.num_minibatches} equal minibatches')
+  micro = {}  # gradient accumulation: equal micro-batches, so their mean loss is the batch's
+  for stage, size in (('sft', cfg.sft.batch_size), ('rl', rollout_size // cfg.rl.num_minibatches)):
+    k = cfg[stage].get('grad_accum_steps', 1)
+    if not isinstance(k, int) or k < 1 or size % k:
+      raise ValueError(f'config.{stage}.grad_accum_steps={k!r} must be a positive int that divides the {stage} '
+                       f'(mini)batch of {size}')
+    micro[stage] = size // k
   sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
-  data_parallel = math.prod(sizes[a] for a in BATCH_AXES)
+  rules, _ = rules_from_config(cfg.get('sharding'))  # malformed config.sharding.* rules fail here, named
+  data_parallel = math.prod(sizes[a] for a in rules.mesh_axes('batch'))
   for name, size in (('sft.batch_size', cfg.sft.batch_size), ('eval.batch_size', cfg.eval.batch_size),
                      ('rl.num_prompts', cfg.rl.num_prompts),  # the sampler shards prompts before the group repeat
-                     ('rl minibatch', rollout_size // cfg.rl.num_minibatches), ('rl rollout', rollout_size)):
+                     ('rl minibatch', rollout_size // cfg.rl.num_minibatches), ('rl rollout', rollout_size),
+                     ('sft micro-batch', micro['sft']), ('rl micro-batch', micro['rl'])):
     if size % data_parallel:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')

@@ -30,10 +30,14 @@ class Rollout(NamedTuple):
   advantages: np.ndarray  # [N]
 
 
-def grpo_objective(model, rollout: Rollout, *, clip_eps: float, beta: float, kl_estimator: str):
-  """Loss of the current policy on a (mini)batch of rollouts; also reports its token entropy."""
+def grpo_objective(model, rollout: Rollout, *, clip_eps: float, beta: float, kl_estimator: str,
+                   logprob_chunk: int = 0, remat: str = 'none'):
+  """Loss of the current policy on a (mini)batch of rollouts; also reports its token entropy.
+
+  logprob_chunk and remat only trade compute for memory (logprobs.sequence_logprobs chunk_size, remat)."""
   logprobs, entropy = sequence_logprobs(model, rollout.prompt_tokens, rollout.prompt_mask,
-                                        rollout.completion_tokens, rollout.completion_mask, return_entropy=True)
+                                        rollout.completion_tokens, rollout.completion_mask, return_entropy=True,
+                                        chunk_size=logprob_chunk, remat=remat)
   loss, metrics = grpo_loss(logprobs, rollout.old_logprobs, rollout.ref_logprobs, rollout.advantages,
                             rollout.completion_mask, clip_eps=clip_eps, beta=beta, kl_estimator=kl_estimator)
   mask = rollout.completion_mask.astype(jnp.float32)

@@ -335,7 +335,10 @@ def load_model(path: str, dtype=jnp.float32, *, compute_dtype=None, mesh: Mesh |
   model_cfg = dataclasses.replace(read_config(path), param_dtype=jnp.dtype(dtype).name,
                                   dtype=jnp.dtype(compute_dtype or dtype).name)
   model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-  shardings = sharding.tree_shardings(nnx.split(model, nnx.Param)[1], mesh) if mesh is not None else None
+  # Loading any checkpoint onto a mesh (eval, tools): a dim the mesh does not divide (an odd vocab) is replicated
+  # rather than refused; the trainer's layout is strict unless config.sharding.allow_replication_fallback.
+  lenient = sharding.Rules(allow_replication_fallback=True)
+  shardings = sharding.tree_shardings(nnx.split(model, nnx.Param)[1], mesh, lenient) if mesh is not None else None
   nnx.update(model, load_params(path, model_cfg, dtype=dtype, shardings=shardings))
   return model, model_cfg
 

@@ -30,22 +30,32 @@ def token_entropy(logits: jax.Array) -> jax.Array:
 
 
 def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, completion_tokens: jax.Array,
-                      completion_mask: jax.Array, *, return_entropy: bool = False):
+                      completion_mask: jax.Array, *, return_entropy: bool = False, chunk_size: int = 0,
+                      remat: str = 'none'):
   """Logprobs of each completion token given prompt + earlier completion tokens, one full forward pass.
 
   Args:
-    model: a `Transformer` (called as model(tokens, positions, mask) -> logits).
+    model: a `Transformer` (model(tokens, positions, mask) -> logits; hidden_states / logits_from_hidden).
     prompt_tokens, prompt_mask: [b, p] left-padded prompts.
     completion_tokens, completion_mask: [b, c] right-padded completions.
+    chunk_size: 0 = one LM head over all [b, p + c] positions. > 0: the head, logsumexp and entropy run over
+      `chunk_size` completion positions at a time, so at most [b, chunk_size, v] float32 logits exist at once,
+      in the backward pass too (each chunk's logits are recomputed there rather than stored).
+    remat: the model's rematerialization policy (model.REMAT_POLICIES) for the training forward.
   Returns:
     logprobs [b, c] float32 (and entropy [b, c] if return_entropy).
   """
   from grpo_jax.model import positions_from_mask  # local: model imports nothing from here
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-  logits = model(tokens, positions_from_mask(mask), mask)
   p = prompt_tokens.shape[1]
-  # The logit at slot j predicts the token at slot j + 1.
+  if chunk_size:
+    hidden = model.hidden_states(tokens, positions_from_mask(mask), mask, remat=remat)
+    # The hidden state at slot j predicts the token at slot j + 1.
+    out = _chunked_logprobs(model.logits_from_hidden, hidden[:, p - 1:-1], completion_tokens, chunk_size,
+                            return_entropy)
+    return out if return_entropy else out[0]
+  logits = model(tokens, positions_from_mask(mask), mask, remat=remat)
   completion_logits = logits[:, p - 1:-1]
   logprobs = token_logprobs(completion_logits, completion_tokens)
   if return_entropy:
@@ -53,12 +63,37 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   return logprobs
 
 
-def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None):
+def _chunked_logprobs(head, hidden: jax.Array, tokens: jax.Array, chunk_size: int, return_entropy: bool):
+  """token_logprobs (and token_entropy) of head(hidden), `chunk_size` time steps at a time.
+
+  head: [..., d] -> [..., v] float32 logits; hidden [b, c, d]; tokens [b, c]. Returns ([b, c], [b, c] or None).
+  Chunks run over time, not rows, so each keeps the batch axis and its data-parallel sharding.
+  """
+  b, c, d = hidden.shape
+  n = -(-c // chunk_size)
+  pad = n * chunk_size - c  # padded positions are computed and dropped
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_size, d).swapaxes(0, 1)
+  tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(b, n, chunk_size).swapaxes(0, 1)
+
+  # Without the checkpoint, the scan's backward would keep every chunk's logits: the [b, c, v] we avoid.
+  @jax.checkpoint
+  def one_chunk(xs):
+    logits = head(xs[0])  # [b, chunk_size, v] float32
+    entropy = token_entropy(logits) if return_entropy else None
+    return token_logprobs(logits, xs[1]), entropy
+
+  logprobs, entropy = jax.lax.map(one_chunk, (hidden, tokens))  # [n, b, chunk_size] each
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :c]  # noqa: E731
+  return unchunk(logprobs), None if entropy is None else unchunk(entropy)
+
+
+def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
+                              chunk_size: int = 0):
   """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
   the reference policy's forward. With `param_shardings` and `mesh`, params keep their layout and the four
-  token arrays shard over the batch axes."""
+  token arrays shard over the batch axes. `chunk_size` as in sequence_logprobs."""
   def logprobs_of(params, *arrays):
-    return sequence_logprobs(nnx.merge(graphdef, params), *arrays)
+    return sequence_logprobs(nnx.merge(graphdef, params), *arrays, chunk_size=chunk_size)
 
   if param_shardings is None:
     return jax.jit(logprobs_of)

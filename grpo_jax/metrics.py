@@ -17,13 +17,15 @@ def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]
 
 class MetricWriter:
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  def __init__(self, workdir: str, *, active: bool = True):
+    # active=False (processes other than 0 on several hosts): every call is a no-op, so one shared workdir gets
+    # each line once.
+    self.path, self.active = os.path.join(workdir, 'metrics.jsonl'), active
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
 
   def rewind(self, stage_order: list[str], stage: str, step: int) -> None:
     """Drop lines logged after a checkpoint (stage, step): a resumed run rewrites them identically."""
-    if not os.path.exists(self.path):
+    if not self.active or not os.path.exists(self.path):
       return
     rows = read_metrics(os.path.dirname(self.path))
     rank = stage_order.index(stage)
@@ -32,6 +34,8 @@ class MetricWriter:
       f.writelines(json.dumps(r) + '\n' for r in keep)
 
   def write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
+    if not self.active:
+      return
     row = {'stage': stage, 'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
@@ -40,7 +44,8 @@ class MetricWriter:
         self.tb.add_scalar(f'{stage}/{k}', v, step)
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def _scalar(v):

@@ -19,11 +19,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.sharding import constrain
+
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma')  # the HF architectures this module implements
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 ROPE_TYPES = ('default', 'llama3')
+# Logical axes of activations, pinned with `constrain` (a no-op unless a mesh is active; sharding.py maps them).
+RESIDUAL_AXES = ('batch', 'length', 'act_embed')  # [b, t, d]
+CACHE_AXES = ('batch', 'length', 'kv_heads', 'head_dim')  # [b, s, k, h]: keys and values, cached or not
+# What each block keeps for the backward pass of the training forward (`model(..., remat=name)`); the rest is
+# recomputed. 'save_dots' keeps the weight matmuls and recomputes attention scores, softmax and elementwise ops.
+REMAT_POLICIES = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+                  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +104,10 @@ class KVCache(NamedTuple):
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    layers = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))  # noqa: E731
-    return cls(layers(), layers(), jnp.zeros((batch, max_len), bool))
+    # Constrained at creation, so each device allocates only its (batch, kv_heads) shard of the cache.
+    layers = lambda: tuple(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)  # noqa: E731
+                           for _ in range(cfg.num_layers))
+    return cls(layers(), layers(), constrain(jnp.zeros((batch, max_len), bool), ('batch', 'length')))
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
@@ -181,9 +192,13 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inv_freq(cfg)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    # Heads stay split like wq / wk / wv (tensor parallel), so attention itself needs no communication.
+    q = constrain(q, ('batch', 'length', 'q_heads', 'head_dim'))
+    k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
     if layer_cache is not None:
       k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
       v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
+      k_all, v_all = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)  # the decode loop's carry
       new_cache = (k_all, v_all)
     else:
       k_all, v_all, new_cache = k, v, None
@@ -217,6 +232,7 @@ class MLP(nnx.Module):
   def __call__(self, x):
     dt = self.dtype
     hidden = ACTIVATIONS[self.activation](x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    hidden = constrain(hidden, ('batch', 'length', 'mlp'))  # [b, t, f], split like gate / up
     return hidden @ self.down[...].astype(dt)
 
 
@@ -231,7 +247,7 @@ class Block(nnx.Module):
   def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
     attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, layer_cache, cache_index)
     x = x + attn_out
-    return x + self.mlp(self.mlp_norm(x)), new_cache
+    return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL_AXES), new_cache
 
 
 class Transformer(nnx.Module):
@@ -245,19 +261,31 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, *, remat: str = 'none') -> jax.Array:
     """Causal forward, no cache: `model(tokens)` gives the logits of unpadded sequences.
 
     Args:
       tokens: [b, t] int token ids.
       positions: [b, t] RoPE positions; default positions_from_mask(mask) (0 .. t-1 without padding).
       mask: [b, t] bool, False on (left) padding; default all True.
+      remat: a REMAT_POLICIES name: what each block saves for a backward pass (same values, less memory).
     Returns:
       logits [b, t, v] float32.
     """
+    return self.logits_from_hidden(self.hidden_states(tokens, positions, mask, remat=remat))
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    mask: jax.Array | None = None, *, remat: str = 'none') -> jax.Array:
+    """__call__ without the final norm and LM head: [b, t] -> [b, t, d] in the compute dtype, so a caller can
+    apply the head to a few positions at a time (logprobs.sequence_logprobs with chunk_size)."""
     mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
     positions = positions_from_mask(mask) if positions is None else positions
-    return self._forward(tokens, positions, mask, None, 0)[0]
+    return self._forward(tokens, positions, mask, None, 0, remat)[0]
+
+  def logits_from_hidden(self, x: jax.Array) -> jax.Array:
+    """Final norm + LM head: [..., d] hidden states -> [..., v] float32 logits."""
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum('...d,dv->...v', self.final_norm(x), head.astype(self.cfg.dtype)).astype(jnp.float32)
 
   def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
                          cache_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
@@ -270,28 +298,40 @@ class Transformer(nnx.Module):
     Returns:
       (logits [b, t, v] float32, the updated cache).
     """
-    return self._forward(tokens, positions, mask.astype(bool), cache, cache_index)
+    x, cache = self._forward(tokens, positions, mask.astype(bool), cache, cache_index)
+    return self.logits_from_hidden(x), cache
 
-  def _forward(self, tokens, positions, mask, cache, cache_index):
+  def _forward(self, tokens, positions, mask, cache, cache_index, remat='none'):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    x = self.embed[...].astype(dt)[tokens]
+    # The table whole along d first (an fsdp all-gather, as for any weight): gathering rows of the d-split table
+    # gave a d-split [b, t, d] that XLA could only re-split by batch by replicating it.
+    x = constrain(self.embed[...], ('vocab', 'act_embed')).astype(dt)[tokens]
     if cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)  # the normalizer rounded to the compute dtype, as in HF
+    x = constrain(x, RESIDUAL_AXES)  # batch-split, d whole: the gather from the fsdp-split table is all-gathered
     t = tokens.shape[1]
     q_slots = cache_index + jnp.arange(t)
     key_mask = mask if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      if cache is None and REMAT_POLICIES[remat] is not None:  # the training forward; never the sampler's
+        x = _remat_block(block, x, positions, key_mask, q_slots, REMAT_POLICIES[remat])
+        continue
       x, new_layer = block(x, positions, key_mask, q_slots, layer_cache, cache_index)
       if cache is not None:
         new_k.append(new_layer[0])
         new_v.append(new_layer[1])
-    x = self.final_norm(x)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum('btd,dv->btv', x, head.astype(dt)).astype(jnp.float32)
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
-    return logits, new_cache
+    return x, new_cache
+
+
+def _remat_block(block: Block, x, positions, key_mask, q_slots, policy):
+  """One block's uncached forward under jax.checkpoint: its backward recomputes what `policy` did not save."""
+  @functools.partial(nnx.remat, policy=policy)
+  def run(block, x, positions, key_mask, q_slots):
+    return block(x, positions, key_mask, q_slots)[0]
+  return run(block, x, positions, key_mask, q_slots)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -100,16 +100,21 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   return Completions(tokens, live, logprobs)
 
 
-def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None, **static):
+def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
+                 rules: sharding.Rules = sharding.DEFAULT_RULES, **static):
   """jit-compiled sample(params, prompt_tokens, prompt_mask, rng) with the keyword options (max_new_tokens,
   eos_id, pad_id, temperature, top_k, top_p, greedy, group_size) fixed.
 
-  With `param_shardings` and `mesh`, params keep their layout and prompts shard over the batch axes.
+  With `param_shardings` and `mesh`: prompts shard over the batch axes, activations and the KV cache follow
+  `rules`, and params are first moved to `param_shardings` (sharding.reshard; a no-op when already there). So
+  the sampler may keep its own layout, e.g. weights not split over fsdp: no all-gather per decoded token.
   """
   def sampler(params, prompt_tokens, prompt_mask, rng):
-    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
+    with sharding.activation_mesh(mesh, rules):
+      return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
 
   if param_shardings is None:
     return jax.jit(sampler)
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(sampler, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)))
+  batch = sharding.batch_sharding(mesh, rules)
+  jitted = jax.jit(sampler, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)))
+  return lambda params, *args: jitted(sharding.reshard(params, param_shardings), *args)

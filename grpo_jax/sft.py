@@ -16,10 +16,19 @@ class SFTBatch(NamedTuple):
   completion_mask: jax.Array  # [b, c]
 
 
-def sft_loss(model, batch: SFTBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean negative log-likelihood per solution token (prompt tokens are not trained on)."""
+def sft_loss(model, batch: SFTBatch, *, logprob_chunk: int = 0, remat: str = 'none'
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean negative log-likelihood per solution token (prompt tokens are not trained on).
+
+  logprob_chunk and remat only trade compute for memory (logprobs.sequence_logprobs chunk_size, remat)."""
   logprobs = sequence_logprobs(model, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
-                               batch.completion_mask)
+                               batch.completion_mask, chunk_size=logprob_chunk, remat=remat)
   mask = batch.completion_mask.astype(jnp.float32)
   nll = -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return nll, {'nll': nll}
+
+
+def sft_token_count(batch: SFTBatch) -> jax.Array:
+  """Solution tokens in a batch: the micro-batch weight under gradient accumulation, as sft_loss is a token
+  mean (train_state.make_train_step's micro_weight)."""
+  return batch.completion_mask.sum().astype(jnp.float32)

@@ -23,7 +23,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, hf, sharding
+from grpo_jax import checkpoint, distributed, flops, hf, sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.config_checks import check_config
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
@@ -35,7 +35,7 @@ from grpo_jax.metrics import MetricWriter
 from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import get_reward_fn
 from grpo_jax.sampling import make_sampler
-from grpo_jax.sft import SFTBatch, sft_loss
+from grpo_jax.sft import SFTBatch, sft_loss, sft_token_count
 from grpo_jax.tasks import generate_split, vocabulary
 from grpo_jax.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
@@ -52,7 +52,8 @@ def tokenizer_and_model_config(cfg):
   config.json.
   """
   dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-  arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *dtypes)}
+  forward_knobs = ('remat', 'logprob_chunk')  # how the training forward runs (Job.loss_fn), not the architecture
+  arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *dtypes, *forward_knobs)}
   if cfg.model.get('path'):
     tokenizer = load_tokenizer(cfg.model.path)
     model_cfg = dataclasses.replace(hf.read_config(cfg.model.path), **dtypes)
@@ -133,25 +134,30 @@ class Job:
         checkpoint.check_model_config(meta, self.model_cfg_dict, f'{workdir}/checkpoints/{stage}')
 
     self.mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.rules, self.sampler_rules = sharding.rules_from_config(cfg.get('sharding'))  # training, sampling layouts
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     if cfg.model.get('path'):  # weights straight from safetensors into their shardings; no random init
       abstract = nnx.eval_shape(lambda: Transformer(self.model_cfg, nnx.Rngs(cfg.seed)))
       self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-      self.param_shardings = sharding.tree_shardings(abstract_params, self.mesh)
+      self.param_shardings = sharding.tree_shardings(abstract_params, self.mesh, self.rules)
       self.init_params = hf.load_params(cfg.model.path, self.model_cfg, dtype=jnp.dtype(self.model_cfg.param_dtype),
                                         shardings=self.param_shardings)
     else:
       self.graphdef, params = nnx.split(Transformer(self.model_cfg, nnx.Rngs(cfg.seed)), nnx.Param)
-      self.param_shardings = sharding.tree_shardings(params, self.mesh)
+      self.param_shardings = sharding.tree_shardings(params, self.mesh, self.rules)
       self.init_params = jax.device_put(params, self.param_shardings)
     self.reward_fn = get_reward_fn(cfg.rl.reward)
     self.verifier = get_reward_fn(cfg.task.verifier)
     tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
-               pad_id=self.tokenizer.pad_token_id, param_shardings=self.param_shardings, mesh=self.mesh)
-    self.greedy_sampler = make_sampler(self.graphdef, greedy=True, **tok)
-    self.sampler = make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
-                                top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok)
-    self.writer = MetricWriter(workdir)
+               pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=self.sampler_rules,
+               # the samplers reshard params to their own layout first when config.sharding.sampler_rules differ
+               param_shardings=sharding.tree_shardings(self.init_params, self.mesh, self.sampler_rules))
+    # On several hosts: prompts in as global arrays from each host's rows, completions out as numpy everywhere.
+    host_io = functools.partial(distributed.host_io, batch_sharding=self.batch_sharding, batch_argnums=(1, 2))
+    self.greedy_sampler = host_io(make_sampler(self.graphdef, greedy=True, **tok))
+    self.sampler = host_io(make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
+                                        top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok))
+    self.writer = MetricWriter(workdir, active=distributed.is_main_process())
     self.interrupt = Interrupt()
     self.rng = jax.random.key(cfg.seed)
 
@@ -175,8 +181,8 @@ class Job:
     """
     cfg, mngr = self.cfg, self.manager(stage)
     opt_cfg = cfg.sft if stage == 'sft' else cfg.rl
-    tx = make_optimizer(opt_cfg, num_steps)
-    state = init_state(params, tx, self.mesh)
+    tx = make_optimizer(opt_cfg, num_steps, param_dtype=self.model_cfg.param_dtype)
+    state = init_state(params, tx, self.mesh, self.rules)
     extra_trees = extra_trees or {}
     meta = checkpoint.read_meta(mngr)
     step, wall, stop = 0, 0.0, False
@@ -186,10 +192,13 @@ class Job:
       step, wall, carry, stop = meta['step'], meta['wall_time'], meta['carry'], meta['stopped']
       if meta.get('finished'):
         return state.params, meta['summary']
-      print(f'{stage}: resuming from step {step}')
+      distributed.print0(f'{stage}: resuming from step {step}')
     self.writer.rewind(STAGES, stage, step)
-    train_step = make_train_step(self.graphdef, tx, self.loss_fn(stage), state_shardings(state, self.mesh),
-                                 self.batch_sharding, self.mesh)
+    train_step = make_train_step(self.graphdef, tx, self.loss_fn(stage), state_shardings(state, self.mesh, self.rules),
+                                 self.batch_sharding, self.mesh, self.rules,
+                                 grad_accum_steps=opt_cfg.get('grad_accum_steps', 1),
+                                 micro_weight=sft_token_count if stage == 'sft' else None)  # sft_loss: a token mean
+    train_step = distributed.host_io(train_step, self.batch_sharding, batch_argnums=(1,), gather=False)
     step_fn = step_fn(train_step, extra_trees)
 
     def save(finished=False, summary=None):
@@ -197,9 +206,10 @@ class Job:
                       self.meta(stage, step, wall_time=wall + time.perf_counter() - start, carry=carry,
                                 finished=finished, stopped=stop, summary=summary, data_position=step))
 
-    print(f'\n=== {stage}: steps {step} -> {num_steps} ===')
+    distributed.print0(f'\n=== {stage}: steps {step} -> {num_steps} ===')
     start = time.perf_counter()
-    bar = tqdm(total=num_steps, initial=step, desc=stage, dynamic_ncols=True)
+    bar = tqdm(total=num_steps, initial=step, desc=stage, dynamic_ncols=True,
+               disable=not distributed.is_main_process())
     while step < num_steps and not stop:
       t0 = time.perf_counter()
       state, metrics, carry, stop = step_fn(state, step, carry)
@@ -207,14 +217,17 @@ class Job:
       if step % cfg.log_every == 0 or stop or step == num_steps:
         metrics = {k: float(v) if np.ndim(v) == 0 else v for k, v in jax.device_get(metrics).items()}
         metrics['step_time'] = time.perf_counter() - t0
+        if 'model_flops' in metrics:  # GRPO steps report their work; the rates need the step time taken here
+          metrics.update(flops.throughput(metrics, metrics['step_time'], num_devices=self.mesh.size,
+                                          device_kind=jax.devices()[0].device_kind, dtype=self.model_cfg.dtype))
         self.writer.write(stage, step, metrics)
         bar.set_postfix({k: f'{v:.3g}' for k, v in metrics.items() if k in self.progress_keys})
       bar.update(1)
-      if self.interrupt:
+      if distributed.any_process(bool(self.interrupt)):  # the save is collective: all hosts stop together
         save()
         bar.close()
-        raise SystemExit(f'{self.interrupt.signal}: saved {stage} checkpoint at step {step}; '
-                         f'rerun the same command to resume.')
+        raise SystemExit(f'{self.interrupt.signal or "signal on another host"}: saved {stage} checkpoint at step '
+                         f'{step}; rerun the same command to resume.')
       if step % cfg.checkpoint_every == 0:
         save()
     bar.close()
@@ -225,10 +238,12 @@ class Job:
     return state.params, summary
 
   def loss_fn(self, stage: str):
+    memory = dict(logprob_chunk=self.cfg.model.get('logprob_chunk', 0), remat=self.cfg.model.get('remat', 'none'))
     if stage == 'sft':
-      return sft_loss
+      return functools.partial(sft_loss, **memory)
     rl = self.cfg.rl
-    return functools.partial(grpo_objective, clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator)
+    return functools.partial(grpo_objective, clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator,
+                             **memory)
 
   def sft_step_fn(self, train_step, extra_trees):
     cfg, train = self.cfg, self.splits['train']
@@ -252,7 +267,9 @@ class Job:
     cfg, rl, train = self.cfg, self.cfg.rl, self.splits['train']
     ref_fn = None
     if rl.beta > 0:
-      ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh)
+      ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh,
+                                         chunk_size=cfg.model.get('logprob_chunk', 0))
+      ref_fn = distributed.host_io(ref_fn, self.batch_sharding, batch_argnums=(1, 2, 3, 4))
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)
 
@@ -267,7 +284,9 @@ class Job:
                                        verifier=self.verifier)
       state, metrics = update(train_step, state, rollout, shuffle_rng, num_epochs=rl.num_epochs,
                               num_minibatches=rl.num_minibatches)
-      return state, {**stats, **metrics}, carry, False
+      work = flops.grpo_step_work(self.model_cfg, rollout.prompt_mask, rollout.completion_mask,
+                                  group_size=rl.group_size, reference=ref_fn is not None, num_epochs=rl.num_epochs)
+      return state, {**stats, **metrics, **work}, carry, False
 
     return step_fn
 
@@ -283,23 +302,27 @@ def run(cfg, workdir: str) -> dict:
   check_config(cfg, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   job = Job(cfg, workdir)  # validates data and any existing checkpoint before writing anything
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(cfg.to_json_best_effort(indent=2))
-  job.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+  is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files
   generation_config = os.path.join(cfg.model.get('path') or '', 'generation_config.json')
-  if cfg.model.get('path') and os.path.isfile(generation_config):  # its stop tokens, for eval from the workdir
-    shutil.copy(generation_config, os.path.join(workdir, 'tokenizer'))
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+    job.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+    if cfg.model.get('path') and os.path.isfile(generation_config):  # its stop tokens, for eval from the workdir
+      shutil.copy(generation_config, os.path.join(workdir, 'tokenizer'))
   n_params = sum(x.size for x in jax.tree.leaves(job.init_params))
-  print(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()}; mesh: {dict(job.mesh.shape)}')
+  distributed.print0(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()} '
+                     f'({jax.process_count()} processes); mesh: {dict(job.mesh.shape)}')
 
   init_path = os.path.join(workdir, 'init_eval.json')  # kept, so a resumed run does not re-evaluate
   if os.path.exists(init_path):
     with open(init_path) as f:
       init_eval = json.load(f)
   else:
-    init_eval = job.evaluate(job.init_params, 'test')
-    with open(init_path, 'w') as f:
-      json.dump(init_eval, f)
+    init_eval = job.evaluate(job.init_params, 'test')  # collective; every process gets the same numbers
+    if is_main:
+      with open(init_path, 'w') as f:
+        json.dump(init_eval, f)
   if cfg.sft.max_steps > 0:
     sft_params, sft = job.run_stage('sft', cfg.sft.max_steps, job.init_params, job.sft_step_fn)
   else:  # RL straight from the loaded model (an SFT / instruct checkpoint), as in the paper
@@ -311,23 +334,25 @@ def run(cfg, workdir: str) -> dict:
   job.writer.close()
   if cfg.get('export_hf', False):  # the trained policy as a Hugging Face model directory
     export_dir = os.path.join(workdir, 'hf_model')
-    hf.save_model(nnx.merge(job.graphdef, grpo_params), job.model_cfg, export_dir)
-    job.tokenizer.save_pretrained(export_dir)
-    if os.path.isfile(generation_config):
-      shutil.copy(generation_config, export_dir)
-    print(f'exported the policy to {export_dir}')
+    hf.save_model(nnx.merge(job.graphdef, grpo_params), job.model_cfg, export_dir)  # collective; process 0 writes
+    if is_main:
+      job.tokenizer.save_pretrained(export_dir)
+      if os.path.isfile(generation_config):
+        shutil.copy(generation_config, export_dir)
+    distributed.print0(f'exported the policy to {export_dir}')
 
   summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft['test_accuracy'],
              'grpo_accuracy': grpo['test_accuracy'], 'sft_reward': sft['test_reward'],
              'grpo_reward': grpo['test_reward'], 'sft_steps': sft['steps'], 'grpo_steps': grpo['steps'],
              'sft_wall_time': sft['wall_time'], 'grpo_wall_time': grpo['wall_time'],
              'sft_sample': sft['sample'], 'grpo_sample': grpo['sample']}
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  print('\n' + _table([('init', init_eval['accuracy'], init_eval['reward'], 0.0),
-                       ('sft', sft['test_accuracy'], sft['test_reward'], sft['wall_time']),
-                       ('grpo', grpo['test_accuracy'], grpo['test_reward'], grpo['wall_time'])]))
-  print(f'summary: {os.path.join(workdir, "summary.json")}')
+  if is_main:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  distributed.print0('\n' + _table([('init', init_eval['accuracy'], init_eval['reward'], 0.0),
+                                    ('sft', sft['test_accuracy'], sft['test_reward'], sft['wall_time']),
+                                    ('grpo', grpo['test_accuracy'], grpo['test_reward'], grpo['wall_time'])]))
+  distributed.print0(f'summary: {os.path.join(workdir, "summary.json")}')
   return summary
 
 
@@ -336,6 +361,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required')
+  distributed.initialize()  # before any other jax call: it fixes the global device list on several hosts
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -19,8 +19,13 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup, cosine decay (or constant) and global-norm gradient clipping."""
+def make_optimizer(opt_cfg, total_steps: int, *, param_dtype='float32') -> optax.GradientTransformation:
+  """AdamW with linear warmup, cosine decay (or constant) and global-norm gradient clipping.
+
+  Params stored narrower than opt_cfg.master_dtype (default float32; '' = off) are trained through a master
+  copy of that dtype kept in the optimizer state (`with_master_weights`), so moments, clipping and the
+  update all run in it.
+  """
   if opt_cfg.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps,
                                             max(total_steps, opt_cfg.warmup_steps + 1), end_value=0.1 * opt_cfg.lr)
@@ -28,36 +33,103 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     lr = optax.warmup_constant_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps) if opt_cfg.warmup_steps else opt_cfg.lr
   else:
     raise ValueError(f"unknown schedule {opt_cfg.schedule!r}; known: 'cosine', 'constant'")
-  return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
-                     optax.adamw(lr, weight_decay=opt_cfg.weight_decay))
+  tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), optax.adamw(lr, weight_decay=opt_cfg.weight_decay))
+  master = opt_cfg.get('master_dtype', 'float32')
+  if master and jnp.dtype(param_dtype).itemsize < jnp.dtype(master).itemsize:
+    tx = with_master_weights(tx, master)
+  return tx
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+class MasterState(NamedTuple):
+  master: optax.Params  # the params in the master dtype: the values the optimizer really updates
+  inner: optax.OptState  # the wrapped optimizer's state, built on `master` (so its moments share that dtype)
+
+
+def with_master_weights(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """Run `inner` on a `dtype` (e.g. float32) copy of narrower (bfloat16) params.
+
+  Adding a small update to a bfloat16 weight rounds it away (8 mantissa bits: lr 5e-5 times an O(1) Adam step
+  is below half an ulp of any weight above ~0.01), and optax keeps Adam's second moment in the param dtype.
+  So the master copy accumulates the updates, and the update returned moves the params onto master rounded
+  to their dtype. Grads arrive in the param dtype and are upcast first.
+  """
+  def init(params):
+    master = jax.tree.map(lambda p: p.astype(dtype), params)
+    return MasterState(master, inner.init(master))
+
+  def update(grads, state, params=None):
+    grads = jax.tree.map(lambda g: g.astype(dtype), grads)
+    updates, inner_state = inner.update(grads, state.inner, state.master)
+    master = optax.apply_updates(state.master, updates)
+    # In `dtype`: rounded(master) - params is exact there, so apply_updates lands on rounded(master).
+    to_master = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(dtype) - p.astype(dtype), master, params)
+    return to_master, MasterState(master, inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
+               rules: sharding.Rules = sharding.DEFAULT_RULES) -> TrainState:
   """Place params and a fresh optimizer state on the mesh. Init runs outside jit: a jitted tx.init
   returned unsharded state that the compiled step then rejected (ENV_FACTS)."""
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  return jax.device_put(state, state_shardings(state, mesh))
+  return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def state_shardings(state: TrainState, mesh: Mesh):
-  return sharding.tree_shardings(state, mesh)
+def state_shardings(state: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
+  return sharding.tree_shardings(state, mesh, rules)
 
 
 LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    state_sharding, batch_sharding, mesh: Mesh):
-  """jit(train_step(state, batch) -> (state, metrics)) with donated state and pinned shardings."""
+                    state_sharding, batch_sharding, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
+                    grad_accum_steps: int = 1, micro_weight: Callable[[Any], jax.Array] | None = None):
+  """jit(train_step(state, batch) -> (state, metrics)) with donated state and pinned shardings; activations
+  follow `rules` (sharding.constrain).
 
-  def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  grad_accum_steps = k > 1 splits each batch (leading axis B, divisible by k) into k micro-batches of B / k
+  rows and scans over them inside the one jitted step, so only one micro-batch's activations are live; loss,
+  metrics and gradients are combined with weights micro_weight(micro_batch) / their sum (default equal), then
+  one optimizer update is applied. That equals the k = 1 step when loss_fn is a weighted mean over the
+  micro-batches with those weights: equal weights for GRPO (a mean over outputs), token counts for SFT (a
+  mean over tokens). Metrics that are token means of GRPO (kl, ratio, clip_frac, entropy) become means of the
+  micro-batch values.
+  """
+  def grads_of(params, batch):
     def loss_of(params):
       return loss_fn(nnx.merge(graphdef, params), batch)
+    return jax.value_and_grad(loss_of, has_aux=True)(params)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  def accumulated_grads_of(params, batch):
+    k = grad_accum_steps
+    # Micro-batch j holds rows j, j + k, j + 2k, ...: each keeps an equal share of every device's rows.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+    weights = jax.vmap(micro_weight)(micro) if micro_weight else jnp.ones(k)  # [k]
+    total = weights.sum()
+    weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0).astype(jnp.float32)
+
+    def add_micro_batch(acc, xs):
+      batch, weight = xs
+      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
+      return jax.tree.map(lambda a, x: a + weight * x.astype(jnp.float32), acc, out), None
+
+    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    (loss, metrics), grads = jax.lax.scan(add_micro_batch, zeros, (micro, weights))[0]
+    return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    with sharding.activation_mesh(mesh, rules):
+      if grad_accum_steps > 1:
+        (loss, metrics), grads = accumulated_grads_of(state.params, batch)
+      else:
+        (loss, metrics), grads = grads_of(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # bf16 grads: in fp32
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),

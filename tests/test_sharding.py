@@ -1,7 +1,8 @@
-"""Sharding: one GRPO train step on 1 device and on 8 simulated CPU devices gives the same numbers.
+"""Sharding: GRPO steps and sampling on meshes of 8 simulated CPU devices give the numbers of one device; params,
+optimizer state and KV cache really are split; bad layouts fail before anything compiles.
 
 XLA_FLAGS must be set before jax initializes, and this pytest process already has jax with its own device
-count, so the multi-device check runs in a fresh python subprocess that prints JSON.
+count, so the multi-device checks run in fresh python subprocesses (one script printing JSON, one trainer run).
 """
 from __future__ import annotations
 
@@ -15,110 +16,130 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import load_config, train_command
+from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from grpo_jax import sharding
+from grpo_jax.config_checks import check_config
+from grpo_jax.model import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+           PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
+# (data, fsdp, tensor): pure data parallel, FSDP, all three, FSDP x 4-way tensor parallel.
+MESHES = {'one': (1, 1, 1), 'data': (8, 1, 1), 'fsdp': (2, 4, 1), 'all': (2, 2, 2), 'tensor': (1, 2, 4)}
+SAMPLER_RULES = (('embed', None),)  # the sampler's own layout: weights whole over fsdp, split over tensor
 
 SCRIPT = textwrap.dedent('''
-    import functools
-    import json
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    import functools, json, sys
+    import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from jax.sharding import PartitionSpec as P
     from ml_collections import ConfigDict
-
     from grpo_jax import sharding
     from grpo_jax.grpo import Rollout, grpo_objective
     from grpo_jax.logprobs import sequence_logprobs
-    from grpo_jax.model import ModelConfig, Transformer
+    from grpo_jax.model import KVCache, ModelConfig, Transformer, positions_from_mask
     from grpo_jax.sampling import make_sampler
     from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
     assert jax.device_count() == 8, jax.devices()
-    cfg = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-    # Abstract build filled with random weights (eager init on CPU costs seconds).
-    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    meshes, sampler_overrides = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    # Every dim divides every mesh axis size up to 4 (8 query / 4 kv heads: GQA), so nothing falls back.
+    cfg = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4, mlp_dim=64)
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))  # abstract, then random weights: fast on CPU
     graphdef, abstract = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)
     draw = lambda path, x: (1.0 + 0.1 * rng.standard_normal(x.shape) if str(path[-1].key) == 'scale'
                             else 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
     nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(abstract)))
-    # Host (numpy) copy: every mesh gets fresh device buffers, since the train step donates its state.
-    host_params = jax.tree.map(np.asarray, abstract)
+    host_params = jax.tree.map(np.asarray, abstract)  # fresh device buffers per mesh: the step donates its state
     nnx.update(model, host_params)
 
-    # A random GRPO batch, N = 16 (4 prompts x G = 4), left-padded prompts, right-padded completions.
+    # A GRPO batch, N = 16 (4 prompts x G = 4): left-padded prompts, right-padded completions, some clipped ratios.
     n, p, c = 16, 6, 8
     prompt_mask = (np.arange(p)[None] >= rng.integers(0, p - 1, (n, 1))).astype(np.int32)
     prompt_tokens = np.where(prompt_mask, rng.integers(1, 40, (n, p)), 0).astype(np.int32)
     completion_mask = (np.arange(c)[None] < rng.integers(1, c + 1, (n, 1))).astype(np.int32)
     completion_tokens = np.where(completion_mask, rng.integers(1, 40, (n, c)), 0).astype(np.int32)
     logprobs = np.asarray(sequence_logprobs(model, prompt_tokens, prompt_mask, completion_tokens, completion_mask))
-    old = (logprobs + 0.1 * rng.standard_normal((n, c))).astype(np.float32)  # some ratios get clipped
+    old = (logprobs + 0.1 * rng.standard_normal((n, c))).astype(np.float32)
     ref = (logprobs + 0.1 * rng.standard_normal((n, c))).astype(np.float32)
     rewards = rng.integers(0, 2, (4, 4)).astype(np.float32)
-    advantages = ((rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + 1e-4)).reshape(-1)
-    rollout = Rollout(prompt_tokens, prompt_mask, completion_tokens, completion_mask, old, ref,
-                      advantages.astype(np.float32))
-
+    adv = ((rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + 1e-4)).reshape(-1)
+    rollout = Rollout(prompt_tokens, prompt_mask, completion_tokens, completion_mask, old, ref, adv.astype(np.float32))
     loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3')
     opt_cfg = ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
-    meshes = {
-        'one': dict(devices=jax.devices()[:1], shape=dict(data=1, fsdp=1, tensor=1)),
-        'fsdp': dict(devices=None, shape=dict(data=2, fsdp=4, tensor=1)),
-        'tensor': dict(devices=None, shape=dict(data=2, fsdp=-1, tensor=2)),
-    }
+    prompts, prompts_mask = prompt_tokens[::2], prompt_mask[::2]  # 8 prompts x G = 2 for the samplers
 
-    def describe(x):
-        return dict(spec=[a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec],
-                    shape=list(x.shape), shard_shape=list(x.addressable_shards[0].data.shape),
-                    num_devices=len(x.sharding.device_set))
+    def spec(x):
+        return [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
+
+    def describe(tree):
+        flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(tree))[0]
+        return {'/'.join(str(getattr(e, 'key', e)) for e in k): [spec(x), list(x.addressable_shards[0].data.shape)]
+                for k, x in flat}
+
+    def greedy(mesh, rules, params):
+        shardings = sharding.tree_shardings(params, mesh, rules)
+        sampler = make_sampler(graphdef, param_shardings=shardings, mesh=mesh, rules=rules, max_new_tokens=6,
+                               eos_id=1, pad_id=0, greedy=True, group_size=2)
+        out = sampler(params, prompts, prompts_mask, jax.random.key(3))
+        return dict(tokens=np.asarray(out.tokens).tolist(), logprobs=np.asarray(out.logprobs).tolist())
+
+    def prefill_cache(mesh, rules, params):
+        """The KV cache and logits after a prefill, as the sampler builds them (same context and in_shardings)."""
+        def run(params, tokens, mask):
+            with sharding.activation_mesh(mesh, rules):
+                cache = KVCache.zeros(cfg, tokens.shape[0], tokens.shape[1] + 4)
+                model = nnx.merge(graphdef, params)
+                return model.forward_with_cache(tokens, positions_from_mask(mask), mask, cache, 0)
+        batch = sharding.batch_sharding(mesh, rules)
+        logits, cache = jax.jit(run, in_shardings=(sharding.tree_shardings(params, mesh, rules), batch, batch))(
+            params, prompts, prompts_mask.astype(bool))
+        return dict(k=spec(cache.k[0]), k_shard=list(cache.k[0].addressable_shards[0].data.shape),
+                    mask=spec(cache.mask), logits=spec(logits))
 
     out, final = {}, {}
-    for name, m in meshes.items():
-        mesh = sharding.make_mesh(m['shape'], m['devices'])
+    for name, shape in meshes.items():
+        devices = jax.devices()[:1] if shape == [1, 1, 1] else None
+        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
+        rules = sharding.DEFAULT_RULES
         tx = make_optimizer(opt_cfg, total_steps=10)
-        state = init_state(host_params, tx, mesh)
-        shardings = state_shardings(state, mesh)
-        step = make_train_step(graphdef, tx, loss_fn, shardings, sharding.batch_sharding(mesh), mesh)
+        state = init_state(host_params, tx, mesh, rules)
+        shardings = state_shardings(state, mesh, rules)
+        step = make_train_step(graphdef, tx, loss_fn, shardings, sharding.batch_sharding(mesh, rules), mesh, rules)
         losses, grad_norms, clip_fracs = [], [], []
-        for _ in range(2):  # the second call exercises the pinned / donated shardings
+        for _ in range(2):  # the second call runs on the donated, pinned output of the first
             state, metrics = step(state, rollout)
             losses.append(float(metrics['loss']))
             grad_norms.append(float(metrics['grad_norm']))
             clip_fracs.append(float(metrics['clip_frac']))
-        sampler = make_sampler(graphdef, param_shardings=state_shardings(state, mesh).params, mesh=mesh,
-                               max_new_tokens=6, eos_id=1, pad_id=0, temperature=1.0)
-        samples = sampler(jax.device_put(host_params, shardings.params), prompt_tokens, prompt_mask,
-                          jax.random.key(3))
-        params = nnx.to_pure_dict(state.params)
-        adam_mu = nnx.to_pure_dict(state.opt_state[1][0].mu)
-        final[name] = jax.tree.map(np.asarray, params)
-        flat = {'/'.join(str(getattr(e, 'key', e)) for e in path): describe(v)
-                for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        out[name] = dict(
-            samples=np.asarray(samples.tokens).tolist(), sample_logprobs=np.asarray(samples.logprobs).tolist(),
-            sample_tokens_spec=str(samples.tokens.sharding.spec),
-            mesh=dict(mesh.shape), losses=losses, grad_norms=grad_norms, clip_fracs=clip_fracs, step=int(state.step),
-            params=flat, mu_embed=describe(adam_mu['embed']),
-            batch=describe(jax.device_put(rollout.completion_tokens, sharding.batch_sharding(mesh))),
-            fit_spec=[str(sharding.fit_spec(P('fsdp', 'tensor'), (8, 3), mesh)),
-                      str(sharding.fit_spec(P(('data', 'fsdp'), None), (8, 3), mesh)),
-                      str(sharding.fit_spec(P(('data', 'fsdp'),), (6, 3), mesh))])
-    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), final['one'], nnx.to_pure_dict(host_params))
-    out['max_param_change'] = max(jax.tree.leaves(moved))
-    for name in ('fsdp', 'tensor'):
-        diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), final[name], final['one'])
-        out[name]['max_param_diff'] = max(jax.tree.leaves(diffs))
-        outside = jax.tree.map(lambda a, b: int((~np.isclose(a, b, rtol=1e-5, atol=1e-6)).sum()), final[name],
-                               final['one'])
-        out[name]['frac_params_outside_tol'] = sum(jax.tree.leaves(outside)) / sum(x.size for x in
-                                                                                 jax.tree.leaves(final['one']))
+        final[name] = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+        params = jax.device_put(host_params, shardings.params)  # the training layout, as the trainer hands it over
+        r = out[name] = dict(losses=losses, grad_norms=grad_norms, clip_fracs=clip_fracs, step=int(state.step),
+                             mesh=dict(mesh.shape), params=describe(state.params),
+                             mu=describe(state.opt_state[1][0].mu), greedy=greedy(mesh, rules, params),
+                             replicated=sharding.replicated_arrays(state, min_size=256))
+        if name in sampler_overrides:
+            sampler_rules = rules.override(sampler_overrides[name])
+            r['sampler_rules_greedy'] = greedy(mesh, sampler_rules, params)
+            moved = sharding.reshard(params, sharding.tree_shardings(params, mesh, sampler_rules))
+            r['sampler_params'] = describe(moved)
+            r['cache'] = prefill_cache(mesh, rules, params)
+            big = jax.device_put(np.zeros((40, 32), np.float32), sharding.replicated(mesh))
+            r['replicated_probe'] = sharding.replicated_arrays({'w': big, 'params': params}, min_size=256)
+            f = jax.jit(lambda x: sharding.constrain(x * 2, ('batch', 'length', 'mlp')))
+            with jax.set_mesh(mesh):  # jax's own mesh context drives constrain too (with the default rules)
+                r['set_mesh'] = spec(f(np.ones((8, 3, 64), np.float32)))
+    for name in final:
+        diff = jax.tree.map(lambda a, b: np.abs(a - b) / (1e-6 + 1e-5 * np.abs(b)), final[name], final['one'])
+        out[name]['max_param_err'] = float(max(x.max() for x in jax.tree.leaves(diff)))  # <= 1: within tolerance
+        out[name]['max_param_diff'] = float(max(np.abs(a - b).max() for a, b in
+                                                zip(jax.tree.leaves(final[name]), jax.tree.leaves(final['one']))))
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final['one']),
+                                                 jax.tree.leaves(nnx.to_pure_dict(host_params)))]
+    out['max_param_change'] = float(max(moved))
     print('RESULT ' + json.dumps(out))
 ''')
 
@@ -127,79 +148,110 @@ SCRIPT = textwrap.dedent('''
 def result(tmp_path_factory):
   script = tmp_path_factory.mktemp('sharding') / 'sharded_step.py'
   script.write_text(SCRIPT)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
-                        cwd=str(REPO))
+  overrides = {'all': SAMPLER_RULES, 'tensor': SAMPLER_RULES}
+  proc = subprocess.run([sys.executable, str(script), json.dumps(MESHES), json.dumps(overrides)], env=ENV,
+                        capture_output=True, text=True, timeout=600, cwd=str(REPO))
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT '))
   return json.loads(line[len('RESULT '):])
 
 
 def test_meshes_have_the_requested_shapes(result):
-  assert result['one']['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
-  assert result['fsdp']['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
-  assert result['tensor']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  for name, shape in MESHES.items():
+    assert tuple(result[name]['mesh'].values()) == shape and list(result[name]['mesh']) == list(sharding.MESH_AXES)
 
 
-@pytest.mark.parametrize('mesh', ['fsdp', 'tensor'])
+@pytest.mark.parametrize('mesh', [m for m in MESHES if m != 'one'])
 def test_sharded_step_matches_single_device(result, mesh):
   one, many = result['one'], result[mesh]
   assert one['step'] == many['step'] == 2
   for key in ('losses', 'grad_norms', 'clip_fracs'):
     assert many[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
-  # Params after two AdamW steps: the same to rtol 1e-5 / atol 1e-6 except for a handful of elements. Adam's
-  # first steps move an element by lr * g / (|g| + 1e-8), which turns float noise in a gradient element that
-  # happens to be ~1e-8 into ~1e-6 of parameter; those stay within 1% of one lr step.
-  assert many['frac_params_outside_tol'] <= 1e-3
-  assert many['max_param_diff'] <= 1e-5
-  # The step really moved the params (so the comparison above is not between two untouched copies) ...
+  # Params after two AdamW steps, every element: |sharded - one| <= 1e-6 + 1e-5 |one|.
+  assert many['max_param_err'] <= 1.0, many['max_param_diff']
+  # The steps really moved the params (lr 1e-3), so that is not a comparison of two untouched copies ...
   assert result['max_param_change'] > 1e-4
-  # ... and the two steps differ (the second saw updated params and a non-trivial loss).
+  # ... and they differ (the second saw updated params and a non-trivial loss with some ratios clipped).
   assert one['losses'][0] != one['losses'][1] and one['grad_norms'][0] > 0
   assert 0 < one['clip_fracs'][0] < 1
 
 
-def test_fsdp_mesh_really_shards_params(result):
-  params = result['fsdp']['params']
-  embed = params['embed']
-  assert embed['spec'] == ['tensor', 'fsdp']  # ('vocab', 'embed') under LOGICAL_RULES
-  assert embed['shape'] == [40, 32] and embed['shard_shape'] == [40, 8]
-  assert embed['num_devices'] == 8
-  wq = params['blocks/0/attn/wq']
-  assert wq['spec'][0] == 'fsdp' and wq['shard_shape'] == [8, 4, 8]
-  down = params['blocks/1/mlp/down']
-  assert down['spec'] == ['tensor', 'fsdp'] and down['shard_shape'] == [64, 8]
-  # Norm scales are replicated.
-  assert params['final_norm/scale']['shard_shape'] == params['final_norm/scale']['shape'] == [32]
-  sharded = [k for k, v in params.items() if v['shard_shape'] != v['shape']]
-  assert len(sharded) >= len(params) // 2
-  # Batches split their leading (example) axis over data x fsdp = 8 devices.
-  assert result['fsdp']['batch']['shard_shape'] == [2, 8] and result['tensor']['batch']['shard_shape'] == [4, 8]
-  # The optimizer state is sharded like the params.
-  assert result['fsdp']['mu_embed']['spec'] == ['tensor', 'fsdp']
-  assert result['fsdp']['mu_embed']['shard_shape'] == [40, 8]
+@pytest.mark.parametrize('mesh', [m for m in MESHES if m != 'one'])
+def test_sharded_greedy_sampler_matches_single_device(result, mesh):
+  assert result[mesh]['greedy']['tokens'] == result['one']['greedy']['tokens']
+  np.testing.assert_allclose(result[mesh]['greedy']['logprobs'], result['one']['greedy']['logprobs'], rtol=1e-5,
+                             atol=1e-5)
+  assert any(t != 0 for row in result['one']['greedy']['tokens'] for t in row)  # it did generate
 
 
-def test_tensor_mesh_shards_heads_mlp_and_vocab(result):
-  params = result['tensor']['params']
-  assert params['embed']['shard_shape'] == [20, 16]
-  assert params['lm_head']['shard_shape'] == [16, 20]
-  assert params['blocks/0/attn/wq']['shard_shape'] == [16, 2, 8]
-  assert params['blocks/0/attn/wk']['shard_shape'] == [16, 1, 8]
-  assert params['blocks/0/attn/wo']['shard_shape'] == [2, 8, 16]
-  assert params['blocks/0/mlp/gate']['shard_shape'] == [16, 32]
-  # Single-device run: nothing is split.
-  assert all(v['shard_shape'] == v['shape'] for v in result['one']['params'].values())
+@pytest.mark.parametrize('mesh', ['all', 'tensor'])
+def test_sampler_with_its_own_layout_matches_the_training_layout(result, mesh):
+  r = result[mesh]
+  assert r['sampler_rules_greedy']['tokens'] == r['greedy']['tokens']
+  np.testing.assert_allclose(r['sampler_rules_greedy']['logprobs'], r['greedy']['logprobs'], rtol=1e-5, atol=1e-5)
+  # Resharded to the sampler's layout: 'embed' dims whole (no fsdp all-gather per token), heads / mlp still split.
+  tensor = r['mesh']['tensor']
+  assert r['params']['embed'][0] == ['tensor', 'fsdp']
+  assert r['sampler_params']['embed'] == [['tensor', None], [40 // tensor, 32]]
+  assert r['sampler_params']['blocks/0/attn/wq'] == [[None, 'tensor', None], [32, 8 // tensor, 4]]
+  assert r['sampler_params']['blocks/1/mlp/down'] == [['tensor', None], [64 // tensor, 32]]
 
 
-def test_fit_spec_on_real_meshes(result):
-  # fsdp=4, tensor=1: (8, 3) keeps fsdp (8 % 4 == 0); tensor has size 1 and divides anything.
-  assert result['fsdp']['fit_spec'][0] == str(P('fsdp', 'tensor'))
-  assert result['fsdp']['fit_spec'][1] == str(P(('data', 'fsdp'), None))  # 8 % (2 * 4) == 0
-  assert result['fsdp']['fit_spec'][2] == str(P(None, None))  # 6 % 8 != 0: replicated; padded to rank 2
-  # fsdp=2, tensor=2: 3 % 2 != 0 drops tensor.
-  assert result['tensor']['fit_spec'][0] == str(P('fsdp', None))
+def test_params_and_optimizer_state_are_split(result):
+  fsdp = result['fsdp']['params']  # (2, 4, 1)
+  assert fsdp['embed'] == [['tensor', 'fsdp'], [40, 8]]  # ('vocab', 'embed'); tensor has size 1 here
+  assert fsdp['blocks/0/attn/wq'] == [['fsdp', 'tensor', None], [8, 8, 4]]
+  assert fsdp['blocks/1/mlp/down'] == [['tensor', 'fsdp'], [64, 8]]
+  assert fsdp['final_norm/scale'] == [[None], [32]]  # norms replicate
+  assert result['fsdp']['mu']['embed'] == fsdp['embed']  # Adam moments are split like their params
+  tensor = result['tensor']['params']  # (1, 2, 4)
+  assert tensor['embed'][1] == [10, 16] and tensor['lm_head'][1] == [16, 10]
+  assert tensor['blocks/0/attn/wq'][1] == [16, 2, 4] and tensor['blocks/0/attn/wk'][1] == [16, 1, 4]
+  assert tensor['blocks/0/attn/wo'] == [['tensor', None, 'fsdp'], [2, 4, 16]]
+  assert tensor['blocks/0/mlp/gate'][1] == [16, 16]
+  assert result['tensor']['mu']['blocks/0/mlp/gate'] == tensor['blocks/0/mlp/gate']
+
+
+@pytest.mark.parametrize('mesh', ['all', 'tensor'])
+def test_kv_cache_and_activations_are_split(result, mesh):
+  cache = result[mesh]['cache']
+  # [b, s, kv_heads, h]: batch over data x fsdp, kv heads over tensor. 8 prompts, 4 kv heads.
+  m = result[mesh]['mesh']
+  assert cache['k_shard'] == [8 // (m['data'] * m['fsdp']), 10, 4 // m['tensor'], 4]
+  assert cache['k'][1:3] == [None, 'tensor']  # (jax drops size-1 mesh axes and a trailing None from specs)
+  batch = ['data', 'fsdp'] if m['data'] > 1 else 'fsdp'
+  assert cache['k'][0] == cache['mask'][0] == batch
+  assert cache['logits'][0] == batch  # [b, t, v] stays batch-split
+  assert result[mesh]['set_mesh'] == [batch, None, 'tensor']
+
+
+@pytest.mark.parametrize('mesh', ['all', 'tensor'])
+def test_no_big_array_is_replicated(result, mesh):
+  # Params and optimizer state (moments) with >= 256 elements: none is held whole by every device.
+  assert result[mesh]['replicated'] == []
+  assert result[mesh]['replicated_probe'] == ['w']  # ... and the check does see a replicated one
+
+
+def test_trainer_runs_on_a_sharded_mesh(tmp_path):
+  """The main command on 2 x 2 x 2 simulated devices, with the samplers in their own layout (a reshard per
+  rollout); two steps of each stage."""
+  proc = subprocess.run(train_command(tmp_path / 'w', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+                                      '--config.mesh.tensor=2', '--config.sft.max_steps=2', '--config.rl.num_steps=2',
+                                      f'--config.sharding.sampler_rules={SAMPLER_RULES!r}'),
+                        env=ENV, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stdout
+  summary = json.loads((tmp_path / 'w' / 'summary.json').read_text())
+  assert summary['sft_steps'] == 2 and summary['grpo_steps'] == 2
+
+
+def test_trainer_refuses_a_mesh_that_does_not_divide_a_weight(tmp_path):
+  # tiny: 2 kv heads (and a 122-token vocab) on tensor = 4. The error comes before any compile or checkpoint.
+  proc = subprocess.run(train_command(tmp_path / 'w', '--config.mesh.data=2', '--config.mesh.fsdp=1',
+                                      '--config.mesh.tensor=4'),
+                        env=ENV, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+  assert proc.returncode != 0
+  assert 'parameter blocks/0/attn/wk (32, 2, 8)' in proc.stderr and "mesh axis 'tensor' of size 4" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------- in-process unit tests
@@ -211,7 +263,6 @@ MESH = AbstractMesh((2, 4, 2), sharding.MESH_AXES)
     (P('fsdp', 'tensor'), (8, 4), P('fsdp', 'tensor')),
     (P('fsdp', 'tensor'), (8, 3), P('fsdp', None)),
     (P('fsdp', 'tensor'), (6, 4), P(None, 'tensor')),
-    (P('tensor', 'fsdp', None), (40, 32, 8), P('tensor', 'fsdp', None)),
     (P('tensor', 'fsdp', None), (41, 30, 8), P(None, None, None)),
     (P(('data', 'fsdp')), (16, 5), P(('data', 'fsdp'), None)),  # shorter spec: padded with None
     (P(('data', 'fsdp')), (12, 5), P(None, None)),  # 12 % 8 != 0 (though 12 % 4 == 0: all or nothing)
@@ -221,12 +272,92 @@ def test_fit_spec_drops_axes_that_do_not_divide(spec, shape, want):
   assert sharding.fit_spec(spec, shape, MESH) == want
 
 
-def test_logical_to_spec():
+def test_logical_to_spec_and_rules():
   assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
-  assert sharding.logical_to_spec(('embed', 'kv_heads', 'head_dim')) == P('fsdp', 'tensor', None)
+  assert sharding.logical_to_spec(('batch', 'length', 'kv_heads', 'head_dim')) == P(('data', 'fsdp'), None,
+                                                                                     'tensor', None)
   assert sharding.logical_to_spec(None) == P()
-  with pytest.raises(ValueError, match='nonsense'):
+  with pytest.raises(ValueError, match="'nonsense' has no sharding rule"):
     sharding.logical_to_spec(('embed', 'nonsense'))
+  lacking = sharding.Rules({k: v for k, v in sharding.LOGICAL_RULES.items() if k != 'mlp'})
+  with pytest.raises(ValueError, match="'mlp' has no sharding rule"):
+    sharding.logical_to_spec(('embed', 'mlp'), lacking)
+  twice = sharding.DEFAULT_RULES.override([('mlp', 'fsdp')])  # gate [embed, mlp] would use fsdp twice
+  with pytest.raises(ValueError, match='map a mesh axis twice'):
+    twice.spec(('embed', 'mlp'))
+  sampler = sharding.DEFAULT_RULES.override([('embed', None)])
+  assert sampler.spec(('vocab', 'embed')) == P('tensor', None) and sampler.table['mlp'] == 'tensor'
+  assert sharding.DEFAULT_RULES.table['embed'] == 'fsdp'  # override leaves the original alone
+
+
+def _abstract_params(**overrides):
+  cfg = ModelConfig(**{**dict(vocab_size=40, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                              mlp_dim=64), **overrides})
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)[1]
+
+
+def test_param_that_a_mesh_axis_does_not_divide_is_an_error_naming_it():
+  params = _abstract_params()
+  mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)  # 2 kv heads over tensor = 4
+  with pytest.raises(ValueError, match=r"parameter blocks/0/attn/wk \(32, 2, 8\): dim 1 \('kv_heads'\) = 2 is not "
+                                       r"divisible by mesh axis 'tensor' of size 4.*allow_replication_fallback"):
+    sharding.tree_specs(params, mesh)
+  # The knob: replicate that dim instead; the rest stays split.
+  specs = sharding.tree_specs(params, mesh, sharding.Rules(allow_replication_fallback=True))
+  assert specs['blocks'][0]['attn']['wk'].get_value() == P('fsdp', None, None)
+  assert specs['blocks'][0]['attn']['wq'].get_value() == P('fsdp', 'tensor', None)
+  # Optimizer-state paths are named too (here a bare tree holding the same Params under 'mu').
+  with pytest.raises(ValueError, match='parameter mu/embed'):
+    sharding.tree_specs({'mu': {'embed': params['embed']}}, AbstractMesh((1, 3, 1), sharding.MESH_AXES))
+  # A mesh that divides everything: no error, nothing dropped.
+  specs = sharding.tree_specs(params, MESH)
+  assert specs['blocks'][0]['attn']['wk'].get_value() == P('fsdp', 'tensor', None)
+
+
+def test_constrain_is_a_no_op_without_a_mesh_or_on_one_device():
+  x = np.ones((4, 3, 8), np.float32)
+  assert sharding.constrain(x, ('batch', 'length', 'act_embed')) is x
+  one = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  with sharding.activation_mesh(one):
+    assert sharding.constrain(x, ('batch', 'length', 'act_embed')) is x
+
+
+TABLE = tuple(sharding.LOGICAL_RULES.items())  # its last entry is 'act_embed'
+
+
+@pytest.mark.parametrize('rules, match', [
+    ((*TABLE[:-1], ('act_embed', 'model')), "'act_embed' -> 'model' names an unknown or repeated mesh axis"),
+    ((*TABLE[:-1], ('act_embed', ('fsdp', 'fsdp'))), 'unknown or repeated mesh axis'),
+    ((*TABLE, ('embd', 'fsdp')), "unknown logical axis 'embd'"),
+    ((*TABLE, ('embed', None)), "'embed' has two rules"),
+    ((*TABLE, ('embed',)), 'pair'),
+    (TABLE[1:], r"no rule for logical axes \['vocab'\]"),
+])
+def test_malformed_rules_fail_the_config_check(tiny_config, rules, match):
+  tiny_config.sharding.rules = rules
+  with pytest.raises(ValueError, match=f'config.sharding.rules: .*{match}'):
+    check_config(tiny_config, 1)
+
+
+def test_sampler_rules_and_batch_rule_in_the_config_check(tiny_config):
+  tiny_config.sharding.sampler_rules = (('embed', 'tensors'),)
+  with pytest.raises(ValueError, match='config.sharding.sampler_rules: .*unknown or repeated mesh axis'):
+    check_config(tiny_config, 1)
+  tiny_config.sharding.sampler_rules = (('embed', None),)
+  check_config(tiny_config, 1)
+  # Batches split over the mesh axes of the 'batch' rule: over ('data', 'tensor') = 8, rl.num_prompts = 4 does not.
+  cfg = load_config('tiny')
+  cfg.mesh.data, cfg.mesh.tensor = 1, 8
+  check_config(cfg, 8)  # batches over (data, fsdp) = 1: fine
+  cfg.sharding.rules = tuple({**sharding.LOGICAL_RULES, 'batch': ('data', 'tensor')}.items())
+  with pytest.raises(ValueError, match='rl.num_prompts=4 is not divisible by the data-parallel mesh size 8'):
+    check_config(cfg, 8)
+
+
+def test_default_config_rules_are_the_table(tiny_config):
+  rules, sampler_rules = sharding.rules_from_config(tiny_config.sharding)
+  assert rules == sampler_rules == sharding.DEFAULT_RULES  # one layout: no reshard before sampling
+  assert rules.allow_replication_fallback is False
 
 
 @pytest.mark.parametrize('shape, devices, want', [
@@ -253,6 +384,12 @@ def test_mesh_shape_errors(shape, devices):
     sharding.mesh_shape(shape, devices)
 
 
+def test_mesh_that_does_not_match_the_devices_fails_the_config_check(tiny_config):
+  tiny_config.mesh.data, tiny_config.mesh.fsdp = 2, 2
+  with pytest.raises(ValueError, match=r"config.mesh .* needs 4 devices; 1 available"):
+    check_config(tiny_config, 1)
+
+
 def test_make_mesh_single_device_and_errors():
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
@@ -261,10 +398,3 @@ def test_make_mesh_single_device_and_errors():
     sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), devices)
   with pytest.raises(ValueError, match='at most one -1'):
     sharding.make_mesh(dict(data=-1, fsdp=-1, tensor=1), devices)
-
-
-@pytest.mark.parametrize('name', ['fsdp', 'tensor'])
-def test_sharded_sampler_matches_single_device(result, name):
-  # Same initial params, same rng: the same tokens and (to float tolerance) logprobs.
-  assert result[name]['samples'] == result['one']['samples']
-  np.testing.assert_allclose(result[name]['sample_logprobs'], result['one']['sample_logprobs'], atol=1e-4)
