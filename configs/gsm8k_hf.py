@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.path = ''  # local HF model directory (config.json, *.safetensors, tokenizer); required
   c.model.param_dtype = 'float32'  # master weights
   c.model.dtype = 'bfloat16'  # compute dtype
+  c.model.remat = 'none'  # 'none' | 'full' | 'save_dots' (configs/default.py)
+  c.model.logprob_chunk = 0  # > 0: LM head + logprobs over this many positions at a time
 
   c.max_prompt_len = 512  # tokens, chat template included
   c.max_new_tokens = 1024  # the paper's max length

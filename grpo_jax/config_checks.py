@@ -102,8 +102,11 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   if rollout_size % cfg.rl.num_minibatches:
     raise ValueError(f'rl.num_prompts * rl.group_size = {rollout_size} does not split into '
                      f'rl.num_minibatches={cfg.rl.num_minibatches} equal minibatches')
+  stages = {'rl': rollout_size // cfg.rl.num_minibatches}
+  if cfg.sft.get('max_steps', 1) > 0:  # sft.max_steps=0 (RL from a loaded model) never forms an SFT batch
+    stages['sft'] = cfg.sft.batch_size
   micro = {}  # gradient accumulation: equal micro-batches, so their mean loss is the batch's
-  for stage, size in (('sft', cfg.sft.batch_size), ('rl', rollout_size // cfg.rl.num_minibatches)):
+  for stage, size in stages.items():
     k = cfg[stage].get('grad_accum_steps', 1)
     if not isinstance(k, int) or k < 1 or size % k:
       raise ValueError(f'config.{stage}.grad_accum_steps={k!r} must be a positive int that divides the {stage} '
@@ -112,9 +115,11 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
   rules, _ = rules_from_config(cfg.get('sharding'))  # malformed config.sharding.* rules fail here, named
   data_parallel = math.prod(sizes[a] for a in rules.mesh_axes('batch'))
-  for name, size in (('sft.batch_size', cfg.sft.batch_size), ('eval.batch_size', cfg.eval.batch_size),
-                     ('rl.num_prompts', cfg.rl.num_prompts),  # the sampler shards prompts before the group repeat
-                     ('rl minibatch', rollout_size // cfg.rl.num_minibatches), ('rl rollout', rollout_size),
-                     ('sft micro-batch', micro['sft']), ('rl micro-batch', micro['rl'])):
+  checked = {'eval.batch_size': cfg.eval.batch_size,
+             'rl.num_prompts': cfg.rl.num_prompts,  # the sampler shards prompts before the group repeat
+             'rl minibatch': stages['rl'], 'rl rollout': rollout_size, 'rl micro-batch': micro['rl']}
+  if 'sft' in stages:
+    checked.update({'sft.batch_size': cfg.sft.batch_size, 'sft micro-batch': micro['sft']})
+  for name, size in checked.items():
     if size % data_parallel:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')

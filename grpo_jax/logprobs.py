@@ -88,13 +88,15 @@ def _chunked_logprobs(head, hidden: jax.Array, tokens: jax.Array, chunk_size: in
 
 
 def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
-                              chunk_size: int = 0):
+                              rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0):
   """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
-  the reference policy's forward. With `param_shardings` and `mesh`, params keep their layout and the four
-  token arrays shard over the batch axes. `chunk_size` as in sequence_logprobs."""
+  the reference policy's forward. With `param_shardings` and `mesh`, params keep their layout, the four token
+  arrays shard over the batch axes and activations follow `rules` (as in the train step), so no device holds
+  the whole batch's logits. `chunk_size` as in sequence_logprobs."""
   def logprobs_of(params, *arrays):
-    return sequence_logprobs(nnx.merge(graphdef, params), *arrays, chunk_size=chunk_size)
+    with sharding.activation_mesh(mesh, rules):
+      return sequence_logprobs(nnx.merge(graphdef, params), *arrays, chunk_size=chunk_size)
 
   if param_shardings is None:
     return jax.jit(logprobs_of)
-  return jax.jit(logprobs_of, in_shardings=(param_shardings, *[sharding.batch_sharding(mesh)] * 4))
+  return jax.jit(logprobs_of, in_shardings=(param_shardings, *[sharding.batch_sharding(mesh, rules)] * 4))

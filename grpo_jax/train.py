@@ -268,7 +268,7 @@ class Job:
     ref_fn = None
     if rl.beta > 0:
       ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh,
-                                         chunk_size=cfg.model.get('logprob_chunk', 0))
+                                         rules=self.rules, chunk_size=cfg.model.get('logprob_chunk', 0))
       ref_fn = distributed.host_io(ref_fn, self.batch_sharding, batch_argnums=(1, 2, 3, 4))
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)

@@ -11,7 +11,7 @@ from conftest import ROOT, train_command
 
 from grpo_jax import checkpoint, metrics, train
 
-TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s'}
+TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu'}
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 # Long enough that a kill lands mid-GRPO; checkpoints every 3 steps.
 RESUME_OVERRIDES = ('--config.rl.num_steps=12', '--config.checkpoint_every=3')
