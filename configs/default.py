@@ -82,6 +82,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.grad_accum_steps = 1  # k micro-batches per minibatch, one update (live activations: one micro-batch's)
   c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
+  c.lora = ml_collections.ConfigDict()  # low-rank adapters (grpo_jax/lora.py); the frozen base is the reference
+  c.lora.rank = 0  # r; 0 = off: full fine-tuning
+  c.lora.alpha = 16.0  # the update is (alpha / r) * x A B
+  c.lora.targets = 'q,k,v,o,gate,up,down'  # projections with adapters: attention q/k/v/o, MLP gate/up/down
+  c.lora.stages = 'rl'  # stages trained with LoRA: 'rl', 'sft' or 'sft,rl' (SFT from scratch needs full weights)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250  # greedy decoding batch for val/test evals
 

@@ -7,6 +7,7 @@ import os
 from grpo_jax.advantages import ADVANTAGES
 from grpo_jax.datasets import DATASETS
 from grpo_jax.kl import KL_ESTIMATORS
+from grpo_jax.lora import check_config as check_lora_config
 from grpo_jax.model import REMAT_POLICIES
 from grpo_jax.prompts import CHAT_MODES, resolve_template
 from grpo_jax.rewards import REWARDS
@@ -77,6 +78,8 @@ def check_config(cfg, num_devices: int) -> None:
   _check_task(cfg)
   _check_model_path(cfg.model.get('path', ''))
   _check_memory_knobs(cfg)
+  if cfg.get('lora') is not None:
+    check_lora_config(cfg.lora)
   if cfg.rl.group_size < 2:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
   if not 0 < cfg.rl.clip_eps < 1:

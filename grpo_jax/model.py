@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.lora import LoraConfig, add_adapters, with_lora
 from grpo_jax.sharding import constrain
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
@@ -175,6 +176,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(h, cfg, rngs)
       self.k_norm = RMSNorm(h, cfg, rngs)
+    self.lora = nnx.Dict()  # LoRA adapters by weight name (lora.add_adapters); empty: the plain model
 
   def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
     """x [b, t, d]; key_mask [b, s]; q_slots [t] = the key slot each query sits in (for causality).
@@ -183,9 +185,9 @@ class Attention(nnx.Module):
     and values are written into slots cache_index.. (in place) and attention runs over all s slots.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q = jnp.einsum('btd,dnh->btnh', x, self.wq[...].astype(dt))
-    k = jnp.einsum('btd,dkh->btkh', x, self.wk[...].astype(dt))
-    v = jnp.einsum('btd,dkh->btkh', x, self.wv[...].astype(dt))
+    q = with_lora(self, 'wq', x, jnp.einsum('btd,dnh->btnh', x, self.wq[...].astype(dt)))
+    k = with_lora(self, 'wk', x, jnp.einsum('btd,dkh->btkh', x, self.wk[...].astype(dt)))
+    v = with_lora(self, 'wv', x, jnp.einsum('btd,dkh->btkh', x, self.wv[...].astype(dt)))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
@@ -216,7 +218,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum('bkgts,bskh->btkgh', probs, v_all.astype(dt)).reshape(b, t, n, h)
-    return jnp.einsum('btnh,nhd->btd', out, self.wo[...].astype(dt)), new_cache
+    return with_lora(self, 'wo', out, jnp.einsum('btnh,nhd->btd', out, self.wo[...].astype(dt))), new_cache
 
 
 class MLP(nnx.Module):
@@ -228,12 +230,14 @@ class MLP(nnx.Module):
     self.gate = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.up = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.down = _param(rngs, cfg, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'))
+    self.lora = nnx.Dict()  # LoRA adapters by weight name (lora.add_adapters); empty: the plain model
 
   def __call__(self, x):
     dt = self.dtype
-    hidden = ACTIVATIONS[self.activation](x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    gate = with_lora(self, 'gate', x, x @ self.gate[...].astype(dt))
+    hidden = ACTIVATIONS[self.activation](gate) * with_lora(self, 'up', x, x @ self.up[...].astype(dt))
     hidden = constrain(hidden, ('batch', 'length', 'mlp'))  # [b, t, f], split like gate / up
-    return hidden @ self.down[...].astype(dt)
+    return with_lora(self, 'down', hidden, hidden @ self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -252,13 +256,18 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, lora: LoraConfig | None = None):
+    """lora: add LoRA adapters (grpo_jax/lora.py) to its targets; the base weights are those of lora=None."""
     self.cfg = cfg
     self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    if lora is not None:  # last, so the base weights draw the same random numbers as without adapters
+      for block in self.blocks:
+        add_adapters(block.attn, {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2}, lora, rngs)  # weight: its input dims
+        add_adapters(block.mlp, {'gate': 1, 'up': 1, 'down': 1}, lora, rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                mask: jax.Array | None = None, *, remat: str = 'none') -> jax.Array:
@@ -327,11 +336,17 @@ class Transformer(nnx.Module):
 
 
 def _remat_block(block: Block, x, positions, key_mask, q_slots, policy):
-  """One block's uncached forward under jax.checkpoint: its backward recomputes what `policy` did not save."""
-  @functools.partial(nnx.remat, policy=policy)
-  def run(block, x, positions, key_mask, q_slots):
-    return block(x, positions, key_mask, q_slots)[0]
-  return run(block, x, positions, key_mask, q_slots)
+  """One block's uncached forward under jax.checkpoint: its backward recomputes what `policy` did not save.
+
+  The block's state goes in as an argument (jax.checkpoint of a pure function, not nnx.remat): with LoRA its
+  frozen weights and trained adapters are tracers of different levels, and nnx.remat's write-back of the state
+  refused to update Variables across them. The forward mutates nothing, so there is nothing to write back."""
+  graphdef, state = nnx.split(block)
+
+  @functools.partial(jax.checkpoint, policy=policy)
+  def run(state, x, positions, key_mask, q_slots):
+    return nnx.merge(graphdef, state)(x, positions, key_mask, q_slots)[0]
+  return run(state, x, positions, key_mask, q_slots)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, distributed, flops, hf, sharding
+from grpo_jax import checkpoint, distributed, flops, hf, lora, sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.config_checks import check_config
 from grpo_jax.data import TokenizedSplit, batch_indices, encode
@@ -41,6 +43,7 @@ from grpo_jax.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 STAGES = ['sft', 'grpo']
+SECTIONS = {'sft': 'sft', 'grpo': 'rl'}  # each stage's config section
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the summary go.')
 
@@ -109,6 +112,15 @@ class Interrupt:
     return self.signal is not None
 
 
+class Policy(NamedTuple):
+  """The model a stage trains: the plain Transformer (lora None) or the same with LoRA adapters."""
+  graphdef: nnx.GraphDef
+  lora: lora.LoraConfig | None
+  param_shardings: Any  # its params' training layout
+  greedy_sampler: Callable  # evaluation
+  sampler: Callable  # rollouts: rl.temperature / top_k / top_p, G per prompt
+
+
 class Job:
   """What both stages share: config, mesh, model structure, data, samplers, sinks."""
 
@@ -132,6 +144,7 @@ class Job:
       meta = checkpoint.read_meta(self.manager(stage))
       if meta is not None:
         checkpoint.check_model_config(meta, self.model_cfg_dict, f'{workdir}/checkpoints/{stage}')
+        self._check_lora(meta, stage)
 
     self.mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
     self.rules, self.sampler_rules = sharding.rules_from_config(cfg.get('sharding'))  # training, sampling layouts
@@ -148,25 +161,68 @@ class Job:
       self.init_params = jax.device_put(params, self.param_shardings)
     self.reward_fn = get_reward_fn(cfg.rl.reward)
     self.verifier = get_reward_fn(cfg.task.verifier)
-    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
-               pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=self.sampler_rules,
-               # the samplers reshard params to their own layout first when config.sharding.sampler_rules differ
-               param_shardings=sharding.tree_shardings(self.init_params, self.mesh, self.sampler_rules))
-    # On several hosts: prompts in as global arrays from each host's rows, completions out as numpy everywhere.
-    host_io = functools.partial(distributed.host_io, batch_sharding=self.batch_sharding, batch_argnums=(1, 2))
-    self.greedy_sampler = host_io(make_sampler(self.graphdef, greedy=True, **tok))
-    self.sampler = host_io(make_sampler(self.graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
-                                        top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok))
+    self.plain = self._make_policy(self.graphdef, self.init_params, None)
+    self._lora_policies: dict[lora.LoraConfig, Policy] = {}
     self.writer = MetricWriter(workdir, active=distributed.is_main_process())
     self.interrupt = Interrupt()
     self.rng = jax.random.key(cfg.seed)
 
+  def _make_policy(self, graphdef, params, lora_cfg: lora.LoraConfig | None) -> Policy:
+    """params: concrete or abstract (only their structure and shapes are read)."""
+    cfg = self.cfg
+    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
+               pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=self.sampler_rules,
+               # the samplers reshard params to their own layout first when config.sharding.sampler_rules differ
+               param_shardings=sharding.tree_shardings(params, self.mesh, self.sampler_rules))
+    # On several hosts: prompts in as global arrays from each host's rows, completions out as numpy everywhere.
+    host_io = functools.partial(distributed.host_io, batch_sharding=self.batch_sharding, batch_argnums=(1, 2))
+    # A LoRA policy samples with its adapters unmerged (lora.py): no merged copy of the weights per rollout.
+    greedy_sampler = host_io(make_sampler(graphdef, greedy=True, **tok))
+    sampler = host_io(make_sampler(graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
+                                   top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok))
+    return Policy(graphdef, lora_cfg, sharding.tree_shardings(params, self.mesh, self.rules), greedy_sampler,
+                  sampler)
+
+  def policy(self, stage: str) -> Policy:
+    """The stage's model: plain, or with LoRA adapters when config.lora lists the stage."""
+    lora_cfg = lora.stage_config(self.cfg.get('lora'), SECTIONS[stage])
+    if lora_cfg is None:
+      return self.plain
+    if lora_cfg not in self._lora_policies:
+      abstract = nnx.eval_shape(lambda: Transformer(self.model_cfg, nnx.Rngs(0), lora=lora_cfg))
+      self._lora_policies[lora_cfg] = self._make_policy(*nnx.split(abstract, nnx.Param), lora_cfg)
+    return self._lora_policies[lora_cfg]
+
+  def _check_lora(self, meta: dict, stage: str) -> None:
+    lora_cfg = lora.stage_config(self.cfg.get('lora'), SECTIONS[stage])
+    want = None if lora_cfg is None else lora_cfg.to_json()
+    if meta.get('lora') != want:
+      raise checkpoint.CheckpointError(
+          f'{self.workdir}/checkpoints/{stage} holds a checkpoint trained with LoRA {meta.get("lora")} but '
+          f'config.lora gives {want} (None: full fine-tuning); use a fresh --workdir or the saved config')
+
   def manager(self, stage: str):
     return checkpoint.manager(self.workdir, stage, max_to_keep=self.cfg.checkpoint_keep)
 
-  def evaluate(self, params, split: str) -> dict[str, float]:
-    return greedy_eval(self.greedy_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
-                       batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier)
+  def evaluate(self, params, split: str, policy: Policy | None = None) -> dict[str, float]:
+    return greedy_eval((policy or self.plain).greedy_sampler, params, self.splits[split], self.tokenizer,
+                       self.reward_fn, batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier)
+
+  def with_adapters(self, stage: str, params, policy: Policy):
+    """params plus fresh adapters for a LoRA stage (A random, B zero: the model's function is unchanged)."""
+    key = jax.random.fold_in(self.rng, 1000 + STAGES.index(stage))
+    adapters = lora.init_adapters(self.model_cfg, policy.lora, key,
+                                  shardings=lora.split_params(policy.param_shardings)[0])
+    n_adapter, n_base = (sum(x.size for x in jax.tree.leaves(t)) for t in (adapters, params))
+    distributed.print0(f'{stage}: LoRA rank {policy.lora.rank} on {",".join(policy.lora.targets)}: '
+                       f'{n_adapter:,} trained params ({100 * n_adapter / n_base:.2f}% of the frozen {n_base:,})')
+    return nnx.merge_state(params, adapters)
+
+  def merged(self, params, policy: Policy):
+    """A LoRA policy's params as plain Transformer params, W + scale * A @ B; the base's buffers are reused."""
+    if policy.lora is None:
+      return params
+    return lora.merge_into_base(params, policy.lora.scale, out_shardings=self.param_shardings)
 
   def meta(self, stage: str, step: int, **extra) -> dict:
     return {'stage': stage, 'step': step, 'model': self.model_cfg_dict,
@@ -176,13 +232,19 @@ class Job:
     """The loop both stages share: resume, step, log, checkpoint, stop on signal or when step_fn says so.
 
     step_fn(state, step, carry) -> (state, metrics, carry, stop); `carry` is JSON (kept in checkpoint meta).
-    step_fn is built by step_fn(train_step, extra_trees) once the (possibly restored) trees are known.
+    step_fn is built by step_fn(train_step, extra_trees, policy) once the (possibly restored) trees are known.
+    A LoRA stage (policy.lora) trains adapters on the frozen `params` and returns them merged (lora.py).
     Returns (final params, summary dict of the stage incl. held-out eval).
     """
     cfg, mngr = self.cfg, self.manager(stage)
-    opt_cfg = cfg.sft if stage == 'sft' else cfg.rl
+    opt_cfg = cfg[SECTIONS[stage]]
+    policy = self.policy(stage)
     tx = make_optimizer(opt_cfg, num_steps, param_dtype=self.model_cfg.param_dtype)
-    state = init_state(params, tx, self.mesh, self.rules)
+    # LoRA: the state holds the frozen base once plus the adapters; optimizer state only for the adapters.
+    trainable = None if policy.lora is None else lora.TRAINABLE
+    if policy.lora is not None:
+      params = self.with_adapters(stage, params, policy)
+    state = init_state(params, tx, self.mesh, self.rules, trainable=trainable)
     extra_trees = extra_trees or {}
     meta = checkpoint.read_meta(mngr)
     step, wall, stop = 0, 0.0, False
@@ -191,20 +253,22 @@ class Job:
       state, extra_trees = restored['state'], {k: restored[k] for k in extra_trees}
       step, wall, carry, stop = meta['step'], meta['wall_time'], meta['carry'], meta['stopped']
       if meta.get('finished'):
-        return state.params, meta['summary']
+        return self.merged(state.params, policy), meta['summary']
       distributed.print0(f'{stage}: resuming from step {step}')
     self.writer.rewind(STAGES, stage, step)
-    train_step = make_train_step(self.graphdef, tx, self.loss_fn(stage), state_shardings(state, self.mesh, self.rules),
-                                 self.batch_sharding, self.mesh, self.rules,
-                                 grad_accum_steps=opt_cfg.get('grad_accum_steps', 1),
-                                 micro_weight=sft_token_count if stage == 'sft' else None)  # sft_loss: a token mean
+    train_step = make_train_step(policy.graphdef, tx, self.loss_fn(stage),
+                                 state_shardings(state, self.mesh, self.rules), self.batch_sharding, self.mesh,
+                                 self.rules, grad_accum_steps=opt_cfg.get('grad_accum_steps', 1),
+                                 micro_weight=sft_token_count if stage == 'sft' else None,  # sft_loss: a token mean
+                                 trainable=trainable)
     train_step = distributed.host_io(train_step, self.batch_sharding, batch_argnums=(1,), gather=False)
-    step_fn = step_fn(train_step, extra_trees)
+    step_fn = step_fn(train_step, extra_trees, policy)
+    lora_meta = {} if policy.lora is None else {'lora': policy.lora.to_json()}
 
     def save(finished=False, summary=None):
       checkpoint.save(mngr, step, {'state': state, **extra_trees},
                       self.meta(stage, step, wall_time=wall + time.perf_counter() - start, carry=carry,
-                                finished=finished, stopped=stop, summary=summary, data_position=step))
+                                finished=finished, stopped=stop, summary=summary, data_position=step, **lora_meta))
 
     distributed.print0(f'\n=== {stage}: steps {step} -> {num_steps} ===')
     start = time.perf_counter()
@@ -231,11 +295,11 @@ class Job:
       if step % cfg.checkpoint_every == 0:
         save()
     bar.close()
-    held_out = self.evaluate(state.params, 'test')
+    held_out = self.evaluate(state.params, 'test', policy)
     summary = {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'steps': step,
                'wall_time': wall + time.perf_counter() - start, 'sample': held_out['sample'], 'carry': carry}
     save(finished=True, summary=summary)
-    return state.params, summary
+    return self.merged(state.params, policy), summary
 
   def loss_fn(self, stage: str):
     memory = dict(logprob_chunk=self.cfg.model.get('logprob_chunk', 0), remat=self.cfg.model.get('remat', 'none'))
@@ -245,7 +309,7 @@ class Job:
     return functools.partial(grpo_objective, clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator,
                              **memory)
 
-  def sft_step_fn(self, train_step, extra_trees):
+  def sft_step_fn(self, train_step, extra_trees, policy: Policy):
     cfg, train = self.cfg, self.splits['train']
 
     def step_fn(state, step, carry):
@@ -255,7 +319,7 @@ class Job:
                                                   b.completion_mask))
       stop = False
       if (step + 1) % cfg.sft.eval_every == 0:
-        val = self.evaluate(state.params, 'val')
+        val = self.evaluate(state.params, 'val', policy)
         metrics = dict(metrics, val_accuracy=val['accuracy'])
         stop = val['accuracy'] >= cfg.sft.target_accuracy
         carry = {'val_accuracy': val['accuracy'], 'stop_reason': 'target' if stop else 'cap'}
@@ -263,22 +327,21 @@ class Job:
 
     return step_fn
 
-  def grpo_step_fn(self, train_step, extra_trees):
+  def grpo_step_fn(self, train_step, extra_trees, policy: Policy):
     cfg, rl, train = self.cfg, self.cfg.rl, self.splits['train']
     ref_fn = None
-    if rl.beta > 0:
+    if rl.beta > 0:  # the plain model: with LoRA, on the policy's own frozen base (adapters off), not a copy
       ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh,
                                          rules=self.rules, chunk_size=cfg.model.get('logprob_chunk', 0))
       ref_fn = distributed.host_io(ref_fn, self.batch_sharding, batch_argnums=(1, 2, 3, 4))
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)
 
-    ref_params = extra_trees['reference']
-
     def step_fn(state, step, carry):
+      ref_params = extra_trees['reference'] if policy.lora is None else lora.base_params(state.params)
       sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
       prompts = train.take(batch_indices(len(train), rl.num_prompts, step, seed=cfg.seed, stream='grpo'))
-      rollout, stats = collect_rollout(self.sampler, ref_fn, state.params, ref_params, prompts, sample_rng,
+      rollout, stats = collect_rollout(policy.sampler, ref_fn, state.params, ref_params, prompts, sample_rng,
                                        group_size=rl.group_size, tokenizer=self.tokenizer,
                                        reward_fn=self.reward_fn, advantage_fn=advantage_fn,
                                        verifier=self.verifier)
@@ -328,9 +391,11 @@ def run(cfg, workdir: str) -> dict:
   else:  # RL straight from the loaded model (an SFT / instruct checkpoint), as in the paper
     sft_params, sft = job.init_params, {'test_accuracy': init_eval['accuracy'], 'test_reward': init_eval['reward'],
                                         'steps': 0, 'wall_time': 0.0, 'sample': init_eval['sample']}
-  ref_params = jax.tree.map(jnp.copy, sft_params)  # frozen reference = the SFT policy
-  grpo_params, grpo = job.run_stage('grpo', cfg.rl.num_steps, sft_params, job.grpo_step_fn,
-                                    extra_trees={'reference': ref_params})
+  if lora.stage_config(cfg.get('lora'), 'rl') is None:
+    extra_trees = {'reference': jax.tree.map(jnp.copy, sft_params)}  # frozen reference = the SFT policy
+  else:  # the reference is the frozen base (= the SFT policy) inside the train state: no copy
+    extra_trees = {}
+  grpo_params, grpo = job.run_stage('grpo', cfg.rl.num_steps, sft_params, job.grpo_step_fn, extra_trees=extra_trees)
   job.writer.close()
   if cfg.get('export_hf', False):  # the trained policy as a Hugging Face model directory
     export_dir = os.path.join(workdir, 'hf_model')

@@ -68,11 +68,22 @@ def with_master_weights(inner: optax.GradientTransformation, dtype) -> optax.Gra
   return optax.GradientTransformation(init, update)
 
 
+def split_trainable(params: nnx.State, trainable=None) -> tuple[nnx.State, tuple[nnx.State, ...]]:
+  """(trained params, (frozen params,)) by the nnx filter `trainable`; None: all trained, nothing frozen."""
+  if trainable is None:
+    return params, ()
+  train, frozen = nnx.split_state(params, trainable, ...)
+  return train, (frozen,)
+
+
 def init_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
-               rules: sharding.Rules = sharding.DEFAULT_RULES) -> TrainState:
+               rules: sharding.Rules = sharding.DEFAULT_RULES, *, trainable=None) -> TrainState:
   """Place params and a fresh optimizer state on the mesh. Init runs outside jit: a jitted tx.init
-  returned unsharded state that the compiled step then rejected (ENV_FACTS)."""
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  returned unsharded state that the compiled step then rejected (ENV_FACTS).
+
+  trainable: an nnx filter (e.g. nnx.LoRAParam, grpo_jax/lora.py): the optimizer state is built for those params
+  only; the others are frozen (make_train_step with the same filter). None: all params train."""
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(split_trainable(params, trainable)[0]))
   return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
@@ -85,7 +96,8 @@ LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                     state_sharding, batch_sharding, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
-                    grad_accum_steps: int = 1, micro_weight: Callable[[Any], jax.Array] | None = None):
+                    grad_accum_steps: int = 1, micro_weight: Callable[[Any], jax.Array] | None = None,
+                    trainable=None):
   """jit(train_step(state, batch) -> (state, metrics)) with donated state and pinned shardings; activations
   follow `rules` (sharding.constrain).
 
@@ -96,13 +108,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   micro-batches with those weights: equal weights for GRPO (a mean over outputs), token counts for SFT (a
   mean over tokens). Metrics that are token means of GRPO (kl, ratio, clip_frac, entropy) become means of the
   micro-batch values.
+
+  trainable: an nnx filter as in init_state: only those params get gradients and updates; the rest pass through
+  the step unchanged and, being constants of the differentiated function, have no weight gradient computed.
   """
-  def grads_of(params, batch):
+  def grads_of(params, batch, frozen=()):
     def loss_of(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
+      return loss_fn(nnx.merge(graphdef, params, *frozen), batch)
     return jax.value_and_grad(loss_of, has_aux=True)(params)
 
-  def accumulated_grads_of(params, batch):
+  def accumulated_grads_of(params, batch, frozen=()):
     k = grad_accum_steps
     # Micro-batch j holds rows j, j + k, j + 2k, ...: each keeps an equal share of every device's rows.
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -112,22 +127,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
     def add_micro_batch(acc, xs):
       batch, weight = xs
-      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding))
+      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding), frozen)
       return jax.tree.map(lambda a, x: a + weight * x.astype(jnp.float32), acc, out), None
 
-    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
     (loss, metrics), grads = jax.lax.scan(add_micro_batch, zeros, (micro, weights))[0]
     return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    params, frozen = split_trainable(state.params, trainable)
     with sharding.activation_mesh(mesh, rules):
       if grad_accum_steps > 1:
-        (loss, metrics), grads = accumulated_grads_of(state.params, batch)
+        (loss, metrics), grads = accumulated_grads_of(params, batch, frozen)
       else:
-        (loss, metrics), grads = grads_of(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        (loss, metrics), grads = grads_of(params, batch, frozen)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if frozen:
+      params = nnx.merge_state(params, *frozen)
     grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # bf16 grads: in fp32
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     return TrainState(state.step + 1, params, opt_state), metrics
