@@ -6,7 +6,7 @@ Face checkpoints of these architectures. Parameters carry *logical* axis names (
 `sharding.py` maps them to mesh axes, so this file never mentions a mesh.
 
 Einsum letters: b batch, t query time, s key time, d model, n query heads, k kv heads, g queries per kv
-head, h head dim, f mlp, v vocab, l layer.
+head, q = (g, t) merged, h head dim, f mlp, v vocab, l layer.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, 
 ROPE_TYPES = ('default', 'llama3')
 # Logical axes of activations, pinned with `constrain` (a no-op unless a mesh is active; sharding.py maps them).
 RESIDUAL_AXES = ('batch', 'length', 'act_embed')  # [b, t, d]
-CACHE_AXES = ('batch', 'length', 'kv_heads', 'head_dim')  # [b, s, k, h]: keys and values, cached or not
+CACHE_AXES = ('batch', 'kv_heads', 'length', 'head_dim')  # [b, k, s, h]: keys and values, cached or not
 # What each block keeps for the backward pass of the training forward (`model(..., remat=name)`); the rest is
 # recomputed. 'save_dots' keeps the weight matmuls and recomputes attention scores, softmax and elementwise ops.
 REMAT_POLICIES = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
@@ -98,17 +98,31 @@ class ModelConfig:
 class KVCache(NamedTuple):
   """One buffer per layer: each is updated in place at the new slots and read whole by attention, so no
   token copies a layer's cache (slicing a layer out of one stacked buffer did, every decode step)."""
-  k: tuple[jax.Array, ...]  # num_layers x [b, s, k, h]
-  v: tuple[jax.Array, ...]  # num_layers x [b, s, k, h]
+  k: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]: head-major, the layout the attention matmuls read
+  v: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]  (a [b, s, k, h] cache was transposed whole every step)
   mask: jax.Array  # [b, s] bool: slot holds a real (non-pad) token
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     # Constrained at creation, so each device allocates only its (batch, kv_heads) shard of the cache.
     layers = lambda: tuple(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)  # noqa: E731
                            for _ in range(cfg.num_layers))
     return cls(layers(), layers(), constrain(jnp.zeros((batch, max_len), bool), ('batch', 'length')))
+
+
+def dense(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
+  """x [..., *in] . w [*in, *out] -> [..., *out], contracting x's last num_in dims with w's first num_in.
+
+  On XLA:CPU it runs as one 2-D matmul: with 3-D activations the compiler transposes whole activations in
+  the backward pass (the gradient of the benchmark's train step took 2.3x as long). Other backends get the
+  einsum as written, whose batch dims their matmul units take as they are.
+  """
+  if jax.default_backend() != 'cpu':
+    return jnp.tensordot(x, w, num_in)
+  lead, inner, outer = x.shape[:x.ndim - num_in], w.shape[:num_in], w.shape[num_in:]
+  y = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+  return y.reshape(*lead, *outer)
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
@@ -185,9 +199,9 @@ class Attention(nnx.Module):
     and values are written into slots cache_index.. (in place) and attention runs over all s slots.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q = with_lora(self, 'wq', x, jnp.einsum('btd,dnh->btnh', x, self.wq[...].astype(dt)))
-    k = with_lora(self, 'wk', x, jnp.einsum('btd,dkh->btkh', x, self.wk[...].astype(dt)))
-    v = with_lora(self, 'wv', x, jnp.einsum('btd,dkh->btkh', x, self.wv[...].astype(dt)))
+    q = with_lora(self, 'wq', x, dense(x, self.wq[...].astype(dt)))  # [b, t, n, h]
+    k = with_lora(self, 'wk', x, dense(x, self.wk[...].astype(dt)))  # [b, t, k, h]
+    v = with_lora(self, 'wv', x, dense(x, self.wv[...].astype(dt)))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
@@ -196,19 +210,22 @@ class Attention(nnx.Module):
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     # Heads stay split like wq / wk / wv (tensor parallel), so attention itself needs no communication.
     q = constrain(q, ('batch', 'length', 'q_heads', 'head_dim'))
-    k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+    # Head-major from here on ([b, k, ., h]): both attention matmuls are then plain batched matmuls over (b, k)
+    # and the cache is read in place, with no transpose of it per decoded token.
+    k, v = constrain(k.transpose(0, 2, 1, 3), CACHE_AXES), constrain(v.transpose(0, 2, 1, 3), CACHE_AXES)
     if layer_cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 2)
+      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 2)
       k_all, v_all = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)  # the decode loop's carry
       new_cache = (k_all, v_all)
     else:
       k_all, v_all, new_cache = k, v, None
     b, t, n, h = q.shape
-    groups = n // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, h)
-    scores = jnp.einsum('btkgh,bskh->bkgts', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
-    k_slots = jnp.arange(k_all.shape[1])
+    kv, groups, s = cfg.num_kv_heads, n // cfg.num_kv_heads, k_all.shape[2]
+    q = q.reshape(b, t, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, h)
+    scores = jnp.einsum('bkqh,bksh->bkqs', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
+    scores = scores.reshape(b, kv, groups, t, s)
+    k_slots = jnp.arange(s)
     visible = k_slots[None, :] <= q_slots[:, None]  # [t, s]
     if cfg.sliding_window:
       # On slots, not positions: a row's real tokens are contiguous (left padding; the sampler only appends
@@ -216,9 +233,10 @@ class Attention(nnx.Module):
       visible &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
     allowed = key_mask[:, None, :] & visible[None]  # [b, t, s]
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('bkgts,bskh->btkgh', probs, v_all.astype(dt)).reshape(b, t, n, h)
-    return with_lora(self, 'wo', out, jnp.einsum('btnh,nhd->btd', out, self.wo[...].astype(dt))), new_cache
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, groups * t, s)
+    out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
+    out = out.reshape(b, kv, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    return with_lora(self, 'wo', out, dense(out, self.wo[...].astype(dt), 2)), new_cache
 
 
 class MLP(nnx.Module):
@@ -234,10 +252,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = self.dtype
-    gate = with_lora(self, 'gate', x, x @ self.gate[...].astype(dt))
-    hidden = ACTIVATIONS[self.activation](gate) * with_lora(self, 'up', x, x @ self.up[...].astype(dt))
+    gate = with_lora(self, 'gate', x, dense(x, self.gate[...].astype(dt)))
+    hidden = ACTIVATIONS[self.activation](gate) * with_lora(self, 'up', x, dense(x, self.up[...].astype(dt)))
     hidden = constrain(hidden, ('batch', 'length', 'mlp'))  # [b, t, f], split like gate / up
-    return with_lora(self, 'down', hidden, hidden @ self.down[...].astype(dt))
+    return with_lora(self, 'down', hidden, dense(hidden, self.down[...].astype(dt)))
 
 
 class Block(nnx.Module):
@@ -294,7 +312,7 @@ class Transformer(nnx.Module):
   def logits_from_hidden(self, x: jax.Array) -> jax.Array:
     """Final norm + LM head: [..., d] hidden states -> [..., v] float32 logits."""
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum('...d,dv->...v', self.final_norm(x), head.astype(self.cfg.dtype)).astype(jnp.float32)
+    return dense(self.final_norm(x), head.astype(self.cfg.dtype)).astype(jnp.float32)
 
   def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
                          cache_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
