@@ -5,8 +5,6 @@ import json
 import os
 from typing import Any
 
-from tensorboardX import SummaryWriter
-
 
 def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
   """The rows of <workdir>/metrics.jsonl (optionally of one stage), in order."""
@@ -21,7 +19,10 @@ class MetricWriter:
     # active=False (processes other than 0 on several hosts): every call is a no-op, so one shared workdir gets
     # each line once.
     self.path, self.active = os.path.join(workdir, 'metrics.jsonl'), active
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
+    self.tb = None
+    if active:
+      from tensorboardX import SummaryWriter  # here: it imports torch when installed (~250 MB, 1 s)
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def rewind(self, stage_order: list[str], stage: str, step: int) -> None:
     """Drop lines logged after a checkpoint (stage, step): a resumed run rewrites them identically."""

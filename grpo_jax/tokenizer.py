@@ -14,7 +14,7 @@ import string
 from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {'pad_token': '<pad>', 'eos_token': '<eos>', 'bos_token': '<bos>', 'unk_token': '<unk>'}
 CHARACTERS = string.digits + string.ascii_letters + ' \n.,:;?!+-*/=#()\'"$%'
@@ -40,6 +40,7 @@ def load_tokenizer(path: str):
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
+  from transformers import AutoTokenizer  # here: importing it imports torch when installed (~250 MB, 1 s)
   try:
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left', local_files_only=True)
   except (OSError, ValueError) as e:
