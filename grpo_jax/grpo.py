@@ -62,17 +62,18 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
                      'build it with make_sampler(..., group_size=G)')
   prompt_tokens = np.repeat(prompts.prompt_tokens, group_size, axis=0)  # [N, p], groups contiguous
   prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
+  # Host copies first: once a running computation reads a buffer, copying it to the host waits for that run.
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   # Dispatched before the rewards and fed the sampler's device arrays: the reference forward runs while the
   # host decodes and verifies, and the completions make no round trip through host memory to reach it.
   ref_logprobs = out.logprobs  # beta == 0: the logged 'kl' then measures the drift from pi_old
   if ref_logprobs_fn is not None:
     ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, out.tokens, out.mask)
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   answers = [a for a in prompts.answers for _ in range(group_size)]
   texts = decode(tokenizer, tokens, mask)
   rewards, reward_failures = score(reward_fn, texts, answers)  # [N]
   correct = rewards if verifier is None else score(verifier, texts, answers)[0]
-  advantages = np.asarray(advantage_fn(rewards.reshape(-1, group_size))).reshape(-1)
+  advantages = advantage_fn(rewards.reshape(-1, group_size)).reshape(-1)  # on device: queued after the reference
   rollout = Rollout(prompt_tokens, prompt_mask, tokens, mask, out.logprobs, ref_logprobs, advantages)
   group_rewards = rewards.reshape(-1, group_size)
   stats = {
