@@ -29,7 +29,8 @@ ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, 
 ROPE_TYPES = ('default', 'llama3')
 # Logical axes of activations, pinned with `constrain` (a no-op unless a mesh is active; sharding.py maps them).
 RESIDUAL_AXES = ('batch', 'length', 'act_embed')  # [b, t, d]
-CACHE_AXES = ('batch', 'kv_heads', 'length', 'head_dim')  # [b, k, s, h]: keys and values, cached or not
+KEY_AXES = ('batch', 'kv_heads', 'head_dim', 'length')  # [b, k, h, s]: keys, cached or not
+VALUE_AXES = ('batch', 'kv_heads', 'length', 'head_dim')  # [b, k, s, h]: values
 # What each block keeps for the backward pass of the training forward (`model(..., remat=name)`); the rest is
 # recomputed. 'save_dots' keeps the weight matmuls and recomputes attention scores, softmax and elementwise ops.
 REMAT_POLICIES = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
@@ -98,17 +99,20 @@ class ModelConfig:
 class KVCache(NamedTuple):
   """One buffer per layer: each is updated in place at the new slots and read whole by attention, so no
   token copies a layer's cache (slicing a layer out of one stacked buffer did, every decode step)."""
-  k: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]: head-major, the layout the attention matmuls read
-  v: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]  (a [b, s, k, h] cache was transposed whole every step)
+  # The layouts the two attention matmuls read as they are (q k^T: [h, s] per head; p v: [s, h] per head): a
+  # [b, s, k, h] cache was transposed whole by XLA every decode step, and [b, k, s, h] keys took 2x as long.
+  k: tuple[jax.Array, ...]  # num_layers x [b, k, h, s]
+  v: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]
   mask: jax.Array  # [b, s] bool: slot holds a real (non-pad) token
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shapes = {KEY_AXES: (batch, cfg.num_kv_heads, cfg.head_dim, max_len),
+              VALUE_AXES: (batch, cfg.num_kv_heads, max_len, cfg.head_dim)}
     # Constrained at creation, so each device allocates only its (batch, kv_heads) shard of the cache.
-    layers = lambda: tuple(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)  # noqa: E731
-                           for _ in range(cfg.num_layers))
-    return cls(layers(), layers(), constrain(jnp.zeros((batch, max_len), bool), ('batch', 'length')))
+    layers = lambda axes: tuple(constrain(jnp.zeros(shapes[axes], cfg.dtype), axes)  # noqa: E731
+                                for _ in range(cfg.num_layers))
+    return cls(layers(KEY_AXES), layers(VALUE_AXES), constrain(jnp.zeros((batch, max_len), bool), ('batch', 'length')))
 
 
 def dense(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
@@ -210,20 +214,20 @@ class Attention(nnx.Module):
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     # Heads stay split like wq / wk / wv (tensor parallel), so attention itself needs no communication.
     q = constrain(q, ('batch', 'length', 'q_heads', 'head_dim'))
-    # Head-major from here on ([b, k, ., h]): both attention matmuls are then plain batched matmuls over (b, k)
-    # and the cache is read in place, with no transpose of it per decoded token.
-    k, v = constrain(k.transpose(0, 2, 1, 3), CACHE_AXES), constrain(v.transpose(0, 2, 1, 3), CACHE_AXES)
+    # Head-major from here on (keys [b, k, h, s], values [b, k, s, h], as cached): both attention matmuls are
+    # plain batched matmuls over (b, k) and the cache is read in place, with no transpose of it per token.
+    k, v = constrain(k.transpose(0, 2, 3, 1), KEY_AXES), constrain(v.transpose(0, 2, 1, 3), VALUE_AXES)
     if layer_cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 2)
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 3)
       v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 2)
-      k_all, v_all = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)  # the decode loop's carry
+      k_all, v_all = constrain(k_all, KEY_AXES), constrain(v_all, VALUE_AXES)  # the decode loop's carry
       new_cache = (k_all, v_all)
     else:
       k_all, v_all, new_cache = k, v, None
     b, t, n, h = q.shape
-    kv, groups, s = cfg.num_kv_heads, n // cfg.num_kv_heads, k_all.shape[2]
+    kv, groups, s = cfg.num_kv_heads, n // cfg.num_kv_heads, k_all.shape[3]
     q = q.reshape(b, t, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, h)
-    scores = jnp.einsum('bkqh,bksh->bkqs', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
+    scores = jnp.einsum('bkqh,bkhs->bkqs', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
     scores = scores.reshape(b, kv, groups, t, s)
     k_slots = jnp.arange(s)
     visible = k_slots[None, :] <= q_slots[:, None]  # [t, s]

@@ -151,7 +151,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model, lengths, hole,
   np.testing.assert_array_equal(np.asarray(cache.mask[:, :total]), np.asarray(mask))
   assert not np.asarray(cache.mask[:, total:]).any()
   assert len(cache.k) == len(cache.v) == 2  # one buffer per layer
-  assert all(k.shape == (len(lengths), 2, total + 3, 8) for k in cache.k + cache.v)  # [b, kv_heads, s, h]
+  assert all(k.shape == (len(lengths), 2, 8, total + 3) for k in cache.k)  # [b, kv_heads, h, s]
+  assert all(v.shape == (len(lengths), 2, total + 3, 8) for v in cache.v)  # [b, kv_heads, s, h]
 
 
 def test_call_defaults_to_an_unpadded_batch(model):

@@ -215,9 +215,9 @@ def test_params_and_optimizer_state_are_split(result):
 @pytest.mark.parametrize('mesh', ['all', 'tensor'])
 def test_kv_cache_and_activations_are_split(result, mesh):
   cache = result[mesh]['cache']
-  # [b, kv_heads, s, h]: batch over data x fsdp, kv heads over tensor. 8 prompts, 4 kv heads.
+  # keys [b, kv_heads, h, s]: batch over data x fsdp, kv heads over tensor. 8 prompts, 4 kv heads.
   m = result[mesh]['mesh']
-  assert cache['k_shard'] == [8 // (m['data'] * m['fsdp']), 4 // m['tensor'], 10, 4]
+  assert cache['k_shard'] == [8 // (m['data'] * m['fsdp']), 4 // m['tensor'], 4, 10]
   assert cache['k'][1] == 'tensor' and cache['k'][2:] in ([], [None])  # (jax drops a trailing None from specs)
   batch = ['data', 'fsdp'] if m['data'] > 1 else 'fsdp'
   assert cache['k'][0] == cache['mask'][0] == batch
