@@ -77,6 +77,9 @@ def main() -> int:
   ap.add_argument('--prompts-per-step', type=int, default=4)
   ap.add_argument('--beta', type=float, default=0.04)
   ap.add_argument('--fixed-length', action='store_true', help='suppress EOS: every completion is full length')
+  ap.add_argument('--micro-batches', type=int, default=1,
+                  help='rl.grad_accum_steps: the update computed over this many equal micro-batches (the same '
+                       'gradient; on CPU smaller working sets are faster and use less memory)')
   args = ap.parse_args()
   if args.steps < 2:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
@@ -97,7 +100,7 @@ def main() -> int:
   state = init_state(params, tx, mesh)
   loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=args.beta, kl_estimator='k3')
   train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
-                               mesh)
+                               mesh, grad_accum_steps=args.micro_batches)
   eos_id = -1 if args.fixed_length else tokenizer.eos_token_id  # -1: no token ever ends a row
   sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=L, eos_id=eos_id,
                          pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
@@ -154,7 +157,8 @@ def main() -> int:
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
-      'impl': 'grpo_jax', 'jax_version': jax.__version__, 'steps': args.steps,
+      'impl': 'grpo_jax' if args.micro_batches == 1 else f'grpo_jax/{args.micro_batches}mb',
+      'micro_batches': args.micro_batches, 'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),
       'step_time_mean_s': round(statistics.mean(timed), 4),
       'step_time_min_s': round(min(timed), 4),

@@ -83,7 +83,7 @@ def make_recompute_sampler(graphdef, *, max_new_tokens: int):
   return jax.jit(sample)
 
 
-def sampler_rows(batches, lengths, repeats: int, recompute_max_len: int):
+def sampler_rows(batches, lengths, repeats: int, recompute_max_len: int, recompute_max_batch: int):
   _, graphdef, params = build()
   for length in lengths:
     cached = make_sampler(graphdef, max_new_tokens=length, eos_id=-1, pad_id=PAD_ID, temperature=1.0)
@@ -94,7 +94,7 @@ def sampler_rows(batches, lengths, repeats: int, recompute_max_len: int):
       row = {'bench': 'sampler', 'batch': batch, 'length': length}
       t = median_time(cached, params, prompts, ones, jax.random.key(0), repeats=repeats)
       row['kv_cache_tokens_per_s'] = round(batch * length / t, 1)
-      if length <= recompute_max_len:
+      if length <= recompute_max_len and batch <= recompute_max_batch:
         t = median_time(recompute, params, prompts, jax.random.key(0), repeats=repeats)
         row['recompute_tokens_per_s'] = round(batch * length / t, 1)
         row['kv_cache_speedup'] = round(row['kv_cache_tokens_per_s'] / row['recompute_tokens_per_s'], 2)
@@ -155,6 +155,7 @@ def main() -> int:
   ap.add_argument('--batches', type=ints, default=[1, 8, 32, 128])
   ap.add_argument('--lengths', type=ints, default=[32, 128, 512])
   ap.add_argument('--recompute_max_len', type=int, default=128, help='longer lengths skip the O(L^2) sampler')
+  ap.add_argument('--recompute_max_batch', type=int, default=32, help='larger batches skip the O(L^2) sampler')
   ap.add_argument('--train_batches', type=ints, default=[8, 32])
   ap.add_argument('--train_lengths', type=ints, default=[32, 128])
   ap.add_argument('--vocab', type=ints, default=[1024, 8192, 32768, 131072])
@@ -162,7 +163,8 @@ def main() -> int:
   ap.add_argument('--repeats', type=int, default=3)
   args = ap.parse_args()
   benches = {
-      'sampler': lambda: sampler_rows(args.batches, args.lengths, args.repeats, args.recompute_max_len),
+      'sampler': lambda: sampler_rows(args.batches, args.lengths, args.repeats, args.recompute_max_len,
+                                      args.recompute_max_batch),
       'train_step': lambda: train_step_rows(args.train_batches, args.train_lengths, args.repeats),
       'logprob_memory': lambda: logprob_memory_rows(args.vocab, args.chunks, batch=32, length=128),
   }
