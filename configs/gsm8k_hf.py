@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.max_prompt_len = 512  # tokens, chat template included
   c.max_new_tokens = 1024  # the paper's max length
+  c.decode_block = 128  # 8 decode loops: attention reads ~half the cache slots on average over a completion
 
   c.sft.max_steps = 0  # start RL from the loaded model
 
@@ -76,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'tiny':  # CPU test settings for a tiny random model (tests/test_hf_train.py)
     c.task.num_test = 8
     c.max_prompt_len, c.max_new_tokens = 512, 8
+    c.decode_block = 4  # two decode loops: the grown-cache path runs end to end
     c.model.dtype = 'float32'
     c.rl.num_steps, c.rl.num_prompts, c.rl.group_size = 2, 2, 4
     c.eval.batch_size = 8

@@ -62,6 +62,9 @@ def _check_memory_knobs(cfg) -> None:
   chunk = cfg.model.get('logprob_chunk', 0)
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(f'config.model.logprob_chunk must be an int >= 0 (0 = off), got {chunk!r}')
+  block = cfg.get('decode_block', 0)
+  if not isinstance(block, int) or block < 0:
+    raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')
   for stage in ('sft', 'rl'):
     master = cfg[stage].get('master_dtype', 'float32')
     if master not in ('float32', ''):

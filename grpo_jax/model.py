@@ -114,6 +114,15 @@ class KVCache(NamedTuple):
                                 for _ in range(cfg.num_layers))
     return cls(layers(KEY_AXES), layers(VALUE_AXES), constrain(jnp.zeros((batch, max_len), bool), ('batch', 'length')))
 
+  def grow(self, max_len: int) -> KVCache:
+    """The same cache with empty (masked) slots appended up to max_len slots."""
+    def pad(x, axis, axes):
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, max_len - x.shape[axis])
+      return constrain(jnp.pad(x, widths), axes)
+    return KVCache(tuple(pad(k, 3, KEY_AXES) for k in self.k), tuple(pad(v, 2, VALUE_AXES) for v in self.v),
+                   pad(self.mask, 1, ('batch', 'length')))
+
 
 def dense(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
   """x [..., *in] . w [*in, *out] -> [..., *out], contracting x's last num_in dims with w's first num_in.

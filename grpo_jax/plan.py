@@ -143,7 +143,8 @@ def compile_phases(cfg, model_cfg: ModelConfig, mesh, rules: sharding.Rules,
   batch_sharding, replicated = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
   arr = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
 
-  sampler = make_sampler(graphdef, max_new_tokens=c, eos_id=0, pad_id=0, mesh=mesh, rules=sampler_rules,
+  sampler = make_sampler(graphdef, max_new_tokens=c, decode_block=cfg.get('decode_block', 0), eos_id=0, pad_id=0,
+                         mesh=mesh, rules=sampler_rules,
                          param_shardings=sharding.tree_shardings(params, mesh, sampler_rules),
                          temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, group_size=rl.group_size)
   prompts = arr(rl.num_prompts, p)

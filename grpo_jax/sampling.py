@@ -1,4 +1,4 @@
-"""Group sampling: prefill the prompts once, then decode all completions in one compiled `while_loop`.
+"""Group sampling: prefill the prompts once, then decode all completions in a compiled `while_loop`.
 
 `sample` is a pure function of (model, prompts, rng); jit it with `jax.jit(sample, static_argnames=...)`
 or through `make_sampler`. It compiles once per (batch, prompt length, max_new_tokens) shape.
@@ -41,7 +41,8 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_
 
 def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
            max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Completions:
+           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, group_size: int = 1,
+           decode_block: int = 0) -> Completions:
   """Sample `group_size` completions per prompt; each prompt's prefill runs once and its KV cache is shared.
 
   Args:
@@ -52,6 +53,9 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     eos_id: the token (or tuple of tokens: instruct models often end a turn with several) that ends a row.
     greedy: argmax decoding (temperature / top-k / top-p ignored).
     group_size: G, completions per prompt.
+    decode_block: 0: one loop, attending over all p + max_new_tokens cache slots at every step. k > 0: one loop
+      per k new tokens, the cache grown by k slots between them, so attention reads about half the slots on
+      average over a long completion (one more compiled loop per block; same tokens).
   Returns:
     Completions with arrays [num_prompts * G, max_new_tokens]; rows i*G .. i*G + G-1 answer prompt i (groups
     contiguous). Rows stop at their own EOS.
@@ -59,7 +63,10 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   num_prompts, p = prompt_tokens.shape
   b = num_prompts * group_size
   prompt_mask = prompt_mask.astype(bool)
-  cache = KVCache.zeros(model.cfg, num_prompts, p + max_new_tokens)
+  ends = [max_new_tokens]  # each loop's last step (exclusive): its cache holds p + end slots
+  if decode_block:
+    ends = list(range(decode_block, max_new_tokens, decode_block)) + [max_new_tokens]
+  cache = KVCache.zeros(model.cfg, num_prompts, p + ends[0])
   positions = positions_from_mask(prompt_mask)
   logits, cache = model.forward_with_cache(prompt_tokens, positions, prompt_mask, cache, 0)
   next_position = positions[:, -1] + 1  # [num_prompts]
@@ -76,9 +83,9 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   keys = jax.random.split(rng, max_new_tokens)
   empty = jnp.zeros((b, max_new_tokens), jnp.int32)
 
-  def keep_going(carry):
+  def keep_going(carry, end):
     step, done = carry[3] - p, carry[4]
-    return (step < max_new_tokens) & ~jnp.all(done)  # stop early once every row has emitted EOS
+    return (step < end) & ~jnp.all(done)  # stop early once every row has emitted EOS
 
   def decode_one(carry):
     last_logits, cache, position, slot, done, tokens, live, logprobs = carry
@@ -96,7 +103,12 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
 
   init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool),
           jnp.full_like(empty, pad_id), empty, empty.astype(jnp.float32))
-  *_, tokens, live, logprobs = jax.lax.while_loop(keep_going, decode_one, init)
+  carry = init
+  for i, end in enumerate(ends):
+    if i:  # the next block's slots; a loop that stopped early (all rows done) leaves the rest to stop at once
+      carry = (carry[0], carry[1].grow(p + end), *carry[2:])
+    carry = jax.lax.while_loop(lambda c, end=end: keep_going(c, end), decode_one, carry)
+  *_, tokens, live, logprobs = carry
   return Completions(tokens, live, logprobs)
 
 

@@ -170,7 +170,8 @@ class Job:
   def _make_policy(self, graphdef, params, lora_cfg: lora.LoraConfig | None) -> Policy:
     """params: concrete or abstract (only their structure and shapes are read)."""
     cfg = self.cfg
-    tok = dict(max_new_tokens=cfg.max_new_tokens, eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
+    tok = dict(max_new_tokens=cfg.max_new_tokens, decode_block=cfg.get('decode_block', 0),
+               eos_id=stop_token_ids(self.tokenizer, cfg.model.get('path')),
                pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=self.sampler_rules,
                # the samplers reshard params to their own layout first when config.sharding.sampler_rules differ
                param_shardings=sharding.tree_shardings(params, self.mesh, self.sampler_rules))

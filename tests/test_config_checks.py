@@ -74,6 +74,7 @@ BAD_VALUES = [
     ('task.verifier', 'nope', r"config\.task\.verifier='nope'"),
     ('sft.max_steps', -1, r'config\.sft\.max_steps'),
     ('max_new_tokens', 0, r'config\.max_new_tokens'),
+    ('decode_block', -1, r'config\.decode_block'),
     ('mesh.data', 3, r"mesh .*'data': 3"),
 ]
 

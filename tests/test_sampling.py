@@ -170,6 +170,22 @@ def test_greedy_with_cache_equals_greedy_without_cache(split):
   np.testing.assert_array_equal(again.tokens, out.tokens)
 
 
+@pytest.mark.parametrize('block', [3, 4])  # 10 new tokens: blocks of 3,3,3,1 and 4,4,2
+def test_decode_blocks_give_the_same_completions(split, block):
+  """A cache grown block by block (attention over fewer slots) changes nothing but float rounding."""
+  prompts, prompt_mask = prompts_batch(seed=2)
+  want_tokens, want_mask = naive_greedy(split, prompts, prompt_mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD)
+  greedy = run(split, prompts, prompt_mask, greedy=True, decode_block=block)
+  np.testing.assert_array_equal(greedy.tokens, want_tokens)
+  np.testing.assert_array_equal(greedy.mask, want_mask)
+  sampled = run(split, prompts, prompt_mask, seed=5, decode_block=block)
+  whole = run(split, prompts, prompt_mask, seed=5)
+  np.testing.assert_array_equal(sampled.tokens, whole.tokens)
+  np.testing.assert_array_equal(sampled.mask, whole.mask)
+  np.testing.assert_allclose(sampled.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+  assert 0 < (whole.mask.sum(-1) < 10).sum()  # some rows stop at EOS inside a block
+
+
 def test_top_k_1_equals_greedy(split):
   prompts, prompt_mask = prompts_batch(seed=3)
   greedy = run(split, prompts, prompt_mask, greedy=True)
