@@ -80,6 +80,8 @@ def main() -> int:
   ap.add_argument('--micro-batches', type=int, default=1,
                   help='rl.grad_accum_steps: the update computed over this many equal micro-batches (the same '
                        'gradient; on CPU smaller working sets are faster and use less memory)')
+  ap.add_argument('--decode-block', type=int, default=0,
+                  help='config.decode_block: the KV cache grows this many slots at a time (same tokens)')
   args = ap.parse_args()
   if args.steps < 2:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
@@ -103,6 +105,7 @@ def main() -> int:
                                mesh, grad_accum_steps=args.micro_batches)
   eos_id = -1 if args.fixed_length else tokenizer.eos_token_id  # -1: no token ever ends a row
   sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=L, eos_id=eos_id,
+                         decode_block=args.decode_block,
                          pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
   ref_fn = None
   if args.beta > 0:
@@ -157,8 +160,10 @@ def main() -> int:
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
-      'impl': 'grpo_jax' if args.micro_batches == 1 else f'grpo_jax/{args.micro_batches}mb',
-      'micro_batches': args.micro_batches, 'jax_version': jax.__version__, 'steps': args.steps,
+      'impl': 'grpo_jax' + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
+              + (f'/block{args.decode_block}' if args.decode_block else ''),
+      'micro_batches': args.micro_batches, 'decode_block': args.decode_block,
+      'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),
       'step_time_mean_s': round(statistics.mean(timed), 4),
       'step_time_min_s': round(min(timed), 4),

@@ -3,14 +3,15 @@
 # in this session, then the ratios. TRL and CPU torch go into benchmarks/.venv-trl on first use.
 #   bash benchmarks/run.sh                 # L = 32 and 128, fixed length, 10 steps each
 #   LENGTHS="32 64" STEPS=20 bash benchmarks/run.sh
-# grpo_jax runs once per MICRO_BATCHES value (rl.grad_accum_steps: the same update over equal micro-batches).
+# grpo_jax runs twice: with the trainer's defaults, and with TUNED (the same work: the update over 8 equal
+# micro-batches, rl.grad_accum_steps; the KV cache grown 32 slots at a time, config.decode_block).
 set -euo pipefail
 source "$(dirname "$0")/../launch/_env.sh"
 BASELINE="${BASELINE:-$ROOT/../shared/bench/trl_grpo_baseline.py}"
 TRL_VENV="$ROOT/benchmarks/.venv-trl"
 LENGTHS="${LENGTHS:-32 128}"
 STEPS="${STEPS:-10}"
-MICRO_BATCHES="${MICRO_BATCHES:-1 8}"
+TUNED="${TUNED:---micro-batches 8 --decode-block 32}"
 OUT="${OUT:-$ROOT/benchmarks/results.jsonl}"
 [ -f "$BASELINE" ] || { echo "baseline script not found: $BASELINE (set BASELINE=...)" >&2; exit 1; }
 if [ ! -x "$TRL_VENV/bin/python" ]; then
@@ -24,10 +25,11 @@ echo "[bench] lengths=$LENGTHS steps=$STEPS out=$OUT ($(nproc) cores, $(uname -m
 for L in $LENGTHS; do
   echo "[bench] TRL L=$L"
   "$TRL_VENV/bin/python" "$BASELINE" --steps "$STEPS" --max-completion-length "$L" --fixed-length | tail -n 1 >> "$OUT"
-  for M in $MICRO_BATCHES; do
-    echo "[bench] grpo_jax L=$L micro-batches=$M"
+  for ARGS in "" "$TUNED"; do
+    echo "[bench] grpo_jax L=$L $ARGS"
+    # shellcheck disable=SC2086  # ARGS is a list of flags
     python "$ROOT/benchmarks/grpo_step_bench.py" --steps "$STEPS" --max-completion-length "$L" --fixed-length \
-      --micro-batches "$M" | tail -n 1 >> "$OUT"
+      $ARGS | tail -n 1 >> "$OUT"
   done
 done
 python "$ROOT/benchmarks/compare.py" "$OUT"
