@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import sharding
+from grpo_jax import distributed, sharding
 from grpo_jax.advantages import get_advantage_fn
 from grpo_jax.data import TokenizedSplit
 from grpo_jax.flops import grpo_step_flops
@@ -82,11 +82,14 @@ def main() -> int:
                        'gradient; on CPU smaller working sets are faster and use less memory)')
   ap.add_argument('--decode-block', type=int, default=0,
                   help='config.decode_block: the KV cache grows this many slots at a time (same tokens)')
+  ap.add_argument('--compile-cache', default='',
+                  help='config.compile_cache_dir: load compiled executables from this dir (a rerun: run twice)')
   args = ap.parse_args()
   if args.steps < 2:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
 
   t_start = time.perf_counter()
+  distributed.use_compile_cache(args.compile_cache)
   G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
   tokenizer = build_tokenizer(characters=CHARACTERS)
   cfg = ModelConfig(vocab_size=len(tokenizer), **MODEL)
@@ -114,7 +117,6 @@ def main() -> int:
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)
 
-  peak = matmul_peak_flops()
   marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
   for step in range(args.steps):
     batch = data.take(np.arange(step * P, (step + 1) * P))
@@ -128,6 +130,9 @@ def main() -> int:
     gen_tokens.append(int(rollout.completion_mask.sum()))
     rewards.append(stats['reward'])
 
+  # Read before this script's own extra work (matmul peak, phase timings), which TRL's script does not do.
+  peak_rss_steps_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  peak = matmul_peak_flops()
   step_times = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:], strict=True)]
   foreign = [None if a[1] is None else max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9)
              for a, b in zip(marks[:-1], marks[1:], strict=True)]
@@ -161,8 +166,10 @@ def main() -> int:
   roofline_s = flops['total'] / peak
   result = {
       'impl': 'grpo_jax' + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
-              + (f'/block{args.decode_block}' if args.decode_block else ''),
+              + (f'/block{args.decode_block}' if args.decode_block else '')
+              + ('/cache' if args.compile_cache else ''),
       'micro_batches': args.micro_batches, 'decode_block': args.decode_block,
+      'compile_cache': bool(args.compile_cache),
       'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),
       'step_time_mean_s': round(statistics.mean(timed), 4),
@@ -174,7 +181,8 @@ def main() -> int:
       'gen_only_tokens_per_s': round(sum(timed_tok) / sum(timed_gen), 2),
       'gen_time_median_s': round(statistics.median(timed_gen), 4),
       'completion_tokens_per_step_mean': round(statistics.mean(timed_tok), 1),
-      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+      'peak_rss_mb': round(peak_rss_steps_mb, 1),
+      'peak_rss_end_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
       'total_wall_s': round(time.perf_counter() - t_start, 2),
       'step_times_s': [round(x, 4) for x in step_times],
       'gen_times_s': [round(x, 4) for x in gen_times],

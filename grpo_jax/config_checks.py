@@ -62,6 +62,11 @@ def _check_memory_knobs(cfg) -> None:
   chunk = cfg.model.get('logprob_chunk', 0)
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(f'config.model.logprob_chunk must be an int >= 0 (0 = off), got {chunk!r}')
+  cache = cfg.get('compile_cache_dir', '')
+  if not isinstance(cache, str):
+    raise ValueError(f"config.compile_cache_dir must be a directory path or '' (off), got {cache!r}")
+  if cache and os.path.exists(os.path.expanduser(cache)) and not os.path.isdir(os.path.expanduser(cache)):
+    raise ValueError(f'config.compile_cache_dir={cache!r} exists and is not a directory')
   block = cfg.get('decode_block', 0)
   if not isinstance(block, int) or block < 0:
     raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')

@@ -4,6 +4,7 @@
   is_main_process()    # jax.process_index() == 0: metrics, progress bar, prints, summary.json
   host_local_batch(x, sharding)  # a global jax.Array from this host's rows of the numpy batch x
   host_io(jitted_fn, batch_sharding, batch_argnums=...)  # numpy in -> global arrays; outputs back to numpy
+  use_compile_cache(path)  # reruns and restarts load compiled executables from path (shared storage on a pod)
 
 How a multi-host start is recognised (`launch_kind`), first match wins:
   GRPO_JAX_DISTRIBUTED=0                   never initialize (one process, whatever else is set)
@@ -27,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Sharding
 
 EXPLICIT = ('GRPO_JAX_COORDINATOR', 'GRPO_JAX_NUM_PROCESSES', 'GRPO_JAX_PROCESS_ID')
@@ -80,6 +82,15 @@ def initialize(env: Mapping[str, str] | None = None) -> str | None:
   elif kind is not None:
     jax.distributed.initialize()  # jax's cluster detection: SLURM, GCE / GKE TPU metadata
   return kind
+
+
+def use_compile_cache(path: str) -> None:
+  """Keep compiled XLA executables in `path` (off when empty): a rerun or a resumed run loads them instead of
+  compiling again, which takes minutes for a 7B step on a pod and most of the start-up of a small CPU run."""
+  if path:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)  # a CPU run's compiles are each < 1 s
+    compilation_cache.reset_cache()  # the cache is set up at the first compile; this one may have happened already
 
 
 def is_main_process() -> bool:

@@ -364,6 +364,7 @@ def _table(rows: list[tuple[str, float, float, float]]) -> str:
 
 def run(cfg, workdir: str) -> dict:
   check_config(cfg, jax.device_count())
+  distributed.use_compile_cache(cfg.get('compile_cache_dir', ''))
   os.makedirs(workdir, exist_ok=True)
   job = Job(cfg, workdir)  # validates data and any existing checkpoint before writing anything
   is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files

@@ -4,9 +4,10 @@ import functools
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import ConfigDict
 
-from grpo_jax import sharding
+from grpo_jax import distributed, sharding
 from grpo_jax.advantages import group_advantages
 from grpo_jax.data import TokenizedSplit
 from grpo_jax.grpo import collect_rollout, grpo_objective, update
@@ -60,3 +61,27 @@ def test_second_and_third_grpo_steps_compile_nothing():
     jax.monitoring.unregister_event_duration_listener(listener)
   assert per_step[0] > 0  # the listener does see compilations
   assert per_step[1:] == [0, 0], per_step
+
+
+def test_compile_cache_dir_lets_a_fresh_process_skip_compiling(tmp_path):
+  """What a rerun sees: executables from `config.compile_cache_dir` are loaded, not compiled again."""
+  def matmul_chain(x):
+    return jax.numpy.tanh(x @ x.T) @ x + 0.123  # a computation no other test compiles
+
+  events = []
+  listener = lambda name, **kwargs: events.append(name.rsplit('/', 1)[-1])  # noqa: E731
+  jax.monitoring.register_event_listener(listener)
+  x = np.ones((16, 8), np.float32)
+  try:
+    distributed.use_compile_cache(str(tmp_path))
+    expected = jax.jit(matmul_chain)(x)
+    assert events.count('cache_misses') == 1 and 'cache_hits' not in events
+    assert any(tmp_path.iterdir()), 'the first compile should write a cache entry'
+    jax.clear_caches()  # forget the in-memory executable, as a new process would
+    np.testing.assert_array_equal(jax.jit(matmul_chain)(x), expected)
+    assert events.count('cache_misses') == 1 and events.count('cache_hits') == 1, events
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+    jax.config.update('jax_compilation_cache_dir', None)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    compilation_cache.reset_cache()

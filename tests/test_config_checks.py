@@ -75,6 +75,7 @@ BAD_VALUES = [
     ('sft.max_steps', -1, r'config\.sft\.max_steps'),
     ('max_new_tokens', 0, r'config\.max_new_tokens'),
     ('decode_block', -1, r'config\.decode_block'),
+    ('compile_cache_dir', __file__, r'config\.compile_cache_dir=.* is not a directory'),
     ('mesh.data', 3, r"mesh .*'data': 3"),
 ]
 
