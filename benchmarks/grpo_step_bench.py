@@ -78,8 +78,8 @@ def main() -> int:
   ap.add_argument('--beta', type=float, default=0.04)
   ap.add_argument('--fixed-length', action='store_true', help='suppress EOS: every completion is full length')
   ap.add_argument('--micro-batches', type=int, default=1,
-                  help='rl.grad_accum_steps: the update computed over this many equal micro-batches (the same '
-                       'gradient; on CPU smaller working sets are faster and use less memory)')
+                  help='rl.grad_accum_steps: the update (and the reference forward) computed over this many equal '
+                       'micro-batches (the same result; on CPU smaller working sets are faster and use less memory)')
   ap.add_argument('--decode-block', type=int, default=0,
                   help='config.decode_block: the KV cache grows this many slots at a time (same tokens)')
   ap.add_argument('--compile-cache', default='',
@@ -112,7 +112,8 @@ def main() -> int:
                          pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
   ref_fn = None
   if args.beta > 0:
-    ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh)
+    ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh,
+                                       num_micro_batches=args.micro_batches)  # as the trainer does
   reward_fn, advantage_fn = get_reward_fn('first_integer'), functools.partial(get_advantage_fn('grpo'), eps=1e-4)
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)

@@ -88,15 +88,38 @@ def _chunked_logprobs(head, hidden: jax.Array, tokens: jax.Array, chunk_size: in
 
 
 def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
-                              rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0):
+                              rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0,
+                              num_micro_batches: int = 1):
   """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
   the reference policy's forward. With `param_shardings` and `mesh`, params keep their layout, the four token
   arrays shard over the batch axes and activations follow `rules` (as in the train step), so no device holds
-  the whole batch's logits. `chunk_size` as in sequence_logprobs."""
+  the whole batch's logits. `chunk_size` as in sequence_logprobs.
+
+  num_micro_batches = k > 1 runs the forward over k micro-batches of B / k rows in turn (rows j, j + k, ...:
+  each keeps an equal share of every device's rows), so only one micro-batch's activations are live. The
+  trainer uses the train step's micro-batch size, which already fits; on CPU it is also faster (a smaller
+  working set: 0.20 -> 0.17 s for the benchmark's reference forward with k = 8).
+  """
+  batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, rules)
+
   def logprobs_of(params, *arrays):
     with sharding.activation_mesh(mesh, rules):
-      return sequence_logprobs(nnx.merge(graphdef, params), *arrays, chunk_size=chunk_size)
+      model = nnx.merge(graphdef, params)
+      if num_micro_batches == 1:
+        return sequence_logprobs(model, *arrays, chunk_size=chunk_size)
+      k = num_micro_batches
+      if arrays[0].shape[0] % k:
+        raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches')
+      micro = [x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1) for x in arrays]  # [k, B / k, ...]
+
+      def one_micro_batch(xs):
+        if batch_sharding is not None:
+          xs = jax.lax.with_sharding_constraint(xs, [batch_sharding] * len(xs))
+        return sequence_logprobs(model, *xs, chunk_size=chunk_size)
+
+      out = jax.lax.map(one_micro_batch, micro)  # [k, B / k, c]
+      return out.swapaxes(0, 1).reshape(-1, out.shape[-1])
 
   if param_shardings is None:
     return jax.jit(logprobs_of)
-  return jax.jit(logprobs_of, in_shardings=(param_shardings, *[sharding.batch_sharding(mesh, rules)] * 4))
+  return jax.jit(logprobs_of, in_shardings=(param_shardings, *[batch_sharding] * 4))

@@ -153,7 +153,8 @@ def compile_phases(cfg, model_cfg: ModelConfig, mesh, rules: sharding.Rules,
                                        (param_shardings, batch_sharding, batch_sharding, replicated))}
   if rl.beta > 0:
     ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh,
-                                       rules=rules, chunk_size=cfg.model.get('logprob_chunk', 0))
+                                       rules=rules, chunk_size=cfg.model.get('logprob_chunk', 0),
+                                       num_micro_batches=rl.num_minibatches * rl.get('grad_accum_steps', 1))
     ref_args = (params, arr(rows, p), arr(rows, p), arr(rows, c), arr(rows, c))
     lowered['reference_forward'] = lambda: _lower(ref_fn, ref_args, (param_shardings, *[batch_sharding] * 4))
   tx = make_optimizer(rl, rl.num_steps, param_dtype=model_cfg.param_dtype)

@@ -333,7 +333,8 @@ class Job:
     ref_fn = None
     if rl.beta > 0:  # the plain model: with LoRA, on the policy's own frozen base (adapters off), not a copy
       ref_fn = make_sequence_logprobs_fn(self.graphdef, param_shardings=self.param_shardings, mesh=self.mesh,
-                                         rules=self.rules, chunk_size=cfg.model.get('logprob_chunk', 0))
+                                         rules=self.rules, chunk_size=cfg.model.get('logprob_chunk', 0),
+                                         num_micro_batches=rl.num_minibatches * rl.get('grad_accum_steps', 1))
       ref_fn = distributed.host_io(ref_fn, self.batch_sharding, batch_argnums=(1, 2, 3, 4))
     advantage_fn = get_advantage_fn(rl.advantage)
     rng = jax.random.fold_in(self.rng, 1)

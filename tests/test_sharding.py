@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
     from ml_collections import ConfigDict
     from grpo_jax import sharding
     from grpo_jax.grpo import Rollout, grpo_objective
-    from grpo_jax.logprobs import sequence_logprobs
+    from grpo_jax.logprobs import make_sequence_logprobs_fn, sequence_logprobs
     from grpo_jax.model import KVCache, ModelConfig, Transformer, positions_from_mask
     from grpo_jax.sampling import make_sampler
     from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
@@ -117,10 +117,14 @@ SCRIPT = textwrap.dedent('''
             clip_fracs.append(float(metrics['clip_frac']))
         final[name] = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
         params = jax.device_put(host_params, shardings.params)  # the training layout, as the trainer hands it over
+        ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=shardings.params, mesh=mesh, rules=rules,
+                                           num_micro_batches=2)
+        ref_micro = np.asarray(ref_fn(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask))
         r = out[name] = dict(losses=losses, grad_norms=grad_norms, clip_fracs=clip_fracs, step=int(state.step),
                              mesh=dict(mesh.shape), params=describe(state.params),
                              mu=describe(state.opt_state[1][0].mu), greedy=greedy(mesh, rules, params),
-                             replicated=sharding.replicated_arrays(state, min_size=256))
+                             replicated=sharding.replicated_arrays(state, min_size=256),
+                             ref_micro_err=float(np.abs(ref_micro - logprobs).max()))
         if name in sampler_overrides:
             sampler_rules = rules.override(sampler_overrides[name])
             r['sampler_rules_greedy'] = greedy(mesh, sampler_rules, params)
@@ -182,6 +186,11 @@ def test_sharded_greedy_sampler_matches_single_device(result, mesh):
   np.testing.assert_allclose(result[mesh]['greedy']['logprobs'], result['one']['greedy']['logprobs'], rtol=1e-5,
                              atol=1e-5)
   assert any(t != 0 for row in result['one']['greedy']['tokens'] for t in row)  # it did generate
+
+
+@pytest.mark.parametrize('mesh', list(MESHES))
+def test_sharded_micro_batched_reference_forward_matches_single_device(result, mesh):
+  assert result[mesh]['ref_micro_err'] < 1e-5  # against sequence_logprobs of the whole batch on one device
 
 
 @pytest.mark.parametrize('mesh', ['all', 'tensor'])
