@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from grpo_jax import lora, sharding
@@ -32,10 +33,24 @@ def manager(workdir: str, stage: str, *, max_to_keep: int) -> ocp.CheckpointMana
   return ocp.CheckpointManager(path, options=options)
 
 
+def _meta_path(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step), 'meta', 'metadata')  # where JsonSave puts the 'meta' item
+
+
 def save(mngr: ocp.CheckpointManager, step: int, trees: dict[str, Any], meta: dict[str, Any]) -> None:
+  """Save `trees` and `meta` as `step` (collective). A step is only ever saved with the state after that many
+  steps, so when `step` exists already (the final save of a stage landing on a periodic one) its trees are
+  these and only the meta is replaced, atomically: a kill at any moment leaves the old or the new meta."""
+  if step in mngr.all_steps():
+    if jax.process_index() == 0:
+      path = _meta_path(mngr, step)
+      with open(path + '.tmp', 'w') as f:
+        json.dump(meta, f)
+      os.replace(path + '.tmp', path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint meta {step}')
+    return
   args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-  if step in mngr.all_steps():  # the final save of a stage can land on a periodic one: the final wins
-    mngr.delete(step)
   mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
   mngr.wait_until_finished()
 
@@ -45,7 +60,7 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str,
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
-  path = os.path.join(str(mngr.directory), str(step), 'meta', 'metadata')
+  path = _meta_path(mngr, step)
   try:
     with open(path) as f:
       return json.load(f)
