@@ -128,6 +128,8 @@ def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | N
 
   if param_shardings is None:
     return jax.jit(sampler)
+  if mesh is None:
+    raise ValueError('make_sampler: param_shardings needs the mesh they live on (mesh=...)')
   batch = sharding.batch_sharding(mesh, rules)
   jitted = jax.jit(sampler, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)))
   return lambda params, *args: jitted(sharding.reshard(params, param_shardings), *args)

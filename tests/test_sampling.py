@@ -307,3 +307,11 @@ def test_group_sampling_shares_the_prefill_and_equals_repeated_prompts(model, sp
                               sampled.mask)
   live = sampled.mask.astype(bool)
   np.testing.assert_allclose(sampled.logprobs[live], np.asarray(forward)[live], atol=1e-4)
+
+
+def test_sampler_with_param_shardings_needs_the_mesh(model):
+  from grpo_jax import sharding
+  graphdef, params = nnx.split(model, nnx.Param)
+  shardings = sharding.tree_shardings(params, sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  with pytest.raises(ValueError, match='param_shardings needs the mesh'):
+    make_sampler(graphdef, param_shardings=shardings, max_new_tokens=2, eos_id=1, pad_id=0)
