@@ -120,3 +120,10 @@ def test_stop_tokens_include_generation_config_eos(tmp_path):
   assert stop_token_ids(tokenizer, str(tmp_path)) == (tokenizer.eos_token_id, 7, 9)
   (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': 11}))
   assert stop_token_ids(tokenizer, str(tmp_path)) == (tokenizer.eos_token_id, 11)
+
+
+def test_the_command_line_modules_import_together():
+  # Their flags share names (--workdir, --model, ...) with other meanings; a notebook may import them all.
+  code = 'import grpo_jax.train, grpo_jax.eval, grpo_jax.generate, grpo_jax.plan'
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
