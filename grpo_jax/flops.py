@@ -99,25 +99,26 @@ class DeviceSpec(NamedTuple):
   bf16: float  # peak FLOP/s of bf16 matmuls
   fp32: float | None  # of f32 matmuls at XLA's DEFAULT precision; None: not published
   hbm_gib: float  # on-package memory (NVIDIA's "80 GB" / "141 GB" are within 1% of GiB as nvidia-smi counts)
+  hbm_bytes_per_s: float  # peak HBM bandwidth: the roofline of memory-bound work such as decoding
 
 
 # device_kind as jax.devices()[0].device_kind reports it (lower case, full match) -> spec. Sources:
-#   TPU: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (per-chip bf16 peak and HBM); device_kind strings and
-#   HBM sizes as in XLA's ifrt GetDeviceMemoryInBytes. At DEFAULT precision XLA runs f32 matmuls on the TPU
-#   MXU as one bf16 pass (jax-ml/jax#1856), so their peak is the bf16 peak.
+#   TPU: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (per-chip bf16 peak, HBM size and bandwidth);
+#   device_kind strings and HBM sizes as in XLA's ifrt GetDeviceMemoryInBytes. At DEFAULT precision XLA runs
+#   f32 matmuls on the TPU MXU as one bf16 pass (jax-ml/jax#1856), so their peak is the bf16 peak.
 #   GPU: NVIDIA H100 / H200 / A100 datasheets (dense, i.e. half the "with sparsity" figures). At DEFAULT
 #   precision XLA runs f32 matmuls in TF32 on Ampere and later, so fp32 is the TF32 tensor-core peak.
 #   CPU and anything else: unknown (None), so no MFU is reported.
 DEVICE_SPECS: tuple[tuple[str, str, DeviceSpec], ...] = (
-    ('TPU v4', r'tpu v4', DeviceSpec(275e12, 275e12, 32)),
-    ('TPU v5e', r'tpu v5 ?lite|tpu v5e', DeviceSpec(197e12, 197e12, 16)),
-    ('TPU v5p', r'tpu v5p?', DeviceSpec(459e12, 459e12, 95)),
-    ('TPU v6e', r'tpu v6 ?lite|tpu v6e', DeviceSpec(918e12, 918e12, 32)),
-    ('H100 PCIe', r'(nvidia )?h100 pcie', DeviceSpec(756e12, 378e12, 80)),
-    ('H100 SXM', r'(nvidia )?h100( 80gb hbm3| sxm\S*)?', DeviceSpec(989.4e12, 494.7e12, 80)),
-    ('H200', r'(nvidia )?h200( sxm\S*)?', DeviceSpec(989.4e12, 494.7e12, 141)),
-    ('A100 80GB', r'(nvidia )?a100.*80gb.*', DeviceSpec(312e12, 156e12, 80)),
-    ('A100 40GB', r'(nvidia )?a100(.*40gb.*)?', DeviceSpec(312e12, 156e12, 40)),
+    ('TPU v4', r'tpu v4', DeviceSpec(275e12, 275e12, 32, 1228e9)),
+    ('TPU v5e', r'tpu v5 ?lite|tpu v5e', DeviceSpec(197e12, 197e12, 16, 819e9)),
+    ('TPU v5p', r'tpu v5p?', DeviceSpec(459e12, 459e12, 95, 2765e9)),
+    ('TPU v6e', r'tpu v6 ?lite|tpu v6e', DeviceSpec(918e12, 918e12, 32, 1640e9)),
+    ('H100 PCIe', r'(nvidia )?h100 pcie', DeviceSpec(756e12, 378e12, 80, 2.0e12)),
+    ('H100 SXM', r'(nvidia )?h100( 80gb hbm3| sxm\S*)?', DeviceSpec(989.4e12, 494.7e12, 80, 3.35e12)),
+    ('H200', r'(nvidia )?h200( sxm\S*)?', DeviceSpec(989.4e12, 494.7e12, 141, 4.8e12)),
+    ('A100 80GB', r'(nvidia )?a100.*80gb.*', DeviceSpec(312e12, 156e12, 80, 2.039e12)),
+    ('A100 40GB', r'(nvidia )?a100(.*40gb.*)?', DeviceSpec(312e12, 156e12, 40, 1.555e12)),
 )
 
 
