@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
+import os
 import sys
 import time
 
@@ -38,6 +38,9 @@ from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.sampling import make_sampler
 from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from micro import median_step_time, median_time  # noqa: E402
+
 MODELS = {
     '1b': dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64,
                mlp_dim=5632, rope_theta=10000.0, rms_eps=1e-5),
@@ -48,16 +51,6 @@ PRESETS = {  # flag defaults per preset; flags given on the command line win
     'tiny': dict(batch=16, prompt_len=8, new_tokens=8, train_rows=8, grad_accum=2, repeats=2),
 }
 GROUP_SIZE = 8
-
-
-def median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def decode_roofline_bytes(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -108,13 +101,8 @@ def measure_train(graphdef, params, cfg: ModelConfig, args, device_kind: str) ->
   rollout = Rollout(rng.integers(3, cfg.vocab_size, (rows, p)).astype(np.int32), np.ones((rows, p), np.int32),
                     rng.integers(3, cfg.vocab_size, (rows, c)).astype(np.int32), np.ones((rows, c), np.int32),
                     logprobs(), logprobs(), rng.standard_normal(rows).astype(np.float32))
-  state, metrics = jax.block_until_ready(train_step(state, rollout))  # compile
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(train_step(state, rollout))
-    times.append(time.perf_counter() - start)
-  step = statistics.median(times)
+  state, metrics = jax.block_until_ready(train_step(state, rollout))  # compiles
+  step = median_step_time(train_step, state, rollout, args.repeats)
   model_flops = 3 * flops.forward_flops(cfg, batch=rows, new_tokens=p + c)
   out = {'rows': rows, 'tokens_per_row': p + c, 'grad_accum': args.grad_accum, 'remat': args.remat,
          'step_s': step, 'model_flops': model_flops, 'tokens_per_s': rows * (p + c) / step,
