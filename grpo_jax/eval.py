@@ -5,9 +5,13 @@ r"""Evaluate a policy on the paper's benchmarks: greedy pass@1 and, optionally, 
 
 Writes a JSON file (default <workdir or model>/eval.json; --output to change) and prints a table in the paper's
 columns (GSM8K, MATH, CMATH). Everything is local: the model directory, the shipped datasets (data/).
+
+On several hosts every process runs this same command, in the environment the launch scripts give the trainer
+(grpo_jax/distributed.py); the batches are split over all devices, and process 0 prints and writes the JSON.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -15,7 +19,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from grpo_jax import sharding
+from grpo_jax import distributed, sharding
 from grpo_jax.data import encode
 from grpo_jax.datasets import load_examples
 from grpo_jax.evaluate import greedy_eval, load_policy, maj_at_k
@@ -30,7 +34,8 @@ BENCHMARKS = {'gsm8k': ('test', 'gsm8k', 'GSM8K'), 'math500': ('test', 'math', '
 
 FLAGS = flags.FLAGS
 SETTINGS = ('model', 'workdir', 'datasets', 'source_dir', 'limit', 'maj_k', 'temperature', 'top_p', 'batch_size',
-            'max_prompt_len', 'max_new_tokens', 'prompt_template', 'chat', 'dtype', 'output', 'seed')  # in eval.json
+            'max_prompt_len', 'max_new_tokens', 'prompt_template', 'chat', 'dtype', 'output', 'seed',
+            'save_completions')  # in eval.json
 
 
 def define_flags() -> None:
@@ -51,6 +56,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('chat', 'auto', ['auto', 'always', 'never'], "Use the tokenizer's chat template.")
   flags.DEFINE_string('dtype', 'float32', 'Parameter and compute dtype.')
   flags.DEFINE_string('output', None, 'Where to write the JSON results.')
+  flags.DEFINE_bool('save_completions', False, 'Also write every greedy completion and whether it was right.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (maj@k).')
 
 
@@ -68,6 +74,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  distributed.initialize()  # before any other jax call (no-op on one host)
   unknown = [d for d in FLAGS.datasets if d not in BENCHMARKS]
   if unknown:
     raise app.UsageError(f'unknown datasets {unknown}; known: {sorted(BENCHMARKS)}')
@@ -85,9 +92,13 @@ def main(argv):
   common = dict(max_new_tokens=FLAGS.max_new_tokens, eos_id=stop_token_ids(tokenizer, tokenizer_dir),
                 pad_id=tokenizer.pad_token_id, mesh=mesh,
                 param_shardings=jax.tree.map(lambda x: x.sharding, params))
-  greedy = make_sampler(graphdef, greedy=True, **common)
-  voter = None if not FLAGS.maj_k else make_sampler(graphdef, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                                                     group_size=FLAGS.maj_k, **common)
+  # Several hosts: each passes the whole numpy batch, keeps its own rows, and gets every row's tokens back.
+  host_io = functools.partial(distributed.host_io, batch_sharding=sharding.batch_sharding(mesh),
+                              batch_argnums=(1, 2))
+  greedy = host_io(make_sampler(graphdef, greedy=True, **common))
+  voter = None if not FLAGS.maj_k else host_io(make_sampler(graphdef, temperature=FLAGS.temperature,
+                                                            top_p=FLAGS.top_p, group_size=FLAGS.maj_k, **common))
+  main_process = distributed.is_main_process()  # the one with progress bars, prints and the JSON file
   rng = jax.random.key(FLAGS.seed)
   results = {}
   for name, exs in examples.items():
@@ -98,19 +109,22 @@ def main(argv):
     start = time.perf_counter()
     res = {'n': len(split), 'column': column,
            'greedy': greedy_eval(greedy, params, split, tokenizer, verifier, batch_size=FLAGS.batch_size, rng=rng,
-                                 desc=f'{name} greedy')}
+                                 desc=f'{name} greedy' if main_process else None,
+                                 keep_completions=FLAGS.save_completions)}
     if voter is not None:
       res[f'maj@{FLAGS.maj_k}'] = maj_at_k(
           voter, params, split, tokenizer, verifier, lambda t, v=verifier_name: extract_answer(v, t),
-          k=FLAGS.maj_k, batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng, desc=f'{name} maj@{FLAGS.maj_k}')
+          k=FLAGS.maj_k, batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng,
+          desc=f'{name} maj@{FLAGS.maj_k}' if main_process else None)
     res['wall_time'] = time.perf_counter() - start
     results[name] = res
-    print(f"{name}: greedy {100 * res['greedy']['accuracy']:.1f}% of {len(split)}")
+    distributed.print0(f"{name}: greedy {100 * res['greedy']['accuracy']:.1f}% of {len(split)}")
   output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, 'eval.json')
-  settings = {name: FLAGS[name].value for name in SETTINGS}
-  with open(output, 'w') as f:
-    json.dump({'settings': settings, 'results': results}, f, indent=2)
-  print('\n' + table(results) + f'\n\nresults: {output}')
+  if main_process:
+    settings = {name: FLAGS[name].value for name in SETTINGS}
+    with open(output, 'w') as f:
+      json.dump({'settings': settings, 'results': results}, f, indent=2)
+  distributed.print0('\n' + table(results) + f'\n\nresults: {output}')
 
 
 if __name__ == '__main__':

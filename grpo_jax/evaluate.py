@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, hf, sharding
+from grpo_jax import checkpoint, distributed, hf, sharding
 from grpo_jax.data import TokenizedSplit
 from grpo_jax.model import ModelConfig, Transformer
 from grpo_jax.rewards import RewardFn, score
@@ -45,14 +45,19 @@ def sample_texts(sampler: Callable, params, split: TokenizedSplit, tokenizer, *,
 
 
 def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
-                batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None) -> dict:
+                batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None,
+                keep_completions: bool = False) -> dict:
   """Greedy decoding of every example: accuracy (the fraction the verifier, default the reward, scores >= 1),
-  mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample."""
+  mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample; with
+  keep_completions, also every completion and its score ('completions', 'correct')."""
   texts = sample_texts(greedy_sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, desc=desc)
   rewards, failures = score(reward_fn, texts, split.answers)
   correct = rewards if verifier is None else score(verifier, texts, split.answers)[0]
-  return {'accuracy': float((correct >= 1).mean()), 'reward': float(rewards.mean()),
-          'reward_failures': failures, 'sample': texts[0]}
+  out = {'accuracy': float((correct >= 1).mean()), 'reward': float(rewards.mean()),
+         'reward_failures': failures, 'sample': texts[0]}
+  if keep_completions:
+    out.update(completions=texts, correct=[bool(c >= 1) for c in correct])
+  return out
 
 
 def majority_answers(texts: list[str], k: int, extract: Callable[[str], str | None]) -> list[str | None]:
@@ -106,7 +111,7 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
                                  abstract_params, shardings)
   if workdir is not None:
     params, stage, step = checkpoint.restore_params(workdir, abstract_params, saved)
-    print(f'loaded {workdir}: {stage} checkpoint, step {step}')
+    distributed.print0(f'loaded {workdir}: {stage} checkpoint, step {step}')
   else:
     params = hf.load_params(model_dir, model_cfg, dtype=model_cfg.param_dtype, shardings=shardings)
   return graphdef, params, model_cfg, tokenizer

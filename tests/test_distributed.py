@@ -227,3 +227,35 @@ def test_two_process_training_matches_one_process(tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-5), (a['stage'], a['step'], key)
   summary = json.loads((tmp_path / 'multi' / 'summary.json').read_text())
   assert summary['grpo_sample'] == json.loads((tmp_path / 'one' / 'summary.json').read_text())['grpo_sample']
+
+
+@pytest.mark.slow
+def test_two_process_eval_matches_one_process(tmp_path):
+  """grpo_jax.eval of a tiny run's workdir on 2 processes x 2 devices gives the results of 1 process x 4
+  devices; only process 0 prints and writes the JSON."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  workdir = tmp_path / 'run'
+  # 150 SFT steps: enough that greedy completions differ between problems, so a row mix-up would show.
+  trained = subprocess.run([sys.executable, '-m', 'grpo_jax.train', f'--config={REPO}/configs/default.py:tiny',
+                            '--config.sft.max_steps=150', '--config.sft.eval_every=50', '--config.rl.num_steps=1',
+                            f'--workdir={workdir}'], env=env, cwd=str(REPO),
+                           capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-4000:]
+  cmd = ['-m', 'grpo_jax.eval', f'--workdir={workdir}', '--datasets=gsm8k,cmath', '--limit=6', '--batch_size=4',
+         '--max_new_tokens=6', '--max_prompt_len=1024', '--prompt_template=qa', '--save_completions']
+  multi = run_processes([*cmd, f'--output={tmp_path / "multi.json"}'], num_processes=2, devices_per_process=2,
+                        timeout=300)
+  for p in multi:
+    assert p.returncode == 0, p.stderr[-4000:]
+  printed = [[ln for ln in p.stdout.splitlines() if ln.strip() and not ln.startswith('[Gloo]')] for p in multi]
+  assert any('GSM8K' in ln for ln in printed[0]) and printed[1] == []
+  one = subprocess.run([sys.executable, *cmd, f'--output={tmp_path / "one.json"}'], env=env, cwd=str(REPO),
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-4000:]
+  results = [json.loads((tmp_path / f'{name}.json').read_text())['results'] for name in ('multi', 'one')]
+  for name in ('gsm8k', 'cmath'):
+    for r in results:
+      r[name].pop('wall_time')
+    assert results[0][name] == results[1][name], name
+    completions = results[0][name]['greedy']['completions']  # each problem's, in order, from all devices
+    assert len(completions) == results[0][name]['n'] == 6 and len(set(completions)) > 1, completions

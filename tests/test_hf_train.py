@@ -74,12 +74,19 @@ def test_export_equals_the_trained_checkpoint(trained, model_dir):
 def test_eval_command_writes_paper_columns(source, model_dir, trained, tmp_path):
   where = f'--model={model_dir}' if source == 'model' else f'--workdir={trained[0]}'
   out = tmp_path / 'eval.json'
+  save = ['--save_completions'] if source == 'model' else []
   stdout = run(['grpo_jax.eval', where, '--datasets=gsm8k,cmath', '--limit=3', '--max_new_tokens=4',
-                '--batch_size=2', '--maj_k=2', f'--output={out}'])
+                '--batch_size=2', '--maj_k=2', f'--output={out}', *save])
   results = json.loads(out.read_text())['results']
   assert set(results) == {'gsm8k', 'cmath'} and results['gsm8k']['n'] == 3
   for r in results.values():
     assert 0 <= r['greedy']['accuracy'] <= 1 and 0 <= r['maj@2']['accuracy'] <= 1
+    if source == 'model':  # --save_completions: each problem's completion and verdict; the accuracy is their mean
+      assert len(r['greedy']['completions']) == len(r['greedy']['correct']) == 3
+      assert r['greedy']['accuracy'] == sum(r['greedy']['correct']) / 3 and r['greedy']['sample'] == \
+          r['greedy']['completions'][0]
+    else:
+      assert 'completions' not in r['greedy']
   header = stdout.split('results:')[0].strip().splitlines()[-3]
   assert header.split() == ['GSM8K', 'CMATH']
 
