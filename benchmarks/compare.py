@@ -10,16 +10,29 @@ def step_time(r):
   return r['step_time_median_clean_s'] or r['step_time_median_s']  # clean = no foreign CPU load during the step
 
 
+def mean_of_runs(runs: list[dict]) -> dict:
+  """One row for several runs of the same impl (TRL before and after ours): mean speeds, the highest RSS."""
+  if len(runs) == 1:
+    return runs[0]
+  mean = lambda key: sum(key(r) for r in runs) / len(runs)  # noqa: E731
+  return dict(runs[0], step_time_median_clean_s=mean(step_time), gen_tokens_per_s=mean(lambda r: r['gen_tokens_per_s']),
+              gen_only_tokens_per_s=mean(lambda r: r['gen_only_tokens_per_s']),
+              peak_rss_mb=max(r['peak_rss_mb'] for r in runs), clean_steps=min(r['clean_steps'] for r in runs),
+              runs=[step_time(r) for r in runs])
+
+
 def main(path: str) -> None:
   rows = [json.loads(line) for line in open(path) if line.strip()]
-  by_key = {}
+  runs = {}
   for r in rows:
-    by_key.setdefault(r['max_completion_length'], {})[r['impl']] = r
+    runs.setdefault(r['max_completion_length'], {}).setdefault(r['impl'], []).append(r)
+  by_key = {length: {impl: mean_of_runs(rs) for impl, rs in impls.items()} for length, impls in runs.items()}
   print(f"{'L':>4} {'impl':>26} {'step s':>8} {'tok/s':>8} {'gen-only tok/s':>15} {'RSS MB':>8} {'clean':>6}")
   for length, impls in sorted(by_key.items()):
     for name, r in impls.items():
+      each = f"  (mean of runs: {', '.join(f'{t:.3f}' for t in r['runs'])} s)" if 'runs' in r else ''
       print(f"{length:>4} {name:>26} {step_time(r):>8.3f} {r['gen_tokens_per_s']:>8.0f} "
-            f"{r['gen_only_tokens_per_s']:>15.0f} {r['peak_rss_mb']:>8.0f} {r['clean_steps']:>6}")
+            f"{r['gen_only_tokens_per_s']:>15.0f} {r['peak_rss_mb']:>8.0f} {r['clean_steps']:>6}{each}")
     trl = impls.get('trl')
     for name, ours in impls.items():
       if trl is None or not name.startswith('grpo_jax'):

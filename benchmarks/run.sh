@@ -37,5 +37,7 @@ for L in $LENGTHS; do
     python "$ROOT/benchmarks/grpo_step_bench.py" --steps "$STEPS" --max-completion-length "$L" --fixed-length \
       $ARGS | tail -n 1 >> "$OUT"
   done
+  echo "[bench] TRL L=$L again (the machine drifts: ratios use the mean of TRL's runs before and after ours)"
+  "$TRL_VENV/bin/python" "$BASELINE" --steps "$STEPS" --max-completion-length "$L" --fixed-length | tail -n 1 >> "$OUT"
 done
 python "$ROOT/benchmarks/compare.py" "$OUT"
