@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent('''
     from grpo_jax.grpo import Rollout, grpo_objective
     from grpo_jax.logprobs import make_sequence_logprobs_fn, sequence_logprobs
     from grpo_jax.model import KVCache, ModelConfig, Transformer, positions_from_mask
+    from grpo_jax.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
     from grpo_jax.sampling import make_sampler
     from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
@@ -100,6 +101,29 @@ SCRIPT = textwrap.dedent('''
         return dict(k=spec(cache.k[0]), k_shard=list(cache.k[0].addressable_shards[0].data.shape),
                     mask=spec(cache.mask), logits=spec(logits))
 
+    # A reward model of the same shapes, random head; comparisons from the GRPO batch's sequences.
+    rm_graphdef, rm_params = nnx.split(RewardModel(cfg, nnx.Rngs(1)), nnx.Param)
+    rm_params['head'].value = rng.standard_normal(32).astype(np.float32)
+    rm_host = jax.tree.map(np.asarray, rm_params)
+    sequences = np.concatenate([prompt_tokens, completion_tokens], 1)
+    sequence_mask = np.concatenate([prompt_mask, completion_mask], 1)
+    comparisons = Comparisons(sequences[:8], sequence_mask[:8], sequences[8:], sequence_mask[8:])
+
+    def reward_model(mesh, rules):
+        shardings = sharding.tree_shardings(rm_host, mesh, rules)
+        scores = make_score_fn(rm_graphdef, param_shardings=shardings, mesh=mesh, rules=rules)(
+            jax.device_put(rm_host, shardings), sequences, sequence_mask)
+        tx = make_optimizer(opt_cfg, total_steps=10)
+        state = init_state(rm_host, tx, mesh, rules)
+        step = make_train_step(rm_graphdef, tx, pairwise_loss, state_shardings(state, mesh, rules),
+                               sharding.batch_sharding(mesh, rules), mesh, rules)
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, comparisons)
+            losses.append(float(metrics['loss']))
+        return dict(scores=np.asarray(scores).tolist(), losses=losses, head=spec(state.params['head'].value),
+                    mu=describe(state.opt_state[1][0].mu)['backbone/blocks/0/mlp/up'])
+
     out, final = {}, {}
     for name, shape in meshes.items():
         devices = jax.devices()[:1] if shape == [1, 1, 1] else None
@@ -124,7 +148,8 @@ SCRIPT = textwrap.dedent('''
                              mesh=dict(mesh.shape), params=describe(state.params),
                              mu=describe(state.opt_state[1][0].mu), greedy=greedy(mesh, rules, params),
                              replicated=sharding.replicated_arrays(state, min_size=256),
-                             ref_micro_err=float(np.abs(ref_micro - logprobs).max()))
+                             ref_micro_err=float(np.abs(ref_micro - logprobs).max()),
+                             reward_model=reward_model(mesh, rules))
         if name in sampler_overrides:
             sampler_rules = rules.override(sampler_overrides[name])
             r['sampler_rules_greedy'] = greedy(mesh, sampler_rules, params)
@@ -186,6 +211,16 @@ def test_sharded_greedy_sampler_matches_single_device(result, mesh):
   np.testing.assert_allclose(result[mesh]['greedy']['logprobs'], result['one']['greedy']['logprobs'], rtol=1e-5,
                              atol=1e-5)
   assert any(t != 0 for row in result['one']['greedy']['tokens'] for t in row)  # it did generate
+
+
+@pytest.mark.parametrize('mesh', [m for m in MESHES if m != 'one'])
+def test_sharded_reward_model_matches_single_device(result, mesh):
+  one, many = result['one']['reward_model'], result[mesh]['reward_model']
+  np.testing.assert_allclose(many['scores'], one['scores'], rtol=1e-5, atol=1e-5)
+  assert many['losses'] == pytest.approx(one['losses'], rel=1e-5) and one['losses'][0] != one['losses'][1]
+  # Its optimizer state is split like the policy's: the 'up' projection's Adam moment [embed 32, mlp 64].
+  sizes = result[mesh]['mesh']
+  assert many['mu'] == [['fsdp', 'tensor'], [32 // sizes['fsdp'], 64 // sizes['tensor']]]
 
 
 @pytest.mark.parametrize('mesh', list(MESHES))
