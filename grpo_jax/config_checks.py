@@ -62,18 +62,22 @@ def _check_memory_knobs(cfg) -> None:
   chunk = cfg.model.get('logprob_chunk', 0)
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(f'config.model.logprob_chunk must be an int >= 0 (0 = off), got {chunk!r}')
+  for stage in ('sft', 'rl'):
+    master = cfg[stage].get('master_dtype', 'float32')
+    if master not in ('float32', ''):
+      raise ValueError(f"config.{stage}.master_dtype={master!r} must be 'float32' or '' (off)")
+
+
+def _check_runtime_knobs(cfg) -> None:
+  """decode_block and compile_cache_dir: how the sampler loops and where compiled executables are kept."""
+  block = cfg.get('decode_block', 0)
+  if not isinstance(block, int) or block < 0:
+    raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')
   cache = cfg.get('compile_cache_dir', '')
   if not isinstance(cache, str):
     raise ValueError(f"config.compile_cache_dir must be a directory path or '' (off), got {cache!r}")
   if cache and os.path.exists(os.path.expanduser(cache)) and not os.path.isdir(os.path.expanduser(cache)):
     raise ValueError(f'config.compile_cache_dir={cache!r} exists and is not a directory')
-  block = cfg.get('decode_block', 0)
-  if not isinstance(block, int) or block < 0:
-    raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')
-  for stage in ('sft', 'rl'):
-    master = cfg[stage].get('master_dtype', 'float32')
-    if master not in ('float32', ''):
-      raise ValueError(f"config.{stage}.master_dtype={master!r} must be 'float32' or '' (off)")
 
 
 def check_config(cfg, num_devices: int) -> None:
@@ -86,6 +90,7 @@ def check_config(cfg, num_devices: int) -> None:
   _check_task(cfg)
   _check_model_path(cfg.model.get('path', ''))
   _check_memory_knobs(cfg)
+  _check_runtime_knobs(cfg)
   if cfg.get('lora') is not None:
     check_lora_config(cfg.lora)
   if cfg.rl.group_size < 2:

@@ -110,15 +110,14 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
       k = num_micro_batches
       if arrays[0].shape[0] % k:
         raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches')
-      micro = [x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1) for x in arrays]  # [k, B / k, ...]
+      micro = sharding.split_micro_batches(arrays, k)  # [k, B / k, ...] each
 
       def one_micro_batch(xs):
         if batch_sharding is not None:
-          xs = jax.lax.with_sharding_constraint(xs, [batch_sharding] * len(xs))
+          xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
         return sequence_logprobs(model, *xs, chunk_size=chunk_size)
 
-      out = jax.lax.map(one_micro_batch, micro)  # [k, B / k, c]
-      return out.swapaxes(0, 1).reshape(-1, out.shape[-1])
+      return sharding.merge_micro_batches(jax.lax.map(one_micro_batch, micro))  # [k, B / k, c] -> [B, c]
 
   if param_shardings is None:
     return jax.jit(logprobs_of)

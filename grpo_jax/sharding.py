@@ -202,6 +202,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def split_micro_batches(tree, k: int):
+  """Leaves [B, ...] -> [k, B / k, ...]. Micro-batch j holds rows j, j + k, j + 2k, ...: as batch_sharding
+  gives each device a contiguous block of rows, every micro-batch keeps an equal share of every device's rows."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def merge_micro_batches(tree):
+  """The inverse of split_micro_batches: leaves [k, B / k, ...] -> [B, ...], rows in their original order."""
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
 def replicated_arrays(tree, min_size: int) -> list[str]:
   """Paths of arrays with >= min_size elements that every device holds whole (on a mesh of > 1 device)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]

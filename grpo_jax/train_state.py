@@ -119,8 +119,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   def accumulated_grads_of(params, batch, frozen=()):
     k = grad_accum_steps
-    # Micro-batch j holds rows j, j + k, j + 2k, ...: each keeps an equal share of every device's rows.
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+    micro = sharding.split_micro_batches(batch, k)  # each keeps an equal share of every device's rows
     weights = jax.vmap(micro_weight)(micro) if micro_weight else jnp.ones(k)  # [k]
     total = weights.sum()
     weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0).astype(jnp.float32)
