@@ -82,6 +82,8 @@ def main() -> int:
                        'micro-batches (the same result; on CPU smaller working sets are faster and use less memory)')
   ap.add_argument('--decode-block', type=int, default=0,
                   help='config.decode_block: the KV cache grows this many slots at a time (same tokens)')
+  ap.add_argument('--cpu-devices', type=int, default=2,
+                  help="config.cpu_devices: XLA CPU devices that share each batch (the trainer's default 2; 0 = one)")
   ap.add_argument('--compile-cache', default='',
                   help='config.compile_cache_dir: load compiled executables from this dir (a rerun: run twice)')
   args = ap.parse_args()
@@ -89,6 +91,7 @@ def main() -> int:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
 
   t_start = time.perf_counter()
+  distributed.use_cpu_devices(args.cpu_devices)
   distributed.use_compile_cache(args.compile_cache)
   G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
   tokenizer = build_tokenizer(characters=CHARACTERS)
@@ -166,10 +169,11 @@ def main() -> int:
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
-      'impl': 'grpo_jax' + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
+      'impl': 'grpo_jax' + (f'/{jax.device_count()}dev' if args.cpu_devices != 2 else '')
+              + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
               + (f'/block{args.decode_block}' if args.decode_block else '')
               + ('/cache' if args.compile_cache else ''),
-      'micro_batches': args.micro_batches, 'decode_block': args.decode_block,
+      'micro_batches': args.micro_batches, 'decode_block': args.decode_block, 'devices': jax.device_count(),
       'compile_cache': bool(args.compile_cache),
       'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),

@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250  # greedy decoding batch for val/test evals
 
+  # CPU only: split the host into this many XLA devices, one core each, so the mesh's data axis spreads every batch
+  # over the cores (XLA:CPU runs small ops on one core per device); 0 = one device. Sized for the 2-core default.
+  c.cpu_devices = 2
   c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; -1 takes the remaining devices
   c.mesh.data = -1
   c.mesh.fsdp = 1

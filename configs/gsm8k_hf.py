@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.checkpoint_every = 25
   c.export_hf = True
+  c.cpu_devices = 0  # accelerator hosts: jax's default CPU backend, unused for compute
 
   if arg == 'tiny':  # CPU test settings for a tiny random model (tests/test_hf_train.py)
     c.task.num_test = 8

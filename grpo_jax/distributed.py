@@ -4,6 +4,7 @@
   is_main_process()    # jax.process_index() == 0: metrics, progress bar, prints, summary.json
   host_local_batch(x, sharding)  # a global jax.Array from this host's rows of the numpy batch x
   host_io(jitted_fn, batch_sharding, batch_argnums=...)  # numpy in -> global arrays; outputs back to numpy
+  use_cpu_devices(count)   # before any jax call on a CPU host: one XLA device per core, not one in all
   use_compile_cache(path)  # reruns and restarts load compiled executables from path (shared storage on a pod)
 
 How a multi-host start is recognised (`launch_kind`), first match wins:
@@ -27,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Sharding
@@ -82,6 +84,31 @@ def initialize(env: Mapping[str, str] | None = None) -> str | None:
   elif kind is not None:
     jax.distributed.initialize()  # jax's cluster detection: SLURM, GCE / GKE TPU metadata
   return kind
+
+
+def use_cpu_devices(count: int) -> int | None:
+  """Split this host's CPU into `count` XLA devices (0: jax's default, one); returns the count applied, or None.
+
+  Why: XLA:CPU runs each small op (a decode step's [32, 256] x [256, 688] matmul, every elementwise fusion) on one
+  core, so with one CPU device the other cores idle through sampling. With `count` devices the mesh's batch axes
+  spread each batch over them and `count` cores work at once (2 cores: decode about 1.7x faster; see
+  benchmarks/RESULTS.md). Must run before jax starts its CPU backend. An explicit
+  XLA_FLAGS=--xla_force_host_platform_device_count=N wins (the tests' simulated meshes), and on a process whose
+  backend is already up (a notebook, a test calling train.run) the count stays as it is, with a warning.
+  """
+  if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    raise ValueError(f"config.cpu_devices must be an int >= 0 (0 = jax's default: one CPU device), got {count!r}")
+  if count == 0 or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return None
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # the backend already started
+    if len(jax.devices('cpu')) == count:
+      return count
+    logging.warning('config.cpu_devices=%d not applied: jax already started with %d CPU device(s)', count,
+                    len(jax.devices('cpu')))
+    return None
+  return count
 
 
 def use_compile_cache(path: str) -> None:

@@ -58,6 +58,8 @@ def define_flags() -> None:
   flags.DEFINE_string('output', None, 'Where to write the JSON results.')
   flags.DEFINE_bool('save_completions', False, 'Also write every greedy completion and whether it was right.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (maj@k).')
+  flags.DEFINE_integer('cpu_devices', 0, 'CPU hosts: split the CPU into this many XLA devices, one core each, to '
+                       'decode batches on several cores at once (config.cpu_devices); 0 = one device.')
 
 
 def table(results: dict[str, dict]) -> str:
@@ -74,6 +76,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  distributed.use_cpu_devices(FLAGS.cpu_devices)
   distributed.initialize()  # before any other jax call (no-op on one host)
   unknown = [d for d in FLAGS.datasets if d not in BENCHMARKS]
   if unknown:

@@ -364,6 +364,7 @@ def _table(rows: list[tuple[str, float, float, float]]) -> str:
 
 
 def run(cfg, workdir: str) -> dict:
+  distributed.use_cpu_devices(cfg.get('cpu_devices', 0))  # before the first jax call below starts the backend
   check_config(cfg, jax.device_count())
   distributed.use_compile_cache(cfg.get('compile_cache_dir', ''))
   os.makedirs(workdir, exist_ok=True)

@@ -73,6 +73,39 @@ def test_single_process_helpers():
   assert distributed.is_main_process() and distributed.any_process(True) and not distributed.any_process(False)
 
 
+CPU_DEVICES_PROBE = """
+import json, sys
+from grpo_jax import distributed
+applied = distributed.use_cpu_devices(int(sys.argv[1]))
+import jax
+count = jax.device_count()  # starts the backend
+late = distributed.use_cpu_devices(int(sys.argv[2]))
+print(json.dumps([applied, count, late, jax.device_count()]))
+"""
+
+
+@pytest.mark.parametrize('xla_flags, first, later, expected', [
+    ('', 2, 3, [2, 2, None, 2]),  # applied; a later, different count cannot change a started backend
+    ('', 3, 3, [3, 3, 3, 3]),  # asking again for the count in force is fine
+    ('', 0, 0, [None, 1, None, 1]),  # 0: jax's default, one CPU device
+    ('--xla_force_host_platform_device_count=3', 2, 2, [None, 3, None, 3]),  # an explicit XLA flag wins
+])
+def test_use_cpu_devices_splits_the_host_before_the_backend_starts(xla_flags, first, later, expected):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
+  proc = subprocess.run([sys.executable, '-c', CPU_DEVICES_PROBE, str(first), str(later)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+  warned = 'config.cpu_devices=3 not applied' in proc.stderr
+  assert warned == ((first, later) == (2, 3))
+
+
+@pytest.mark.parametrize('bad', [-1, 1.5, True, '2'])
+def test_use_cpu_devices_rejects_bad_counts(bad):
+  with pytest.raises(ValueError, match=r'config\.cpu_devices must be an int >= 0'):
+    distributed.use_cpu_devices(bad)
+
+
 def test_inactive_metric_writer_writes_nothing(tmp_path):
   main, other = tmp_path / 'main', tmp_path / 'other'
   main.mkdir(), other.mkdir()

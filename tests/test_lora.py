@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -199,19 +198,23 @@ def unwrap(tree):
 
 
 def raw_state(workdir, stage: str) -> dict:
-  """The latest checkpoint's train state as saved: no target, so no assumption on what it holds."""
+  """The latest checkpoint's train state as saved, as numpy: no target, so no assumption on what it holds or on
+  the devices that wrote it (the run used config.cpu_devices=2; this process has one)."""
   import orbax.checkpoint as ocp
   step = checkpoint.read_meta(checkpoint.manager(str(workdir), stage, max_to_keep=2))['step']
-  with warnings.catch_warnings():  # that it reads the shardings from the files: what we want here
-    warnings.simplefilter('ignore', UserWarning)
-    return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, 'checkpoints', stage, str(step), 'state'))
+  path = os.path.join(workdir, 'checkpoints', stage, str(step), 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 @pytest.fixture(scope='module')
 def lora_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('lora')
-  proc = subprocess.run(train_command(workdir, *LORA_OVERRIDES), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=600)
+  # One CPU device, as the in-process resume below has: equal metrics need the same reduction order.
+  proc = subprocess.run(train_command(workdir, *LORA_OVERRIDES, '--config.cpu_devices=0'), cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc.stdout
 

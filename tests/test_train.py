@@ -45,6 +45,7 @@ def test_smoke_run_writes_summary_metrics_and_artifacts(finished_run):
     assert all(key in r for r in grpo_rows), key
   assert any(r['stage'] == 'sft' and 'val_accuracy' in r for r in rows)
   assert 'held-out acc' in stdout and 'grpo' in stdout
+  assert "devices: 2 (1 processes); mesh: {'data': 2," in stdout  # the preset's cpu_devices=2, batches over both
   assert os.listdir(workdir / 'tensorboard')
   assert (workdir / 'tokenizer' / 'tokenizer.json').exists()
   with open(workdir / 'config.json') as f:
