@@ -3,7 +3,8 @@
 # in this session, then the ratios. TRL and CPU torch go into benchmarks/.venv-trl on first use.
 #   bash benchmarks/run.sh                 # L = 32 and 128, fixed length, 10 steps each
 #   LENGTHS="32 64" STEPS=20 bash benchmarks/run.sh
-# grpo_jax runs three times: with the trainer's defaults; with TUNED (the same work: the update over 8 equal
+# grpo_jax runs four times: with the trainer's defaults (config.cpu_devices=2: the batch over 2 XLA CPU devices);
+# the same on one device (--cpu-devices 0, for comparison); with TUNED (the same work: the update over 4 equal
 # micro-batches, rl.grad_accum_steps; the KV cache grown 32 slots at a time, config.decode_block); and TUNED as a
 # rerun that loads its compiled executables from config.compile_cache_dir (filled by an untimed first run).
 set -euo pipefail
@@ -12,7 +13,7 @@ BASELINE="${BASELINE:-$ROOT/../shared/bench/trl_grpo_baseline.py}"
 TRL_VENV="$ROOT/benchmarks/.venv-trl"
 LENGTHS="${LENGTHS:-32 128}"
 STEPS="${STEPS:-10}"
-TUNED="${TUNED:---micro-batches 8 --decode-block 32}"
+TUNED="${TUNED:---micro-batches 4 --decode-block 32}"
 OUT="${OUT:-$ROOT/benchmarks/results.jsonl}"
 CACHE="$(mktemp -d)"
 trap 'rm -rf "$CACHE"' EXIT
@@ -31,7 +32,7 @@ for L in $LENGTHS; do
   # shellcheck disable=SC2086  # TUNED is a list of flags
   python "$ROOT/benchmarks/grpo_step_bench.py" --steps 2 --max-completion-length "$L" --fixed-length $TUNED \
     --compile-cache "$CACHE/$L" > /dev/null  # fills the cache for the rerun below
-  for ARGS in "" "$TUNED" "$TUNED --compile-cache $CACHE/$L"; do
+  for ARGS in "" "--cpu-devices 0" "$TUNED" "$TUNED --compile-cache $CACHE/$L"; do
     echo "[bench] grpo_jax L=$L $ARGS"
     # shellcheck disable=SC2086  # ARGS is a list of flags
     python "$ROOT/benchmarks/grpo_step_bench.py" --steps "$STEPS" --max-completion-length "$L" --fixed-length \
