@@ -186,6 +186,30 @@ def test_decode_blocks_give_the_same_completions(split, block):
   assert 0 < (whole.mask.sum(-1) < 10).sum()  # some rows stop at EOS inside a block
 
 
+@pytest.mark.parametrize('check_every', [1, 3, 16])  # 10 new tokens: checks at every step, mid-block, never
+@pytest.mark.parametrize('block', [0, 4])
+def test_how_often_the_all_done_check_runs_changes_nothing(split, block, check_every):
+  """Decoding a few steps between checks of all(done) only adds steps after the last EOS: same completions."""
+  prompts, prompt_mask = prompts_batch(seed=2)
+  want = run(split, prompts, prompt_mask, seed=5, decode_block=block, stop_check_every=1)
+  got = run(split, prompts, prompt_mask, seed=5, decode_block=block, stop_check_every=check_every)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert 0 < (want.mask.sum(-1) < 10).sum()  # some rows stop at EOS
+  # One row whose EOS is its second token (or first): every row is done early, and the loop runs on to its check.
+  free = run(split, prompts[:1], prompt_mask[:1], seed=5, decode_block=block, eos_id=NEVER)
+  stopped = run(split, prompts[:1], prompt_mask[:1], seed=5, decode_block=block, stop_check_every=check_every,
+                eos_id=int(free.tokens[0, 1]))
+  n = int(stopped.mask.sum())
+  assert 1 <= n <= 2 and np.all(stopped.tokens[0, :n] == free.tokens[0, :n])
+  assert np.all(stopped.tokens[0, n:] == PAD) and np.all(stopped.logprobs[0, n:] == 0)
+
+
+def test_stop_check_every_must_be_positive(split):
+  prompts, prompt_mask = prompts_batch(seed=2)
+  with pytest.raises(ValueError, match='stop_check_every must be an int >= 1'):
+    run(split, prompts, prompt_mask, stop_check_every=0)  # 0 would never advance the decode loop
+
+
 def test_top_k_1_equals_greedy(split):
   prompts, prompt_mask = prompts_batch(seed=3)
   greedy = run(split, prompts, prompt_mask, greedy=True)
