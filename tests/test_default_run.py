@@ -1,4 +1,4 @@
-"""The full embedded default (about 10 minutes on 2 CPU cores). Marked slow: CI skips it.
+"""The full embedded default (about 5 minutes on 2 CPU cores). Marked slow: CI skips it.
 
   bash launch/test.sh -m slow -k default
 """
