@@ -103,10 +103,11 @@ def use_cpu_devices(count: int) -> int | None:
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # the backend already started
-    if len(jax.devices('cpu')) == count:
+    started_with = len(jax.devices('cpu'))
+    if started_with == count:
       return count
     logging.warning('config.cpu_devices=%d not applied: jax already started with %d CPU device(s)', count,
-                    len(jax.devices('cpu')))
+                    started_with)
     return None
   return count
 

@@ -110,6 +110,7 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
 
   init = (logits[:, -1], cache, next_position, jnp.int32(p), jnp.zeros((b,), bool),
           jnp.full_like(empty, pad_id), empty, empty.astype(jnp.float32))
+
   def decode_some(carry, end):
     # Up to stop_check_every tokens between checks of all(done): over a batch split across devices that check is
     # an all-reduce, and each one makes every device wait for the slowest. Steps past the last EOS change nothing.
