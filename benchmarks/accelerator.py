@@ -11,7 +11,7 @@ Decode: the trainer's sampler (KV cache, one prefill per prompt shared by its G 
 (--batch / G prompts x G) of --prompt_len tokens, every row running to --new_tokens. One token step takes
 (t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and the first token cancel out. Its roofline reads each
 weight once plus the keys and values of the slots attended so far (at least prompt_len + i at step i, bf16):
-bytes / the device's HBM bandwidth (grpo_jax/flops.py). Target: >= 70% of roofline.
+bytes / the device's HBM bandwidth (grpo_jax/parallel/flops.py). Target: >= 70% of roofline.
 
 Train: one GRPO train step (clipped objective with k3 KL, AdamW on an fp32 master copy, grad clipping) on
 --train_rows rows of prompt_len + new_tokens tokens, in --grad_accum micro-batches. MFU = 3 x the forward's
@@ -32,11 +32,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import flops, sharding
-from grpo_jax.grpo import Rollout, grpo_objective
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.sampling import make_sampler
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import flops, sharding
+from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.sampling import make_sampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from micro import median_step_time, median_time  # noqa: E402

@@ -26,17 +26,17 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import distributed, sharding
-from grpo_jax.advantages import get_advantage_fn
-from grpo_jax.data import TokenizedSplit
-from grpo_jax.flops import grpo_step_flops
-from grpo_jax.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.logprobs import make_sequence_logprobs_fn
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.rewards import get_reward_fn
-from grpo_jax.sampling import make_sampler
-from grpo_jax.tokenizer import build_tokenizer
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.core.advantages import get_advantage_fn
+from grpo_jax.core.logprobs import make_sequence_logprobs_fn
+from grpo_jax.data.batches import TokenizedSplit
+from grpo_jax.data.tokenizer import build_tokenizer
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import distributed, sharding
+from grpo_jax.parallel.flops import grpo_step_flops
+from grpo_jax.pipeline.grpo import collect_rollout, grpo_objective, update
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rewards.registry import get_reward_fn
+from grpo_jax.rollout.sampling import make_sampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roofline import matmul_peak_flops  # noqa: E402

@@ -25,12 +25,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import sharding
-from grpo_jax.grpo import Rollout, grpo_objective
-from grpo_jax.logprobs import sequence_logprobs
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.sampling import make_sampler
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import sharding
+from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.sampling import make_sampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grpo_step_bench import MODEL  # noqa: E402

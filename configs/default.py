@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from grpo_jax.sharding import LOGICAL_RULES
+from grpo_jax.parallel.sharding import LOGICAL_RULES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -14,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # one seed drives init, data order and sampling
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = 'arithmetic'  # generated GSM8K-style +/- word problems (grpo_jax/tasks.py)
+  c.task.name = 'arithmetic'  # generated GSM8K-style +/- word problems (grpo_jax/data/tasks.py)
   c.task.num_train = 20000  # train split size (prompts for SFT and GRPO)
   c.task.num_val = 200  # validation split: SFT early stopping only
   c.task.num_test = 500  # held-out split: the reported accuracies
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.max_steps = 3
   c.task.start_range = (10, 99)  # starting quantity
   c.task.change_range = (2, 9)  # size of each +/- change
-  c.task.prompt_template = 'qa'  # 'Q: {question}\nA: ' (grpo_jax/prompts.py), or any string with {question}
+  c.task.prompt_template = 'qa'  # 'Q: {question}\nA: ' (grpo_jax/data/prompts.py), or any string with {question}
   c.task.chat = 'never'  # 'auto' | 'always' | 'never': wrap the prompt in the tokenizer's chat template
   c.task.verifier = 'gsm8k_exact'  # what counts as correct in the reported accuracy (rewards registry)
 
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.beta = 0.0  # KL weight (the paper: 0.04); > 0 runs the frozen reference each step
   c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's)
   c.rl.advantage = 'grpo'  # 'grpo' (std-scaled) | 'group_mean'
-  c.rl.reward = 'gsm8k_exact'  # registry name in grpo_jax/rewards.py
+  c.rl.reward = 'gsm8k_exact'  # registry name in grpo_jax/rewards/registry.py
   c.rl.temperature = 1.0
   c.rl.top_k = 0  # 0 = off
   c.rl.top_p = 1.0  # 1.0 = off
@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.grad_accum_steps = 1  # k micro-batches per minibatch, one update (live activations: one micro-batch's)
   c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
-  c.lora = ml_collections.ConfigDict()  # low-rank adapters (grpo_jax/lora.py); the frozen base is the reference
+  c.lora = ml_collections.ConfigDict()  # low-rank adapters (grpo_jax/models/lora.py); the frozen base is the reference
   c.lora.rank = 0  # r; 0 = off: full fine-tuning
   c.lora.alpha = 16.0  # the update is (alpha / r) * x A B
   c.lora.targets = 'q,k,v,o,gate,up,down'  # projections with adapters: attention q/k/v/o, MLP gate/up/down
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
-  c.sharding = ml_collections.ConfigDict()  # logical axis -> mesh axes (the table, explained: grpo_jax/sharding.py)
+  c.sharding = ml_collections.ConfigDict()  # logical axis -> mesh axes (explained in grpo_jax/parallel/sharding.py)
   c.sharding.rules = tuple(LOGICAL_RULES.items())  # ((logical axis, mesh axis | (axes, ...) | None), ...), all axes
   c.sharding.sampler_rules = ()  # overrides for the samplers' param layout, e.g. (('embed', None),): no fsdp gathers
   c.sharding.allow_replication_fallback = False  # True: replicate a param dim its mesh axes do not divide, not error

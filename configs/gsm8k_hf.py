@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = default.get_config()
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = 'gsm8k'  # 'gsm8k' | 'math' | 'math500' | 'cmath' | 'jsonl' (grpo_jax/datasets.py)
+  c.task.name = 'gsm8k'  # 'gsm8k' | 'math' | 'math500' | 'cmath' | 'jsonl' (grpo_jax/data/datasets.py)
   c.task.train_split = 'train'
   c.task.test_split = 'test'
   c.task.source_dir = ''  # '' = the JSONL shipped in data/; or a directory with the same files
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.num_test = 0  # 0 = the whole test split (1319 problems)
   c.task.prompt_template = 'cot'  # question + "Please reason step by step, and put your final answer within \boxed{}."
   c.task.chat = 'auto'  # the tokenizer's chat template when it has one (instruct models)
-  c.task.verifier = 'gsm8k'  # grpo_jax/verifiers.py
+  c.task.verifier = 'gsm8k'  # grpo_jax/rewards/verifiers.py
   c.task.skip_long_prompts = True  # drop (and count) prompts longer than max_prompt_len
   # for task.name == 'jsonl': any dataset as JSONL
   c.task.train_file = ''

@@ -7,7 +7,7 @@ Writes a JSON file (default <workdir or model>/eval.json; --output to change) an
 columns (GSM8K, MATH, CMATH). Everything is local: the model directory, the shipped datasets (data/).
 
 On several hosts every process runs this same command, in the environment the launch scripts give the trainer
-(grpo_jax/distributed.py); the batches are split over all devices, and process 0 prints and writes the JSON.
+(grpo_jax/parallel/distributed.py); the batches are split over all devices, and process 0 prints and writes the JSON.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ import time
 import jax
 from absl import app, flags, logging
 
-from grpo_jax import distributed, sharding
-from grpo_jax.data import encode
-from grpo_jax.datasets import load_examples
-from grpo_jax.evaluate import greedy_eval, load_policy, maj_at_k
-from grpo_jax.rewards import get_reward_fn
-from grpo_jax.sampling import make_sampler
-from grpo_jax.tokenizer import stop_token_ids
-from grpo_jax.verifiers import extract_answer
+from grpo_jax.data.batches import encode
+from grpo_jax.data.datasets import load_examples
+from grpo_jax.data.tokenizer import stop_token_ids
+from grpo_jax.parallel import distributed, sharding
+from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k
+from grpo_jax.rewards.registry import get_reward_fn
+from grpo_jax.rewards.verifiers import extract_answer
+from grpo_jax.rollout.sampling import make_sampler
 
 # dataset -> (split, verifier, the paper's column)
 BENCHMARKS = {'gsm8k': ('test', 'gsm8k', 'GSM8K'), 'math500': ('test', 'math', 'MATH'),

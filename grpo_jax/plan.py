@@ -47,13 +47,14 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from grpo_jax import flops, sharding, train
-from grpo_jax.config_checks import check_batch_layout
-from grpo_jax.grpo import Rollout
-from grpo_jax.logprobs import make_sequence_logprobs_fn
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.sampling import make_sampler
-from grpo_jax.train_state import TrainState, make_optimizer, make_train_step
+from grpo_jax import train
+from grpo_jax.core.logprobs import make_sequence_logprobs_fn
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import flops, sharding
+from grpo_jax.pipeline.config_checks import check_batch_layout
+from grpo_jax.pipeline.grpo import Rollout
+from grpo_jax.pipeline.train_state import TrainState, make_optimizer, make_train_step
+from grpo_jax.rollout.sampling import make_sampler
 
 # --config (with --config.x=... overrides) is train.py's flag, so both read a config the same way.
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Devices of the simulated mesh (config.mesh must fit).')

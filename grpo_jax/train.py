@@ -25,22 +25,24 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, distributed, flops, hf, lora, sharding
-from grpo_jax.advantages import get_advantage_fn
-from grpo_jax.config_checks import check_config
-from grpo_jax.data import TokenizedSplit, batch_indices, encode
-from grpo_jax.datasets import load_examples, load_jsonl
-from grpo_jax.evaluate import greedy_eval
-from grpo_jax.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.logprobs import make_sequence_logprobs_fn
-from grpo_jax.metrics import MetricWriter
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.rewards import get_reward_fn
-from grpo_jax.sampling import make_sampler
-from grpo_jax.sft import SFTBatch, sft_loss, sft_token_count
-from grpo_jax.tasks import generate_split, vocabulary
-from grpo_jax.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.core.advantages import get_advantage_fn
+from grpo_jax.core.logprobs import make_sequence_logprobs_fn
+from grpo_jax.data.batches import TokenizedSplit, batch_indices, encode
+from grpo_jax.data.datasets import load_examples, load_jsonl
+from grpo_jax.data.tasks import generate_split, vocabulary
+from grpo_jax.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
+from grpo_jax.models import hf, lora
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import distributed, flops, sharding
+from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.evaluate import greedy_eval
+from grpo_jax.pipeline.grpo import collect_rollout, grpo_objective, update
+from grpo_jax.pipeline.metrics import MetricWriter
+from grpo_jax.pipeline.sft import SFTBatch, sft_loss, sft_token_count
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rewards.registry import get_reward_fn
+from grpo_jax.rollout.sampling import make_sampler
 
 STAGES = ['sft', 'grpo']
 SECTIONS = {'sft': 'sft', 'grpo': 'rl'}  # each stage's config section

@@ -12,7 +12,7 @@
 #   DRY_RUN=1 bash launch/slurm.sh ...   # inside an allocation (salloc): print the commands, run nothing
 # How the processes meet: the coordinator is the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`) on
 # PORT; GRPO_JAX_COORDINATOR / GRPO_JAX_NUM_PROCESSES (= nodes) are exported and each task sets
-# GRPO_JAX_PROCESS_ID=$SLURM_PROCID. grpo_jax.distributed passes these to jax.distributed.initialize() with
+# GRPO_JAX_PROCESS_ID=$SLURM_PROCID. grpo_jax.parallel.distributed passes these to jax.distributed.initialize() with
 # jax's own SLURM detection off: that detection assumes one process per GPU (it would show each process only
 # GPU $SLURM_LOCALID). For one process per GPU instead, skip this script:
 #   srun --ntasks-per-node=8 --gpus-per-task=1 python -m grpo_jax.train ...  (jax's SLURM detection then applies)

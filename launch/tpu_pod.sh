@@ -8,7 +8,7 @@
 #   2. `gcloud compute tpus tpu-vm scp --worker=all` copies it to the home directory of every worker;
 #   3. `gcloud compute tpus tpu-vm ssh --worker=all --command=...` unpacks it into ~/$REMOTE_DIR, runs
 #      $WORKER_SETUP, then launch/local.sh with JAX_EXTRA=tpu (launch/_env.sh creates the venv with jax[tpu] on
-#      first use) and GRPO_JAX_DISTRIBUTED=1 (grpo_jax.distributed then calls jax.distributed.initialize(),
+#      first use) and GRPO_JAX_DISTRIBUTED=1 (grpo_jax.parallel.distributed then calls jax.distributed.initialize(),
 #      which finds the workers through the TPU metadata server).
 # WORKDIR must be an absolute path that every worker sees as the same directory (Filestore / NFS, or a bucket
 # mounted with gcsfuse in WORKER_SETUP): every host writes its shards of each Orbax checkpoint there. gs:// is

@@ -1,10 +1,10 @@
-"""Tests for grpo_jax.advantages: group-relative advantages and the estimator registry."""
+"""Tests for grpo_jax.core.advantages: group-relative advantages and the estimator registry."""
 import jax
 import numpy as np
 import pytest
 
-from grpo_jax import advantages
-from grpo_jax.advantages import ADVANTAGES, get_advantage_fn
+from grpo_jax.core import advantages
+from grpo_jax.core.advantages import ADVANTAGES, get_advantage_fn
 
 # Jitted: one compile per shape instead of one per primitive (op-by-op dispatch is slow to warm up on CPU).
 group_advantages = jax.jit(advantages.group_advantages, static_argnames=('scale_by_std', 'eps'))
@@ -116,7 +116,7 @@ def _process_reference(step_rewards, step_ends, step_mask, num_tokens, eps=1e-6)
 
 
 def test_process_advantages_match_the_paper_formula():
-  from grpo_jax.advantages import process_advantages
+  from grpo_jax.core.advantages import process_advantages
   rng = np.random.default_rng(0)
   p, g, s, t = 3, 4, 5, 12
   rewards = rng.standard_normal((p, g, s)).astype(np.float32)
@@ -127,7 +127,7 @@ def test_process_advantages_match_the_paper_formula():
 
 
 def test_process_advantages_hand_worked():
-  from grpo_jax.advantages import process_advantages
+  from grpo_jax.core.advantages import process_advantages
   # One prompt, G=2, one step each ending at token 1: rewards [1, 0] -> normalized [1, -1] (mean 0.5, std 0.5).
   # Tokens 0..1 of each output carry its step's advantage; token 2 comes after the last step: 0.
   got = process_advantages(np.array([[[1.0], [0.0]]]), np.array([[[1], [1]]]), np.ones((1, 2, 1)), num_tokens=3,

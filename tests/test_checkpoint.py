@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import checkpoint
+from grpo_jax.pipeline import checkpoint
 
 
 def _tree(value: float):

@@ -1,11 +1,11 @@
-"""Tests for grpo_jax.config_checks.check_config on configs/default.py and bad overrides of it."""
+"""Tests for grpo_jax.pipeline.config_checks.check_config on configs/default.py and bad overrides of it."""
 import importlib.util
 import pathlib
 import re
 
 import pytest
 
-from grpo_jax.config_checks import check_config
+from grpo_jax.pipeline.config_checks import check_config
 
 CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
 

@@ -1,11 +1,11 @@
-"""grpo_jax.datasets: tfds builders give back exactly the source JSONL, in file order; bad input fails clearly."""
+"""grpo_jax.data.datasets: tfds builders give back exactly the source JSONL, in file order; bad input fails clearly."""
 import json
 import os
 
 import pytest
 
-from grpo_jax import datasets
-from grpo_jax.datasets import MathExample, gsm8k_answer, last_boxed, load_examples, load_jsonl
+from grpo_jax.data import datasets
+from grpo_jax.data.datasets import MathExample, gsm8k_answer, last_boxed, load_examples, load_jsonl
 
 DATA = datasets.DATA_DIR
 

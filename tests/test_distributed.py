@@ -2,7 +2,7 @@
 
 The multi-process checks start real jax processes on this machine (CPU devices, jax.distributed over localhost
 with gloo collectives): 2 processes x 4 simulated devices = 8 global devices, started through
-grpo_jax.distributed.initialize() and the GRPO_JAX_* variables launch/slurm.sh exports. XLA_FLAGS must be set
+grpo_jax.parallel.distributed.initialize() and the GRPO_JAX_* variables launch/slurm.sh exports. XLA_FLAGS must be set
 before jax initializes, hence subprocesses.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import distributed
-from grpo_jax.metrics import MetricWriter, read_metrics
+from grpo_jax.parallel import distributed
+from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_single_process_helpers():
 
 CPU_DEVICES_PROBE = """
 import json, sys
-from grpo_jax import distributed
+from grpo_jax.parallel import distributed
 applied = distributed.use_cpu_devices(int(sys.argv[1]))
 import jax
 count = jax.device_count()  # starts the backend
@@ -123,12 +123,12 @@ def test_inactive_metric_writer_writes_nothing(tmp_path):
 WORKER = textwrap.dedent('''
     import json, sys
     import numpy as np
-    from grpo_jax import distributed
+    from grpo_jax.parallel import distributed
     kind = distributed.initialize()  # from the GRPO_JAX_* environment, before any other jax call
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from grpo_jax import sharding
+    from grpo_jax.parallel import sharding
 
     out = dict(kind=kind, process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
                local_devices=jax.local_device_count(), main=distributed.is_main_process())

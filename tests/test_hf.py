@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (grpo_jax/hf.py) against transformers itself: logits, greedy generation, save, sharded
+"""Hugging Face checkpoints (models/hf.py) against transformers itself: logits, greedy generation, save, sharded
 and bf16 checkpoints, and the errors for directories that do not fit. torch and transformers are test-only."""
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from grpo_jax import hf  # noqa: E402
-from grpo_jax.model import Transformer  # noqa: E402
-from grpo_jax.sampling import make_sampler  # noqa: E402
+from grpo_jax.models import hf  # noqa: E402
+from grpo_jax.models.transformer import Transformer  # noqa: E402
+from grpo_jax.rollout.sampling import make_sampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # eos None: generation runs to max_new_tokens on both sides.
@@ -178,7 +178,8 @@ MESH_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from grpo_jax import hf, sharding
+    from grpo_jax.models import hf
+    from grpo_jax.parallel import sharding
     mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
     model, _ = hf.load_model(sys.argv[1], mesh=mesh)
     single, _ = hf.load_model(sys.argv[1])

@@ -12,10 +12,10 @@ import pytest
 from conftest import ROOT
 from flax import nnx
 
-from grpo_jax import hf
-from grpo_jax.evaluate import load_policy
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.tokenizer import build_tokenizer, stop_token_ids
+from grpo_jax.data.tokenizer import build_tokenizer, stop_token_ids
+from grpo_jax.models import hf
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.pipeline.evaluate import load_policy
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

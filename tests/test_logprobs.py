@@ -1,12 +1,12 @@
-"""Tests for grpo_jax.logprobs: token_logprobs and token_entropy against numpy; chunked sequence_logprobs."""
+"""Tests for grpo_jax.core.logprobs: token_logprobs and token_entropy against numpy; chunked sequence_logprobs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax import logprobs
-from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax.core import logprobs
+from grpo_jax.models.transformer import ModelConfig, Transformer
 
 # Jitted: one compile per shape instead of one per primitive (op-by-op dispatch is slow to warm up on CPU).
 token_logprobs = jax.jit(logprobs.token_logprobs)

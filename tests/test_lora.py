@@ -1,4 +1,4 @@
-"""LoRA (grpo_jax/lora.py): a fresh adapter changes nothing, the unmerged forward (training and sampler) equals a
+"""LoRA (grpo_jax/models/lora.py): a fresh adapter changes nothing, the unmerged forward (training and sampler) equals a
 plain model on numpy-merged weights, a train step moves only the adapters and keeps optimizer state for them
 alone, the reference is the frozen base (same arrays, no copy), the tiny main command with --config.lora.rank=4
 trains, resumes and exports the merged weights, a LoRA step on a (2, 2, 2) mesh matches one device, bad config
@@ -22,13 +22,16 @@ from conftest import ROOT, load_config, train_command
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import checkpoint, hf, lora, metrics, sharding, train
-from grpo_jax.config_checks import check_config
-from grpo_jax.grpo import Rollout, grpo_objective
-from grpo_jax.logprobs import make_sequence_logprobs_fn, sequence_logprobs
-from grpo_jax.model import ModelConfig, Transformer, positions_from_mask
-from grpo_jax.sampling import make_sampler
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax import train
+from grpo_jax.core.logprobs import make_sequence_logprobs_fn, sequence_logprobs
+from grpo_jax.models import hf, lora
+from grpo_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from grpo_jax.parallel import sharding
+from grpo_jax.pipeline import checkpoint, metrics
+from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.sampling import make_sampler
 
 CFG = ModelConfig(vocab_size=40, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 ALL = tuple(lora.TARGETS)
@@ -331,10 +334,11 @@ SHARDED = textwrap.dedent('''
     import jax, numpy as np
     from flax import nnx
     from ml_collections import ConfigDict
-    from grpo_jax import lora, sharding
-    from grpo_jax.grpo import Rollout, grpo_objective
-    from grpo_jax.model import ModelConfig, Transformer
-    from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+    from grpo_jax.models import lora
+    from grpo_jax.parallel import sharding
+    from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+    from grpo_jax.models.transformer import ModelConfig, Transformer
+    from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
     cfg = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4, mlp_dim=64)
     lora_cfg = lora.LoraConfig(4, 8.0, tuple(lora.TARGETS))

@@ -1,4 +1,4 @@
-"""Tests for grpo_jax.losses.grpo_loss and the KL estimators of grpo_jax.kl."""
+"""Tests for grpo_jax.core.losses.grpo_loss and the KL estimators of grpo_jax.core.kl."""
 import functools
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.kl import KL_ESTIMATORS, get_kl_fn, kl_k1, kl_k2, kl_k3
-from grpo_jax.losses import grpo_loss
+from grpo_jax.core.kl import KL_ESTIMATORS, get_kl_fn, kl_k1, kl_k2, kl_k3
+from grpo_jax.core.losses import grpo_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # numpy references, written from the formulas (float64)

@@ -14,13 +14,13 @@ from conftest import load_config
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import sharding
-from grpo_jax.config_checks import check_config
-from grpo_jax.grpo import Rollout, grpo_objective
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.sampling import make_sampler
-from grpo_jax.sft import SFTBatch, sft_loss, sft_token_count
-from grpo_jax.train_state import MasterState, init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import sharding
+from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+from grpo_jax.pipeline.sft import SFTBatch, sft_loss, sft_token_count
+from grpo_jax.pipeline.train_state import MasterState, init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.sampling import make_sampler
 
 MESH = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
 # XLA:CPU's cse_barrier_expander pass drops the optimization barriers that keep jax.checkpoint's recomputation

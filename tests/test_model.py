@@ -1,4 +1,4 @@
-"""Tests of the decoder (grpo_jax/model.py): padding, causality, KV cache, options, GQA, RoPE, config checks,
+"""Tests of the decoder (models/transformer.py): padding, causality, KV cache, options, GQA, RoPE, config checks,
 and a numpy re-implementation of the whole forward pass (the stand-in for a transformers logit match)."""
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax.model import KVCache, ModelConfig, RMSNorm, Transformer, positions_from_mask, rope, rope_inv_freq
+from grpo_jax.models.transformer import (
+  KVCache,
+  ModelConfig,
+  RMSNorm,
+  Transformer,
+  positions_from_mask,
+  rope,
+  rope_inv_freq,
+)
 
 TINY = dict(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 

@@ -15,8 +15,9 @@ from conftest import load_config
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from grpo_jax import plan, sharding
-from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax import plan
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny preset (d 32, 2 layers, 4 heads / 2 kv heads of 8, mlp 64, 4 prompts x G=4) on 8 devices: every

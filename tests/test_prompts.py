@@ -1,11 +1,17 @@
-"""Prompt templates, chat formatting and prompt tokenization (grpo_jax/prompts.py, data.encode)."""
+"""Prompt templates, chat formatting and prompt tokenization (grpo_jax/data/prompts.py, data.encode)."""
 import numpy as np
 import pytest
 
-from grpo_jax.data import encode
-from grpo_jax.datasets import MathExample
-from grpo_jax.prompts import PROMPT_TEMPLATES, format_prompt, resolve_template, tokenize_prompts, uses_chat_template
-from grpo_jax.tokenizer import build_tokenizer
+from grpo_jax.data.batches import encode
+from grpo_jax.data.datasets import MathExample
+from grpo_jax.data.prompts import (
+  PROMPT_TEMPLATES,
+  format_prompt,
+  resolve_template,
+  tokenize_prompts,
+  uses_chat_template,
+)
+from grpo_jax.data.tokenizer import build_tokenizer
 
 # A minimal chat template in the usual Hugging Face shape (BOS, role markers, generation prompt).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

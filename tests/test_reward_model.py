@@ -1,4 +1,4 @@
-"""grpo_jax.reward_model: scores read at the last real token, the Bradley-Terry loss against numpy, and a few
+"""grpo_jax.models.reward_model: scores read at the last real token, the Bradley-Terry loss against numpy, and a few
 training steps that learn a preference."""
 import jax
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import sharding
-from grpo_jax.model import ModelConfig
-from grpo_jax.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
-from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.models.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
+from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.parallel import sharding
+from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
 CFG = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 

@@ -1,4 +1,4 @@
-"""Tests of the KV-cached sampler (grpo_jax/sampling.py) against full forward passes of the same model."""
+"""Tests of the KV-cached sampler (grpo_jax/rollout/sampling.py) against full forward passes of the same model."""
 from __future__ import annotations
 
 import functools
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax.logprobs import sequence_logprobs
-from grpo_jax.model import ModelConfig, Transformer, positions_from_mask
-from grpo_jax.sampling import filter_logits, make_sampler
+from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from grpo_jax.rollout.sampling import filter_logits, make_sampler
 
 VOCAB, PAD = 40, 0
 CFG = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
@@ -334,7 +334,7 @@ def test_group_sampling_shares_the_prefill_and_equals_repeated_prompts(model, sp
 
 
 def test_sampler_with_param_shardings_needs_the_mesh(model):
-  from grpo_jax import sharding
+  from grpo_jax.parallel import sharding
   graphdef, params = nnx.split(model, nnx.Param)
   shardings = sharding.tree_shardings(params, sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}))
   with pytest.raises(ValueError, match='param_shardings needs the mesh'):

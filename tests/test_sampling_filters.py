@@ -1,4 +1,4 @@
-"""Tests for grpo_jax.sampling.filter_logits (temperature, top-k, nucleus top-p)."""
+"""Tests for grpo_jax.rollout.sampling.filter_logits (temperature, top-k, nucleus top-p)."""
 import functools
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.sampling import filter_logits
+from grpo_jax.rollout.sampling import filter_logits
 
 B, V = 8, 16
 

@@ -20,9 +20,9 @@ from conftest import load_config, train_command
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from grpo_jax import sharding
-from grpo_jax.config_checks import check_config
-from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import sharding
+from grpo_jax.pipeline.config_checks import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
@@ -36,13 +36,13 @@ SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from ml_collections import ConfigDict
-    from grpo_jax import sharding
-    from grpo_jax.grpo import Rollout, grpo_objective
-    from grpo_jax.logprobs import make_sequence_logprobs_fn, sequence_logprobs
-    from grpo_jax.model import KVCache, ModelConfig, Transformer, positions_from_mask
-    from grpo_jax.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
-    from grpo_jax.sampling import make_sampler
-    from grpo_jax.train_state import init_state, make_optimizer, make_train_step, state_shardings
+    from grpo_jax.parallel import sharding
+    from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+    from grpo_jax.core.logprobs import make_sequence_logprobs_fn, sequence_logprobs
+    from grpo_jax.models.transformer import KVCache, ModelConfig, Transformer, positions_from_mask
+    from grpo_jax.models.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
+    from grpo_jax.rollout.sampling import make_sampler
+    from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
     assert jax.device_count() == 8, jax.devices()
     meshes, sampler_overrides = json.loads(sys.argv[1]), json.loads(sys.argv[2])

@@ -9,7 +9,8 @@ import time
 import pytest
 from conftest import ROOT, train_command
 
-from grpo_jax import checkpoint, metrics, train
+from grpo_jax import train
+from grpo_jax.pipeline import checkpoint, metrics
 
 TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu'}
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}

@@ -1,4 +1,4 @@
-"""Tests of the benchmark verifiers (grpo_jax/verifiers.py): gold data, equivalence tables, timeouts and failures."""
+"""Tests of the benchmark verifiers (rewards/verifiers.py): gold data, equivalence tables, timeouts and failures."""
 import json
 import operator
 import os
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from grpo_jax import verifiers as V
+from grpo_jax.rewards import verifiers as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A prediction on which sympy computes 10^(10^10) exactly: math-verify never returns (checked: > 3 s, still running).

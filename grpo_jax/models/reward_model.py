@@ -2,7 +2,7 @@
 vector, plus a bias. It is trained on comparisons (chosen vs rejected) with the pairwise Bradley-Terry loss.
 
 DeepSeekMath's iterative RL retrains a reward model on new comparisons each iteration. Here the trainer's
-rewards still come from rule verifiers (grpo_jax/verifiers.py): this module holds the model, its loss and a
+rewards still come from rule verifiers (grpo_jax/rewards/verifiers.py): this module holds the model, its loss and a
 sharded scoring function, laid out by the same logical-axis rules as the policy, but nothing calls it yet.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax import sharding
-from grpo_jax.model import ModelConfig, Transformer
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import sharding
 
 
 class Comparisons(NamedTuple):

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.logprobs import sequence_logprobs
+from grpo_jax.core.logprobs import sequence_logprobs
 
 
 class SFTBatch(NamedTuple):

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax import sharding
+from grpo_jax.parallel import sharding
 
 
 class TrainState(NamedTuple):
@@ -81,7 +81,7 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
   """Place params and a fresh optimizer state on the mesh. Init runs outside jit: a jitted tx.init
   returned unsharded state that the compiled step then rejected (ENV_FACTS).
 
-  trainable: an nnx filter (e.g. nnx.LoRAParam, grpo_jax/lora.py): the optimizer state is built for those params
+  trainable: an nnx filter (e.g. nnx.LoRAParam, grpo_jax/models/lora.py): the optimizer state is built for those params
   only; the others are frozen (make_train_step with the same filter). None: all params train."""
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(split_trainable(params, trainable)[0]))
   return jax.device_put(state, state_shardings(state, mesh, rules))

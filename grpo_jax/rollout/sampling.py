@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax import sharding
-from grpo_jax.logprobs import token_logprobs
-from grpo_jax.model import KVCache, Transformer, positions_from_mask
+from grpo_jax.core.logprobs import token_logprobs
+from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask
+from grpo_jax.parallel import sharding
 
 
 class Completions(NamedTuple):

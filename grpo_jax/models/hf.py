@@ -1,6 +1,8 @@
 """Hugging Face checkpoints in and out: config.json + *.safetensors of Llama, Mistral, Qwen2, Qwen3 and Gemma.
 
-    from grpo_jax import hf, sharding
+    from grpo_jax.models import hf
+
+    from grpo_jax.parallel import sharding
     model, model_cfg = hf.load_model('/ckpt/Qwen2.5-0.5B', jnp.bfloat16)    # or mesh=sharding.make_mesh(...)
     logits = model(tokens)                                                  # [b, t, v] float32
     hf.save_model(model, model_cfg, '/out/policy')  # AutoModelForCausalLM.from_pretrained('/out/policy') loads it
@@ -32,8 +34,8 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from grpo_jax import sharding
-from grpo_jax.model import MODEL_TYPES, ModelConfig, Transformer
+from grpo_jax.models.transformer import MODEL_TYPES, ModelConfig, Transformer
+from grpo_jax.parallel import sharding
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES  # ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma')
 _ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',

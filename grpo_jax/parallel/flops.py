@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.model import ModelConfig
+from grpo_jax.models.transformer import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -15,11 +15,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from grpo_jax import checkpoint, distributed, hf, sharding
-from grpo_jax.data import TokenizedSplit
-from grpo_jax.model import ModelConfig, Transformer
-from grpo_jax.rewards import RewardFn, score
-from grpo_jax.tokenizer import load_tokenizer
+from grpo_jax.data.batches import TokenizedSplit
+from grpo_jax.data.tokenizer import load_tokenizer
+from grpo_jax.models import hf
+from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.parallel import distributed, sharding
+from grpo_jax.pipeline import checkpoint
+from grpo_jax.rewards.registry import RewardFn, score
 
 
 def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:

@@ -2,7 +2,7 @@
 
 Each stage ('sft', 'grpo') has its own CheckpointManager under <workdir>/checkpoints/<stage>. `meta` is
 JSON: data position, RNG key data, the model config (checked on restore) and results carried over. A LoRA
-stage (grpo_jax/lora.py) saves the frozen base and the adapters in the state's params, no reference tree, and
+stage (grpo_jax/models/lora.py) saves the frozen base and the adapters in the state's params, no reference tree, and
 its LoRA config under meta['lora'].
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from grpo_jax import lora, sharding
-from grpo_jax.model import ModelConfig
+from grpo_jax.models import lora
+from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.parallel import sharding
 
 
 class CheckpointError(RuntimeError):

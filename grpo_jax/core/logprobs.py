@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax import sharding
+from grpo_jax.parallel import sharding
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -45,7 +45,7 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   Returns:
     logprobs [b, c] float32 (and entropy [b, c] if return_entropy).
   """
-  from grpo_jax.model import positions_from_mask  # local: model imports nothing from here
+  from grpo_jax.models.transformer import positions_from_mask  # local: model imports nothing from here
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
   p = prompt_tokens.shape[1]

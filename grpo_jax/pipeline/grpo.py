@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.data import TokenizedSplit
-from grpo_jax.evaluate import decode
-from grpo_jax.logprobs import sequence_logprobs
-from grpo_jax.losses import grpo_loss
-from grpo_jax.rewards import RewardFn, score
+from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.core.losses import grpo_loss
+from grpo_jax.data.batches import TokenizedSplit
+from grpo_jax.pipeline.evaluate import decode
+from grpo_jax.rewards.registry import RewardFn, score
 
 
 class Rollout(NamedTuple):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from grpo_jax.verifiers import VERIFIERS
+from grpo_jax.rewards.verifiers import VERIFIERS
 
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
 

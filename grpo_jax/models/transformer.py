@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.lora import LoraConfig, add_adapters, with_lora
-from grpo_jax.sharding import constrain
+from grpo_jax.models.lora import LoraConfig, add_adapters, with_lora
+from grpo_jax.parallel.sharding import constrain
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
 
@@ -288,7 +288,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, lora: LoraConfig | None = None):
-    """lora: add LoRA adapters (grpo_jax/lora.py) to its targets; the base weights are those of lora=None."""
+    """lora: add LoRA adapters (grpo_jax/models/lora.py) to its targets; the base weights are those of lora=None."""
     self.cfg = cfg
     self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])

@@ -4,14 +4,14 @@ from __future__ import annotations
 import math
 import os
 
-from grpo_jax.advantages import ADVANTAGES
-from grpo_jax.datasets import DATASETS
-from grpo_jax.kl import KL_ESTIMATORS
-from grpo_jax.lora import check_config as check_lora_config
-from grpo_jax.model import REMAT_POLICIES
-from grpo_jax.prompts import CHAT_MODES, resolve_template
-from grpo_jax.rewards import REWARDS
-from grpo_jax.sharding import MESH_AXES, mesh_shape, rules_from_config
+from grpo_jax.core.advantages import ADVANTAGES
+from grpo_jax.core.kl import KL_ESTIMATORS
+from grpo_jax.data.datasets import DATASETS
+from grpo_jax.data.prompts import CHAT_MODES, resolve_template
+from grpo_jax.models.lora import check_config as check_lora_config
+from grpo_jax.models.transformer import REMAT_POLICIES
+from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape, rules_from_config
+from grpo_jax.rewards.registry import REWARDS
 
 
 def _positive(cfg, *paths: str) -> None:

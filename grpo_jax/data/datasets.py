@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-DATA_DIR = Path(__file__).resolve().parents[1] / 'data'  # the project's shipped JSONL
+DATA_DIR = Path(__file__).resolve().parents[2] / 'data'  # the project's shipped JSONL
 DEFAULT_TFDS_DIR = '~/.cache/grpo_jax/tensorflow_datasets'
 
 

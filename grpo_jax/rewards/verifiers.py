@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-# Same alias as grpo_jax.rewards.RewardFn, not imported from there: rewards.py imports this module.
+# Same alias as grpo_jax.rewards.registry.RewardFn, not imported from there: rewards.py imports this module.
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class _Worker:
     fd = child_conn.fileno()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     self.process = subprocess.Popen(
-        [sys.executable, '-c', f'from grpo_jax.verifiers import _worker_main; _worker_main({fd})'],
+        [sys.executable, '-c', f'from grpo_jax.rewards.verifiers import _worker_main; _worker_main({fd})'],
         pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
     child_conn.close()  # so that our end reads EOF when the worker dies
     self.ready = False

@@ -160,7 +160,7 @@ def merge_into_base(params: nnx.State, scale: float, out_shardings=None) -> nnx.
 def init_adapters(model_cfg, lora: LoraConfig, rng: jax.Array, shardings=None) -> nnx.State:
   """Fresh adapters (A random, B zero) of Transformer(model_cfg, lora=lora), in `shardings` if given. Built under
   jit, so the base weights the constructor also draws are dead code and never allocated."""
-  from grpo_jax.model import Transformer  # local: model imports this module
+  from grpo_jax.models.transformer import Transformer  # local: model imports this module
 
   def build(rng):
     return split_params(nnx.state(Transformer(model_cfg, nnx.Rngs(rng), lora=lora), nnx.Param))[0]
@@ -169,6 +169,6 @@ def init_adapters(model_cfg, lora: LoraConfig, rng: jax.Array, shardings=None) -
 
 def abstract_adapters(model_cfg, lora: LoraConfig) -> nnx.State:
   """The adapters' shapes and dtypes (ShapeDtypeStructs in LoRAParams), e.g. as a restore target."""
-  from grpo_jax.model import Transformer  # local: model imports this module
+  from grpo_jax.models.transformer import Transformer  # local: model imports this module
   model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0), lora=lora))
   return split_params(nnx.state(model, nnx.Param))[0]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from grpo_jax.prompts import format_prompt, tokenize_prompts, uses_chat_template
+from grpo_jax.data.prompts import format_prompt, tokenize_prompts, uses_chat_template
 
 
 class TokenizedSplit(NamedTuple):

@@ -31,7 +31,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     'kv_heads': 'tensor',
     'head_dim': None,
     'norm': None,
-    'lora_rank': None,  # r of LoRA adapters (grpo_jax/lora.py): small, so whole; their other dims follow the weight's
+    'lora_rank': None,  # r of LoRA adapters (models/lora.py): small, so whole; their other dims follow the weight's
     # Activation and KV-cache dims; their head / mlp / vocab dims reuse the names above, so they follow the weights.
     'batch': ('data', 'fsdp'),  # examples split over every data-parallel axis (fsdp is data parallel for activations)
     'length': None,  # sequence

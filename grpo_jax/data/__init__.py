@@ -1,0 +1,1 @@
+"""The embedded task, math datasets, prompt templates, the tokenizer, and batches."""

@@ -1,0 +1,1 @@
+"""The decoder, its LoRA adapters, the reward model, and Hugging Face checkpoints in and out."""

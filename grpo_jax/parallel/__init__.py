@@ -1,0 +1,1 @@
+"""Meshes and logical sharding rules, multi-host set-up, and FLOP accounting."""

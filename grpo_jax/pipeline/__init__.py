@@ -1,0 +1,1 @@
+"""Orchestration: set-up, the stage loop, the stages, checkpoints, metrics, config checks, eval."""

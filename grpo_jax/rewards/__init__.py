@@ -1,0 +1,1 @@
+"""Answer extraction, rule verifiers, and the reward registry."""

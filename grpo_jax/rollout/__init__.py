@@ -1,0 +1,1 @@
+"""Sampling G outputs per prompt and turning them into a scored, advantaged batch."""
