@@ -24,8 +24,8 @@ from grpo_jax.data.datasets import load_examples
 from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k
+from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.registry import get_reward_fn
-from grpo_jax.rewards.verifiers import extract_answer
 from grpo_jax.rollout.sampling import make_sampler
 
 # dataset -> (split, verifier, the paper's column)

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from grpo_jax.data import datasets
-from grpo_jax.data.datasets import MathExample, gsm8k_answer, last_boxed, load_examples, load_jsonl
+from grpo_jax.data.datasets import MathExample, load_examples, load_jsonl
+from grpo_jax.rewards.answers import gsm8k_answer, last_boxed
 
 DATA = datasets.DATA_DIR
 

@@ -9,7 +9,8 @@ from grpo_jax.data.batches import TokenizedSplit, batch_indices, encode
 from grpo_jax.data.prompts import format_prompt as _format_prompt
 from grpo_jax.data.tasks import generate_split, vocabulary
 from grpo_jax.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
-from grpo_jax.rewards.registry import REWARDS, extract_final_answer, get_reward_fn, gsm8k_exact
+from grpo_jax.rewards.answers import extract_final_answer
+from grpo_jax.rewards.registry import REWARDS, get_reward_fn, gsm8k_exact
 
 MAX_PROMPT_LEN, MAX_NEW_TOKENS = 56, 40  # configs/default.py
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from grpo_jax.rewards import verifiers as V
+from grpo_jax.rewards import answers as A, verifiers as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A prediction on which sympy computes 10^(10^10) exactly: math-verify never returns (checked: > 3 s, still running).
@@ -43,7 +43,7 @@ def test_math500_gold_answers_verify_against_themselves():
   assert len(rows) == 500
   answers = [r['answer'] for r in rows]
   # Our extraction recovers the gold answer from every gold solution's last \boxed{}.
-  assert [V.extract_boxed(r['solution']) for r in rows] == answers
+  assert [A.last_boxed(r['solution']) for r in rows] == answers
   # All 500 pass (about 2 s with 2 workers); math-verify needs no known exceptions on this file.
   rewards = V.math_reward(['\\boxed{' + a + '}' for a in answers], answers)
   assert [rows[i]['unique_id'] for i in np.flatnonzero(rewards != 1.0)] == []
@@ -107,7 +107,7 @@ def test_cmath_table(completion, gold, correct):
     ('\\boxed 5$', '5'), ('\\fbox{x+1}', 'x+1'), ('\\boxed{a} and a truncated \\boxed{b', 'a'), ('no box', None),
 ])
 def test_extract_boxed(text, expected):
-  assert V.extract_boxed(text) == expected
+  assert A.last_boxed(text) == expected
 
 
 # (gold, prediction, equivalent): only pairs whose expected outcome is mathematically right (checked against

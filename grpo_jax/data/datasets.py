@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from grpo_jax.rewards.answers import gsm8k_answer, last_boxed
+
 DATA_DIR = Path(__file__).resolve().parents[2] / 'data'  # the project's shipped JSONL
 DEFAULT_TFDS_DIR = '~/.cache/grpo_jax/tensorflow_datasets'
 
@@ -43,37 +45,9 @@ class MathExample:
   solution: str = ''
 
 
-# --- final-answer extraction ---
+# --- final-answer extraction (the readers live in grpo_jax/rewards/answers.py) ---
 
-def gsm8k_answer(solution: str) -> str | None:
-  """GSM8K final answer: the text after the last '####', commas removed. '... #### 1,080' -> '1080'; None if no ####."""
-  if '####' not in solution:
-    return None
-  return solution.rsplit('####', 1)[1].strip().replace(',', '')
-
-
-def last_boxed(text: str) -> str | None:
-  """Content of the last \\boxed{...} (or \\fbox{...}), braces matched: '$\\boxed{\\frac{1}{2}}$' -> '\\frac{1}{2}'.
-
-  MATH also has a few '\\boxed 5' forms (no braces); those give the text up to the next '$'. None when there is
-  no box or its braces never close.
-  """
-  start = max(text.rfind('\\boxed'), text.rfind('\\fbox'))
-  if start < 0:
-    return None
-  i = start + (len('\\boxed') if text.startswith('\\boxed', start) else len('\\fbox'))
-  if text.startswith(' ', i):
-    return text[i:].split('$', 1)[0].strip()
-  if not text.startswith('{', i):
-    return None
-  depth = 0
-  for j in range(i, len(text)):
-    depth += {'{': 1, '}': -1}.get(text[j], 0)
-    if depth == 0:
-      return text[i + 1:j]
-  return None
-
-
+# answer_from_solution names for load_jsonl.
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {'gsm8k': gsm8k_answer, 'boxed': last_boxed}
 
 

@@ -12,17 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from grpo_jax.rewards.answers import extract_final_answer
 from grpo_jax.rewards.verifiers import VERIFIERS
 
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
-
-_FINAL_ANSWER = re.compile(r'####\s*(-?[\d,]*\.?\d+)')
-
-
-def extract_final_answer(text: str) -> str | None:
-  """The number after the last '#### ' (GSM8K's answer line), without thousands separators."""
-  matches = _FINAL_ANSWER.findall(text)
-  return matches[-1].replace(',', '') if matches else None
 
 
 def _same_number(a: str | None, b: str) -> bool:

@@ -5,15 +5,9 @@ Each verifier has the reward signature fn(completions: list[str], answers: list[
   NaN verification itself failed (math-verify timed out, raised, or its worker process died).
 Callers count the NaNs in their metrics and score them 0 (e.g. `np.nan_to_num(r, nan=0.0)`).
 
-Extraction (the answer a completion commits to; the first rule that yields an answer wins):
-  gsm8k  last '#### N' > last \\boxed{N} > last 'the answer is N' (any case) > last number in the text.
-  cmath  last \\boxed{N} > last '答案是 N' / '答案：N' > last 'the answer is N' > last number in the text.
-  math   last complete \\boxed{...} / \\boxed X / \\fbox{...} > 'final answer is $X$' > 'the answer is X'; no
-         last-number fallback (a stray number from the reasoning is no answer to a symbolic problem).
-A marker rule takes the first number after the marker; a marker holding no number falls through to the next rule.
-Numbers: thousands commas (1,000), signs (also U+2212), decimals (3.50 == 3.5), fractions (3/4, \\frac{3}{4}),
-currency and units ($18, \\$18, 18 dollars, \\text{...}) and trailing punctuation ('18.') are handled. Equality is
-exact between integers, else relative 1e-6; a percent (50%) equals 50, and also 0.5 (DeepSeekMath's rule).
+Extraction (which answer a completion commits to, and the number formats read) is answers.py's; this module
+decides whether that answer is right. Numbers: equality is exact between integers, else relative 1e-6; a percent
+(50%) equals 50, and also 0.5 (DeepSeekMath's rule).
 
 MATH compares with math-verify, `verify(parse('\\\\boxed{' + gold + '}'), parse('\\\\boxed{' + pred + '}'))`, in
 worker processes that are fresh interpreters (never a fork: the parent runs JAX threads); a batch is split in chunks
@@ -36,67 +30,27 @@ import subprocess
 import sys
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-# Same alias as grpo_jax.rewards.registry.RewardFn, not imported from there: rewards.py imports this module.
+# extract_answer is re-exported: maj@k callers ask the verifier module how it reads an answer.
+from grpo_jax.rewards.answers import (
+    extract_answer as extract_answer,
+    extract_cmath_answer,
+    extract_gsm8k_answer,
+    extract_math_answer,
+    marked_number,
+    parse_number,
+)
+
+# Same alias as grpo_jax.rewards.registry.RewardFn, not imported from there: registry.py imports this module.
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------- numbers
-_NUM = r'(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?![\d,]\d)|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+'
-_NUMBER = re.compile(rf'(?P<a>{_NUM})(?:\s*/\s*(?P<b>{_NUM}))?(?P<pct>\s*%)?')
-_LATEX_FRAC = re.compile(r'\\[dtc]?frac\s*(?:\{\s*(-?[\d.,]+)\s*\}|(\d))\s*(?:\{\s*(-?[\d.,]+)\s*\}|(\d))')
-_LATEX_WRAPPER = re.compile(r'\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}')
-
-
-def _clean(text: str) -> str:
-  """Rewrites LaTeX and Unicode number spellings into plain ones, so one regex finds every number."""
-  text = unicodedata.normalize('NFKC', text).replace('\u2212', '-').replace('{,}', ',')
-  text = _LATEX_FRAC.sub(lambda m: f'{m[1] or m[2]}/{m[3] or m[4]}', text)
-  text = _LATEX_WRAPPER.sub(r' \1 ', text)
-  for latex, plain in (('\\%', '%'), ('\\$', '$'), ('\\left', ''), ('\\right', ''), ('\\!', ''), ('\\,', ' ')):
-    text = text.replace(latex, plain)
-  # '$-5', '-$5' and '$ 5' are all amounts of money: drop the currency sign so the sign sits next to the digits.
-  return re.sub(r'\$\s*', '', text)
-
-
-def _strip(number: str) -> str:
-  return re.sub(r'[\s,]', '', number)
-
-
-def _format_match(m: re.Match) -> str:
-  out = _strip(m['a']) if m['b'] is None else f"{_strip(m['a'])}/{_strip(m['b'])}"
-  return out + ('%' if m['pct'] else '')
-
-
-def _first_number(text: str) -> str | None:
-  m = _NUMBER.search(_clean(text))
-  return _format_match(m) if m else None
-
-
-def _last_number(text: str) -> str | None:
-  matches = list(_NUMBER.finditer(_clean(text)))
-  return _format_match(matches[-1]) if matches else None
-
-
-def parse_number(text: str) -> tuple[Fraction, bool] | None:
-  """(exact value, written as a percent) of a number string such as '1,000', '-3.50', '3/4', '50%' or '\\$18'."""
-  m = _NUMBER.search(_clean(text))
-  if m is None:
-    return None
-  try:
-    value = Fraction(_strip(m['a'])) / (1 if m['b'] is None else Fraction(_strip(m['b'])))
-  except (ValueError, ZeroDivisionError):
-    return None
-  return value, bool(m['pct'])
-
-
 def numbers_equal(a: str | None, b: str | None, rel_tol: float = 1e-6) -> bool:
   """Numeric equality of two number strings; a percent may also match its value / 100.
 
@@ -113,72 +67,6 @@ def numbers_equal(a: str | None, b: str | None, rel_tol: float = 1e-6) -> bool:
     if x == y or (not (x.denominator == y.denominator == 1) and math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-9)):
       return True
   return False
-
-
-# ---------------------------------------------------------------------------------------------------- extraction
-_BOXED = re.compile(r'\\(?:boxed|fbox)\s*(\{)|\\boxed\s+([^\s${}]+)')
-
-
-def extract_boxed(text: str) -> str | None:
-  """Contents of the last complete \\boxed{...}, \\fbox{...} or \\boxed X (an unclosed, truncated box is skipped)."""
-  found = None
-  for m in _BOXED.finditer(text):
-    if m[1] is None:
-      found = m[2]
-      continue
-    depth, start = 0, m.end(1)
-    for i in range(start - 1, len(text)):
-      depth += {'{': 1, '}': -1}.get(text[i], 0)
-      if depth == 0:
-        found = text[start:i].strip()
-        break
-  return found
-
-
-_GSM8K_MARK = re.compile(r'####\s*([^\n]*)')
-_ANSWER_IS = re.compile(r'answer\s+is\s*:?\s*([^\n]*)', re.IGNORECASE)
-_ANSWER_ZH = re.compile(r'答案(?:是|为)?\s*[:：]?\s*([^\n]*)')
-
-
-def _number_after_last(pattern: re.Pattern, text: str) -> str | None:
-  matches = pattern.findall(text)
-  return _first_number(matches[-1]) if matches else None
-
-
-def _number_in_boxed(text: str) -> str | None:
-  boxed = extract_boxed(text)
-  return _first_number(boxed) if boxed is not None else None
-
-
-def _first_found(text: str, rules: Sequence[re.Pattern | Callable[[str], str | None]]) -> str | None:
-  for rule in rules:
-    found = _number_after_last(rule, text) if isinstance(rule, re.Pattern) else rule(text)
-    if found is not None:
-      return found
-  return None
-
-
-def extract_gsm8k_answer(text: str) -> str | None:
-  """The final number of a GSM8K completion (rules in the module docstring), e.g. '18', '-3.5', '3/4', '50%'."""
-  return _first_found(text, (_GSM8K_MARK, _number_in_boxed, _ANSWER_IS, _last_number))
-
-
-def extract_cmath_answer(text: str) -> str | None:
-  """The final number of a CMATH completion (rules in the module docstring)."""
-  return _first_found(text, (_number_in_boxed, _ANSWER_ZH, _ANSWER_IS, _last_number))
-
-
-def extract_math_answer(text: str) -> str | None:
-  """The LaTeX answer of a MATH completion: the last \\boxed{}, else a 'final answer is $X$' / 'answer is X'."""
-  if (boxed := extract_boxed(text)) is not None:
-    return boxed
-  if (m := re.findall(r'final answer is \$(.+?)\$', text)):
-    return m[-1].strip()
-  if (m := _ANSWER_IS.findall(text)):
-    # A sentence ends at '. ' or at the line's end; a decimal point is never followed by a space.
-    answer = re.split(r'\.\s', m[-1] + ' ', maxsplit=1)[0].strip().strip('$').strip()
-    return answer or None
-  return None
 
 
 # ---------------------------------------------------------------------------------------------------- worker pool
@@ -376,8 +264,7 @@ def _check_lengths(completions: Sequence[str], answers: Sequence[str]) -> None:
 
 def _gold_number(answer: str) -> str:
   """A gold answer given as a number ('18', '2,125', '1/2', '12%') or as a full GSM8K solution ending '#### N'."""
-  found = _number_after_last(_GSM8K_MARK, answer) if '####' in answer else None
-  return found or answer
+  return marked_number(answer) or answer
 
 
 def _numeric_reward(extract: Callable[[str], str | None], completions: list[str], answers: list[str]) -> np.ndarray:
@@ -416,15 +303,6 @@ def math_reward(completions: list[str], answers: list[str], *, timeout_s: float 
 
 
 VERIFIERS: dict[str, RewardFn] = {'gsm8k': gsm8k_reward, 'math': math_reward, 'cmath': cmath_reward}
-_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    'gsm8k': extract_gsm8k_answer, 'math': extract_math_answer, 'cmath': extract_cmath_answer}
-
-
-def extract_answer(verifier_name: str, completion: str) -> str | None:
-  """The answer a completion commits to, as the named verifier reads it (None: no answer); for maj@k voting."""
-  if verifier_name not in _EXTRACTORS:
-    raise ValueError(f'unknown verifier {verifier_name!r}; known: {sorted(_EXTRACTORS)}')
-  return _EXTRACTORS[verifier_name](completion)
 
 
 def _normalize_latex(answer: str) -> str:
@@ -438,8 +316,8 @@ def answers_equivalent(verifier_name: str, a: str | None, b: str | None, *, time
 
   gsm8k and cmath compare numerically; math compares whitespace- and \\left/\\right-normalized strings first and
   otherwise asks math-verify (a as gold) through the time-bounded pool, a failure or timeout counting as different."""
-  if verifier_name not in _EXTRACTORS:
-    raise ValueError(f'unknown verifier {verifier_name!r}; known: {sorted(_EXTRACTORS)}')
+  if verifier_name not in VERIFIERS:
+    raise ValueError(f'unknown verifier {verifier_name!r}; known: {sorted(VERIFIERS)}')
   if a is None or b is None:
     return False
   if verifier_name != 'math':
