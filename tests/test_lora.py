@@ -41,9 +41,9 @@ TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s
 
 @functools.cache
 def build(lora_cfg: lora.LoraConfig | None = None):
-  """(graphdef, params) of Transformer(CFG, nnx.Rngs(0), lora=lora_cfg), initialized under jit (eagerly: seconds).
-  Cached: callers copy before changing or donating the params."""
-  model = lambda: Transformer(CFG, nnx.Rngs(0), lora=lora_cfg)  # noqa: E731
+  """(graphdef, params) of lora.transformer(CFG, nnx.Rngs(0), lora_cfg) (None: the plain model), initialized under
+  jit (eagerly: seconds). Cached: callers copy before changing or donating the params."""
+  model = lambda: lora.transformer(CFG, nnx.Rngs(0), lora_cfg)  # noqa: E731
   return nnx.graphdef(nnx.eval_shape(model)), jax.jit(lambda: nnx.state(model(), nnx.Param))()
 
 
@@ -100,6 +100,28 @@ def test_fresh_adapters_change_nothing():
   prompt, prompt_mask = batch()[:2]
   np.testing.assert_array_equal(logits_of(graphdef, params, prompt, prompt_mask.astype(bool)),
                                 logits_of(plain_graphdef, plain, prompt, prompt_mask.astype(bool)))
+
+
+# A of each adapter of lora.transformer(CFG, nnx.Rngs(0), LoraConfig(2, 4.0, ('q', 'v', 'down'))): its first three
+# entries and its sum, as the constructor drew them when Transformer itself added the adapters (before lora.py
+# built on transformer.py). Pinned so that a change of the order of the draws, which would silently change the
+# adapters of every seed, fails here; the values are JAX's threefry numbers, so a JAX change of the PRNG could too.
+PINNED_A = {('attn', 'wq'): ([-0.06940676, -0.004747, 0.14266342], 0.40640748),
+            ('attn', 'wv'): ([-0.07695395, 0.14638208, 0.03925363], 1.5340347),
+            ('mlp', 'down'): ([-0.08143225, -0.11786112, -0.0108456], 1.2066884)}
+
+
+def test_adapters_are_drawn_after_the_base_weights():
+  lora_cfg = lora.LoraConfig(2, 4.0, ('q', 'v', 'down'))
+  adapters, base = lora.split_params(build(lora_cfg)[1])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), base, plain_params()))
+  pure = nnx.to_pure_dict(adapters)['blocks'][0]
+  assert {(m, w) for m in pure for w in pure[m]['lora']} == set(PINNED_A)
+  for (module, weight), (head, total) in PINNED_A.items():
+    a, b = np.asarray(pure[module]['lora'][weight]['a']), np.asarray(pure[module]['lora'][weight]['b'])
+    np.testing.assert_allclose(a.ravel()[:3], head, rtol=1e-6)
+    np.testing.assert_allclose(a.sum(), total, rtol=1e-5)
+    assert a.shape[-1] == b.shape[0] == 2 and not b.any()
 
 
 def test_lora_forward_and_sampler_equal_merged_weights():
@@ -295,7 +317,9 @@ def test_lora_resume_matches_and_uses_the_base_as_reference(lora_run, tmp_path, 
 
 
 def test_checkpoint_of_another_lora_config_is_rejected(lora_run, tiny_config, monkeypatch):
-  monkeypatch.setattr(train, 'Transformer', lambda *a, **k: pytest.fail('built the model before the check'))
+  built_too_early = lambda *a, **k: pytest.fail('built the model before the check')  # noqa: E731
+  monkeypatch.setattr(train, 'Transformer', built_too_early)
+  monkeypatch.setattr(lora, 'Transformer', built_too_early)  # what lora.transformer builds on
   tiny_config.lora.rank = 8
   with pytest.raises(checkpoint.CheckpointError, match=r"trained with LoRA \{'rank': 4.*config.lora gives"):
     train.run(tiny_config, str(lora_run[0]))
@@ -337,12 +361,12 @@ SHARDED = textwrap.dedent('''
     from grpo_jax.models import lora
     from grpo_jax.parallel import sharding
     from grpo_jax.pipeline.grpo import Rollout, grpo_objective
-    from grpo_jax.models.transformer import ModelConfig, Transformer
+    from grpo_jax.models.transformer import ModelConfig
     from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
     cfg = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4, mlp_dim=64)
     lora_cfg = lora.LoraConfig(4, 8.0, tuple(lora.TARGETS))
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), lora=lora_cfg)), nnx.Param)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: lora.transformer(cfg, nnx.Rngs(0), lora_cfg)), nnx.Param)
     rng = np.random.default_rng(0)
     draw = lambda path, x: ((1.0 if str(path[-1].key) == 'scale' else 0.0) + 0.2 * rng.standard_normal(x.shape)
                             ).astype(np.float32)  # B != 0 too, so A has a gradient

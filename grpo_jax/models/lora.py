@@ -1,8 +1,11 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): train a low-rank update scale * A @ B of chosen projections while the
 base weights stay frozen; scale = alpha / rank.
 
-Adapters are separate `nnx.LoRAParam` leaves of the same `Transformer(cfg, rngs, lora=LoraConfig(...))`, one
-`LoraAdapter` per targeted weight under its module's `lora` dict (`blocks/0/attn/lora/wq/{a,b}`). Hence:
+This module builds on transformer.py, never the reverse (the model knows no LoRA): `transformer(model_cfg, rngs,
+lora_cfg)` builds the plain `Transformer`, then `add_adapters` puts one `LoraAdapter` per targeted weight into its
+module's `lora` dict (`blocks/0/attn/lora/wq/{a,b}`), the generic hook whose callables the forward adds to their
+projection's output. The adapters draw from the rngs after the base weights, so those are exactly the plain
+model's of the same seed. The adapters are separate `nnx.LoRAParam` leaves of that one model. Hence:
 - the train step differentiates only them (`train_state.make_train_step(..., trainable=TRAINABLE)`): the base
   gets no gradient and the optimizer state (AdamW moments, master copy) exists for the adapters alone;
 - the params minus the adapters are exactly a plain Transformer's (`base_params`, a view, no copy), so the frozen
@@ -22,8 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# config name -> the weight it adapts (attribute of model.Attention or model.MLP)
+from grpo_jax.models.transformer import ModelConfig, Transformer
+
+# config name -> the weight it adapts (attribute of transformer.Attention or transformer.MLP)
 TARGETS = {'q': 'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo', 'gate': 'gate', 'up': 'up', 'down': 'down'}
+# The weights of each module that can take an adapter -> how many leading (input) dims the forward contracts x with.
+ATTENTION_WEIGHTS = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2}
+MLP_WEIGHTS = {'gate': 1, 'up': 1, 'down': 1}
 STAGES = ('sft', 'rl')  # config sections of the trainer's stages
 TRAINABLE = nnx.LoRAParam  # the nnx filter of the adapter leaves
 
@@ -105,19 +113,24 @@ class LoraAdapter(nnx.Module):
     return jnp.tensordot(xa, b, 1)
 
 
-def add_adapters(module: nnx.Module, weights: dict[str, int], lora: LoraConfig, rngs: nnx.Rngs) -> None:
-  """Give `module` (an Attention or MLP) an adapter for each targeted weight; weights: {attribute: n_in}."""
-  wanted = {TARGETS[t] for t in lora.targets}
-  for name, n_in in weights.items():
-    if name in wanted:
-      module.lora[name] = LoraAdapter(getattr(module, name), n_in, lora, rngs)
+def transformer(model_cfg: ModelConfig, rngs: nnx.Rngs, lora_cfg: LoraConfig | None) -> Transformer:
+  """Transformer(model_cfg, rngs) with adapters on lora_cfg's targets (None: the plain model). Its base weights are
+  the plain model's of the same rngs: the adapters draw their random numbers after them."""
+  model = Transformer(model_cfg, rngs)
+  return model if lora_cfg is None else add_adapters(model, lora_cfg, rngs)
 
 
-def with_lora(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  """y = x . W for the weight `name` of `module`, plus its adapter's update when it has one (else y itself)."""
-  if name not in module.lora:
-    return y
-  return y + module.lora[name](x).astype(y.dtype)
+def add_adapters(model: Transformer, lora_cfg: LoraConfig, rngs: nnx.Rngs) -> Transformer:
+  """Give every block's attention and MLP a fresh adapter (A from `rngs`, B zero) for each of lora_cfg's targets,
+  in place; returns `model`. The order (block by block; wq, wk, wv, wo, then gate, up, down) fixes which random
+  numbers each adapter draws, so changing it changes the adapters of a seed."""
+  wanted = {TARGETS[t] for t in lora_cfg.targets}
+  for block in model.blocks:
+    for module, weights in ((block.attn, ATTENTION_WEIGHTS), (block.mlp, MLP_WEIGHTS)):
+      for name, n_in in weights.items():
+        if name in wanted:
+          module.lora[name] = LoraAdapter(getattr(module, name), n_in, lora_cfg, rngs)
+  return model
 
 
 def split_params(params: nnx.State) -> tuple[nnx.State, nnx.State]:
@@ -157,18 +170,15 @@ def merge_into_base(params: nnx.State, scale: float, out_shardings=None) -> nnx.
   return merge(base, adapters)
 
 
-def init_adapters(model_cfg, lora: LoraConfig, rng: jax.Array, shardings=None) -> nnx.State:
-  """Fresh adapters (A random, B zero) of Transformer(model_cfg, lora=lora), in `shardings` if given. Built under
-  jit, so the base weights the constructor also draws are dead code and never allocated."""
-  from grpo_jax.models.transformer import Transformer  # local: model imports this module
-
+def init_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, rng: jax.Array, shardings=None) -> nnx.State:
+  """Fresh adapters (A random, B zero) of transformer(model_cfg, nnx.Rngs(rng), lora_cfg), in `shardings` if given.
+  Built under jit, so the base weights the constructor also draws are dead code and never allocated."""
   def build(rng):
-    return split_params(nnx.state(Transformer(model_cfg, nnx.Rngs(rng), lora=lora), nnx.Param))[0]
+    return split_params(nnx.state(transformer(model_cfg, nnx.Rngs(rng), lora_cfg), nnx.Param))[0]
   return jax.jit(build, out_shardings=shardings)(rng)
 
 
-def abstract_adapters(model_cfg, lora: LoraConfig) -> nnx.State:
+def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> nnx.State:
   """The adapters' shapes and dtypes (ShapeDtypeStructs in LoRAParams), e.g. as a restore target."""
-  from grpo_jax.models.transformer import Transformer  # local: model imports this module
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0), lora=lora))
+  model = nnx.eval_shape(lambda: transformer(model_cfg, nnx.Rngs(0), lora_cfg))
   return split_params(nnx.state(model, nnx.Param))[0]

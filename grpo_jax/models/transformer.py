@@ -5,6 +5,11 @@ One module serves training (`model(tokens, positions, mask)`, the full causal fo
 Face checkpoints of these architectures. Parameters carry *logical* axis names (`logical_axes=...`);
 `sharding.py` maps them to mesh axes, so this file never mentions a mesh.
 
+Adapters plug in from outside: each Attention and MLP has a `lora` dict (empty in the plain model), weight name ->
+any callable x -> the update of that projection's output x . W, which the forward adds (`_plus_adapter`). This
+file imports no adapter code; `lora.py` imports it and fills the dicts (`lora.transformer`), and the dict's name is
+the `lora` in checkpoint paths such as `blocks/0/attn/lora/wq/a`.
+
 Einsum letters: b batch, t query time, s key time, d model, n query heads, k kv heads, g queries per kv
 head, q = (g, t) merged, h head dim, f mlp, v vocab, l layer.
 """
@@ -19,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.models.lora import LoraConfig, add_adapters, with_lora
 from grpo_jax.parallel.sharding import constrain
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
@@ -138,6 +142,13 @@ def dense(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
   return y.reshape(*lead, *outer)
 
 
+def _plus_adapter(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """y = x . W for the weight `name` of `module`, plus module.lora[name](x) when an adapter is registered for it."""
+  if name not in module.lora:
+    return y
+  return y + module.lora[name](x).astype(y.dtype)
+
+
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init=None) -> nnx.Param:
   init = init or jax.nn.initializers.normal(cfg.init_std)
   return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
@@ -203,7 +214,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(h, cfg, rngs)
       self.k_norm = RMSNorm(h, cfg, rngs)
-    self.lora = nnx.Dict()  # LoRA adapters by weight name (lora.add_adapters); empty: the plain model
+    self.lora = nnx.Dict()  # weight name -> adapter (x -> update), added by lora.py; empty: the plain model
 
   def __call__(self, x, positions, key_mask, q_slots, layer_cache=None, cache_index=None):
     """x [b, t, d]; key_mask [b, s]; q_slots [t] = the key slot each query sits in (for causality).
@@ -212,9 +223,9 @@ class Attention(nnx.Module):
     and values are written into slots cache_index.. (in place) and attention runs over all s slots.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q = with_lora(self, 'wq', x, dense(x, self.wq[...].astype(dt)))  # [b, t, n, h]
-    k = with_lora(self, 'wk', x, dense(x, self.wk[...].astype(dt)))  # [b, t, k, h]
-    v = with_lora(self, 'wv', x, dense(x, self.wv[...].astype(dt)))
+    q = _plus_adapter(self, 'wq', x, dense(x, self.wq[...].astype(dt)))  # [b, t, n, h]
+    k = _plus_adapter(self, 'wk', x, dense(x, self.wk[...].astype(dt)))  # [b, t, k, h]
+    v = _plus_adapter(self, 'wv', x, dense(x, self.wv[...].astype(dt)))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
@@ -249,7 +260,7 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, groups * t, s)
     out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
     out = out.reshape(b, kv, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    return with_lora(self, 'wo', out, dense(out, self.wo[...].astype(dt), 2)), new_cache
+    return _plus_adapter(self, 'wo', out, dense(out, self.wo[...].astype(dt), 2)), new_cache
 
 
 class MLP(nnx.Module):
@@ -261,14 +272,14 @@ class MLP(nnx.Module):
     self.gate = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.up = _param(rngs, cfg, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
     self.down = _param(rngs, cfg, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'))
-    self.lora = nnx.Dict()  # LoRA adapters by weight name (lora.add_adapters); empty: the plain model
+    self.lora = nnx.Dict()  # weight name -> adapter (x -> update), added by lora.py; empty: the plain model
 
   def __call__(self, x):
     dt = self.dtype
-    gate = with_lora(self, 'gate', x, dense(x, self.gate[...].astype(dt)))
-    hidden = ACTIVATIONS[self.activation](gate) * with_lora(self, 'up', x, dense(x, self.up[...].astype(dt)))
+    gate = _plus_adapter(self, 'gate', x, dense(x, self.gate[...].astype(dt)))
+    hidden = ACTIVATIONS[self.activation](gate) * _plus_adapter(self, 'up', x, dense(x, self.up[...].astype(dt)))
     hidden = constrain(hidden, ('batch', 'length', 'mlp'))  # [b, t, f], split like gate / up
-    return with_lora(self, 'down', hidden, dense(hidden, self.down[...].astype(dt)))
+    return _plus_adapter(self, 'down', hidden, dense(hidden, self.down[...].astype(dt)))
 
 
 class Block(nnx.Module):
@@ -287,18 +298,15 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, lora: LoraConfig | None = None):
-    """lora: add LoRA adapters (grpo_jax/models/lora.py) to its targets; the base weights are those of lora=None."""
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """The plain model. lora.transformer adds adapters after it, drawing from the same `rngs`: the base weights
+    stay this model's, and a draw added here would shift the adapters of every seed (test_lora pins them)."""
     self.cfg = cfg
     self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
-    if lora is not None:  # last, so the base weights draw the same random numbers as without adapters
-      for block in self.blocks:
-        add_adapters(block.attn, {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2}, lora, rngs)  # weight: its input dims
-        add_adapters(block.mlp, {'gate': 1, 'up': 1, 'down': 1}, lora, rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                mask: jax.Array | None = None, *, remat: str = 'none') -> jax.Array:
