@@ -4,7 +4,7 @@ setup(
     name='grpo_jax',
     version='0.1.0',
     description='Group Relative Policy Optimization (DeepSeekMath) in JAX: readable, shardable, reproducible.',
-    packages=find_packages(include=['grpo_jax', 'grpo_jax.*']),
+    packages=find_packages(include=['grpo_jax', 'grpo_jax.*', 'configs']),  # configs: derived ones import default
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.7',

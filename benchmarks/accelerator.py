@@ -11,7 +11,7 @@ Decode: the trainer's sampler (KV cache, one prefill per prompt shared by its G 
 (--batch / G prompts x G) of --prompt_len tokens, every row running to --new_tokens. One token step takes
 (t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and the first token cancel out. Its roofline reads each
 weight once plus the keys and values of the slots attended so far (at least prompt_len + i at step i, bf16):
-bytes / the device's HBM bandwidth (grpo_jax/parallel/flops.py). Target: >= 70% of roofline.
+bytes / the device's HBM bandwidth (grpo_jax/models/flops.py). Target: >= 70% of roofline.
 
 Train: one GRPO train step (clipped objective with k3 KL, AdamW on an fp32 master copy, grad clipping) on
 --train_rows rows of prompt_len + new_tokens tokens, in --grad_accum micro-batches. MFU = 3 x the forward's
@@ -32,14 +32,16 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from grpo_jax.core.losses import LossConfig, grpo_objective
+from grpo_jax.models import flops
 from grpo_jax.models.transformer import ModelConfig, Transformer
-from grpo_jax.parallel import flops, sharding
-from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+from grpo_jax.parallel import sharding
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.rollout import Rollout
 from grpo_jax.rollout.sampling import make_sampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from micro import median_step_time, median_time  # noqa: E402
+from micro import BETA, median_step_time, median_time  # noqa: E402
 
 MODELS = {
     '1b': dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64,
@@ -92,7 +94,7 @@ def measure_train(graphdef, params, cfg: ModelConfig, args, device_kind: str) ->
                             master_dtype='float32'))
   tx = make_optimizer(opt_cfg, 100, param_dtype=cfg.param_dtype)
   state = init_state(params, tx, mesh)
-  loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3', remat=args.remat)
+  loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=args.remat))
   train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
                                mesh, grad_accum_steps=args.grad_accum)
   rng = np.random.default_rng(1)
@@ -101,7 +103,7 @@ def measure_train(graphdef, params, cfg: ModelConfig, args, device_kind: str) ->
   rollout = Rollout(rng.integers(3, cfg.vocab_size, (rows, p)).astype(np.int32), np.ones((rows, p), np.int32),
                     rng.integers(3, cfg.vocab_size, (rows, c)).astype(np.int32), np.ones((rows, c), np.int32),
                     logprobs(), logprobs(), rng.standard_normal(rows).astype(np.float32))
-  state, metrics = jax.block_until_ready(train_step(state, rollout))  # compiles
+  state, metrics = jax.block_until_ready(train_step(state, rollout, BETA))  # compiles
   step = median_step_time(train_step, state, rollout, args.repeats)
   model_flops = 3 * flops.forward_flops(cfg, batch=rows, new_tokens=p + c)
   out = {'rows': rows, 'tokens_per_row': p + c, 'grad_accum': args.grad_accum, 'remat': args.remat,

@@ -5,13 +5,13 @@
 Model: Qwen2-shaped (vocab 49, hidden 256, mlp 688, 4 layers, 4 heads of 64, 2 kv heads, q/k/v bias, tied
 embeddings), random init, fp32. Per step: 4 prompts "<bos>Q: {a}+{b}= A:" x G=8, sampled at temperature 1,
 reward = first integer equals a+b, group advantages, reference forward (beta 0.04, k3), one AdamW update
-(lr 1e-5, clip 1.0). The step is the trainer's own code path: `grpo.collect_rollout` + `grpo.update`.
+(lr 1e-5, clip 1.0). The step is the trainer's own code path, built as the trainer builds it
+(`pipeline/setup.build_setup`, `pipeline/grpo.make_grpo_train_step`): `collect_rollout` + `grpo.update`.
 Step 1 (compilation) is excluded, as TRL's warm-up step is.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import random
@@ -23,20 +23,19 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 
+from configs import default
 from grpo_jax.core.advantages import get_advantage_fn
-from grpo_jax.core.logprobs import make_sequence_logprobs_fn
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import build_tokenizer
-from grpo_jax.models.transformer import ModelConfig, Transformer
-from grpo_jax.parallel import distributed, sharding
-from grpo_jax.parallel.flops import grpo_step_flops
-from grpo_jax.pipeline.grpo import collect_rollout, grpo_objective, update
-from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
-from grpo_jax.rewards.registry import get_reward_fn
-from grpo_jax.rollout.sampling import make_sampler
+from grpo_jax.models.flops import grpo_step_flops
+from grpo_jax.parallel import distributed
+from grpo_jax.pipeline import grpo
+from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.setup import build_setup
+from grpo_jax.pipeline.train_state import init_state, make_optimizer
+from grpo_jax.rollout.rollout import collect_rollout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roofline import matmul_peak_flops  # noqa: E402
@@ -69,6 +68,22 @@ def prompts(tokenizer, n: int, seed: int = 0) -> TokenizedSplit:
   return TokenizedSplit(tokens, np.ones_like(tokens), empty, empty, [str(a + b) for a, b in pairs])
 
 
+def workload_config(args) -> ConfigDict:
+  """The trainer's config (configs/default.py) set to this workload: the model above, P prompts x G, the TRL
+  script's optimizer and KL weight, the first-integer reward."""
+  cfg = default.get_config()
+  cfg.model.update(MODEL)
+  cfg.max_prompt_len, cfg.max_new_tokens = 13, args.max_completion_length  # every prompt is 13 tokens
+  cfg.decode_block = args.decode_block
+  cfg.rl.num_prompts, cfg.rl.group_size = args.prompts_per_step, args.num_generations
+  cfg.rl.num_epochs, cfg.rl.num_minibatches, cfg.rl.grad_accum_steps = 1, 1, args.micro_batches
+  cfg.rl.beta, cfg.rl.lr, cfg.rl.reward = args.beta, 1e-5, 'first_integer'
+  cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p = 1.0, 0, 1.0
+  cfg.eval.batch_size = args.prompts_per_step  # unused; must split over the devices
+  cfg.sft.max_steps = 0
+  return cfg
+
+
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--steps', type=int, default=10)
@@ -94,30 +109,21 @@ def main() -> int:
   distributed.use_cpu_devices(args.cpu_devices)
   distributed.use_compile_cache(args.compile_cache)
   G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
+  cfg = workload_config(args)
+  check_config(cfg, jax.device_count())
   tokenizer = build_tokenizer(characters=CHARACTERS)
-  cfg = ModelConfig(vocab_size=len(tokenizer), **MODEL)
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
-  param_shardings = sharding.tree_shardings(params, mesh)
-  params = jax.device_put(params, param_shardings)
+  setup = build_setup(cfg, tokenizer=tokenizer, data=False)  # what the trainer builds, on this tokenizer
+  if args.fixed_length:
+    setup.eos_ids = (-1,)  # no token ever ends a row (before the first policy() call builds the samplers)
+  policy, params = setup.policy(), setup.init_params
+  cfg_model = setup.model_cfg
   ref_params = jax.tree.map(lambda x: x.copy(), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-
-  opt_cfg = ConfigDict(dict(lr=1e-5, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
-  tx = make_optimizer(opt_cfg, args.steps)
-  state = init_state(params, tx, mesh)
-  loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=args.beta, kl_estimator='k3')
-  train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
-                               mesh, grad_accum_steps=args.micro_batches)
-  eos_id = -1 if args.fixed_length else tokenizer.eos_token_id  # -1: no token ever ends a row
-  sampler = make_sampler(graphdef, param_shardings=param_shardings, mesh=mesh, max_new_tokens=L, eos_id=eos_id,
-                         decode_block=args.decode_block,
-                         pad_id=tokenizer.pad_token_id, temperature=1.0, group_size=G)
-  ref_fn = None
-  if args.beta > 0:
-    ref_fn = make_sequence_logprobs_fn(graphdef, param_shardings=param_shardings, mesh=mesh,
-                                       num_micro_batches=args.micro_batches)  # as the trainer does
-  reward_fn, advantage_fn = get_reward_fn('first_integer'), functools.partial(get_advantage_fn('grpo'), eps=1e-4)
+  tx = make_optimizer(cfg.rl, args.steps)
+  state = init_state(params, tx, setup.mesh, setup.rules)
+  train_step = grpo.make_grpo_train_step(setup, policy, state, tx)
+  hparams = grpo.loss_hparams(cfg, 0)
+  ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)
 
@@ -125,9 +131,10 @@ def main() -> int:
   for step in range(args.steps):
     batch = data.take(np.arange(step * P, (step + 1) * P))
     sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
-    rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng, group_size=G,
-                                     tokenizer=tokenizer, reward_fn=reward_fn, advantage_fn=advantage_fn)
-    state, metrics = update(train_step, state, rollout, shuffle_rng, num_epochs=1, num_minibatches=1)
+    rollout, stats = collect_rollout(policy.sampler, ref_fn, state.params, ref_params, batch, sample_rng,
+                                     group_size=G, tokenizer=tokenizer, reward_fn=setup.reward_fn,
+                                     advantage_fn=advantage_fn)
+    state, metrics = grpo.update(train_step, state, rollout, shuffle_rng, hparams, num_epochs=1, num_minibatches=1)
     jax.block_until_ready(metrics)
     marks.append(cpu_sample())
     gen_times.append(stats['sample_time'])
@@ -160,12 +167,12 @@ def main() -> int:
   holder = [state]
 
   def one_update():
-    holder[0], m = train_step(holder[0], rollout)
+    holder[0], m = train_step(holder[0], rollout, hparams)
     return m
 
   phase_time['policy_forward_backward'] = best_time(one_update)
-  flops = grpo_step_flops(cfg, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1], completion_len=L,
-                          reference=ref_fn is not None)
+  flops = grpo_step_flops(cfg_model, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1],
+                          completion_len=L, reference=ref_fn is not None)
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
@@ -200,7 +207,7 @@ def main() -> int:
       'step_over_roofline': round(statistics.median(timed) / roofline_s, 2),
       'phase_time_s': {k: round(v, 4) for k, v in phase_time.items()},
       'phase_fraction_of_peak': {k: round(flops[k] / v / peak, 3) for k, v in phase_time.items()},
-      'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg.vocab_size, **MODEL,
+      'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg_model.vocab_size, **MODEL,
                 'n_params': int(n_params), 'dtype': 'float32'},
   }
   sys.stdout.flush()

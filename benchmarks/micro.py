@@ -26,10 +26,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
-from grpo_jax.pipeline.grpo import Rollout, grpo_objective
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.rollout import Rollout
 from grpo_jax.rollout.sampling import make_sampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,13 +50,16 @@ def median_time(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
+BETA = {'beta': np.float32(0.04)}  # the GRPO train step's hparams: the paper's KL weight
+
+
 def median_step_time(step, state, batch, repeats: int) -> float:
   """median_time of a donating train step: the state is threaded through the calls."""
-  state, _ = jax.block_until_ready(step(state, batch))
+  state, _ = jax.block_until_ready(step(state, batch, BETA))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, _ = jax.block_until_ready(step(state, batch))
+    state, _ = jax.block_until_ready(step(state, batch, BETA))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
@@ -105,8 +109,8 @@ def train_step_rows(batches, lengths, repeats: int):
   _, graphdef, params = build()
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   tx = make_optimizer(ConfigDict(dict(lr=1e-5, warmup_steps=0, schedule='constant', weight_decay=0.0,
-                                      grad_clip=1.0)), 100)
-  loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3')
+                                      grad_clip=1.0, master_dtype='float32')), 100)
+  loss_fn = functools.partial(grpo_objective, config=LossConfig())
   for length in lengths:
     for batch in batches:
       state = init_state(jax.tree.map(jnp.copy, params), tx, mesh)

@@ -1,4 +1,4 @@
-"""This machine's practical matmul peak. FLOP counts of a GRPO step's phases are in grpo_jax/parallel/flops.py."""
+"""This machine's practical matmul peak. FLOP counts of a GRPO step's phases are in grpo_jax/models/flops.py."""
 from __future__ import annotations
 
 import time

@@ -7,13 +7,9 @@ r"""DeepSeekMath-Instruct 7B GRPO on GSM8K: the architecture written out, so sha
 With model.path set, the directory's config.json must describe this same architecture (checked). Without it,
 tools that only need shapes (ahead-of-time compiles, memory plans) use the fields below.
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gsm8k_hf  # noqa: E402
+from configs import gsm8k_hf  # GRPO on GSM8K with the paper's settings; this file adds the architecture
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

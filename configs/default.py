@@ -25,8 +25,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.prompt_template = 'qa'  # 'Q: {question}\nA: ' (grpo_jax/data/prompts.py), or any string with {question}
   c.task.chat = 'never'  # 'auto' | 'always' | 'never': wrap the prompt in the tokenizer's chat template
   c.task.verifier = 'gsm8k_exact'  # what counts as correct in the reported accuracy (rewards registry)
+  c.task.skip_long_prompts = False  # True: drop (and count) prompts longer than max_prompt_len; False: an error
+  # Datasets (task.name 'gsm8k' | 'math' | 'math500' | 'cmath', grpo_jax/data/datasets.py):
+  c.task.train_split = 'train'
+  c.task.test_split = 'test'
+  c.task.source_dir = ''  # '' = the JSONL shipped in data/; or a directory with the same files
+  # task.name 'jsonl': any dataset as JSONL files, one object per line
+  c.task.train_file = ''
+  c.task.test_file = ''
+  c.task.question_field = 'question'
+  c.task.answer_field = 'answer'
+  c.task.solution_field = ''  # '' = no worked solutions (no SFT on them)
+  c.task.answer_from_solution = ''  # '' | 'gsm8k' (text after ####) | 'boxed' (last \boxed{}) when no answer field
 
   c.model = ml_collections.ConfigDict()  # vocab_size comes from the tokenizer
+  c.model.path = ''  # a local Hugging Face model directory (config.json, *.safetensors, tokenizer); '' = from scratch
   c.model.d_model = 96
   c.model.num_layers = 4
   c.model.num_heads = 4
@@ -87,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lora.rank = 0  # r; 0 = off: full fine-tuning
   c.lora.alpha = 16.0  # the update is (alpha / r) * x A B
   c.lora.targets = 'q,k,v,o,gate,up,down'  # projections with adapters: attention q/k/v/o, MLP gate/up/down
-  c.lora.stages = 'rl'  # stages trained with LoRA: 'rl', 'sft' or 'sft,rl' (SFT from scratch needs full weights)
+  c.lora.stages = 'grpo'  # stages trained with LoRA: 'grpo', 'sft' or 'sft,grpo' (SFT from scratch needs all weights)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250  # greedy decoding batch for val/test evals

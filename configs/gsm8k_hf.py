@@ -9,70 +9,45 @@ a single policy update per exploration stage. This config starts RL from the loa
 Accuracy is reported on GSM8K test with the gsm8k verifier; the trained policy is exported to
 <workdir>/hf_model.
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402  configs/default.py holds the full schema; this file sets what differs
+from configs import default  # the full schema, every knob's default; this file sets what differs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = default.get_config()
 
-  c.task = ml_collections.ConfigDict()
   c.task.name = 'gsm8k'  # 'gsm8k' | 'math' | 'math500' | 'cmath' | 'jsonl' (grpo_jax/data/datasets.py)
-  c.task.train_split = 'train'
-  c.task.test_split = 'test'
-  c.task.source_dir = ''  # '' = the JSONL shipped in data/; or a directory with the same files
-  c.task.num_val = 0  # held out from train for SFT early stopping (no SFT here)
+  c.task.num_val = 0  # nothing held out for SFT early stopping: there is no SFT here
   c.task.num_test = 0  # 0 = the whole test split (1319 problems)
   c.task.prompt_template = 'cot'  # question + "Please reason step by step, and put your final answer within \boxed{}."
   c.task.chat = 'auto'  # the tokenizer's chat template when it has one (instruct models)
-  c.task.verifier = 'gsm8k'  # grpo_jax/rewards/verifiers.py
-  c.task.skip_long_prompts = True  # drop (and count) prompts longer than max_prompt_len
-  # for task.name == 'jsonl': any dataset as JSONL
-  c.task.train_file = ''
-  c.task.test_file = ''
-  c.task.question_field = 'question'
-  c.task.answer_field = 'answer'
-  c.task.solution_field = ''
-  c.task.answer_from_solution = ''  # '' | 'gsm8k' (text after ####) | 'boxed' (last \boxed{})
+  c.task.verifier = 'gsm8k'  # grpo_jax/rewards/verifiers.py: the paper's GSM8K answer rules
+  c.task.skip_long_prompts = True  # a few GSM8K prompts are long; drop (and count) them rather than stop
 
-  c.model = ml_collections.ConfigDict()
-  c.model.path = ''  # local HF model directory (config.json, *.safetensors, tokenizer); required
-  c.model.param_dtype = 'float32'  # master weights
-  c.model.dtype = 'bfloat16'  # compute dtype
-  c.model.remat = 'none'  # 'none' | 'full' | 'save_dots' (configs/default.py)
-  c.model.logprob_chunk = 0  # > 0: LM head + logprobs over this many positions at a time
+  # The architecture comes from model.path's config.json, so the embedded model's fields go (a config that
+  # writes one out, deepseekmath_7b.py, is checked against the checkpoint).
+  c.model = ml_collections.ConfigDict({k: c.model[k] for k in ('path', 'param_dtype', 'remat', 'logprob_chunk')})
+  c.model.dtype = 'bfloat16'  # compute dtype; master weights stay float32
 
   c.max_prompt_len = 512  # tokens, chat template included
   c.max_new_tokens = 1024  # the paper's max length
-  c.decode_block = 0  # 128 decodes faster, but the 7B plan shows the sampler holding every block's cache (16 -> 58 GiB)
+  # decode_block stays 0: larger blocks decode faster but XLA gives each block's loop its own KV cache buffer
+  # (the 7B plan: benchmarks/RESULTS.md).
 
   c.sft.max_steps = 0  # start RL from the loaded model
 
   c.rl.num_steps = 500
   c.rl.num_prompts = 16  # x G = 1024 outputs per step, the paper's batch
   c.rl.group_size = 64  # G
-  c.rl.num_epochs = 1  # one update per exploration stage
-  c.rl.num_minibatches = 1
-  c.rl.clip_eps = 0.2
-  c.rl.beta = 0.04  # KL coefficient
-  c.rl.kl_estimator = 'k3'
+  c.rl.beta = 0.04  # the paper's KL coefficient
   c.rl.reward = 'gsm8k'  # rule verifier: 1 if the final answer matches
-  c.rl.temperature = 1.0
-  c.rl.top_p = 1.0
-  c.rl.lr = 1e-6
-  c.rl.warmup_steps = 0
-  c.rl.schedule = 'constant'
+  c.rl.lr = 1e-6  # the paper's
   c.rl.weight_decay = 0.1
-  c.rl.grad_clip = 1.0
 
-  c.eval.batch_size = 64
-  c.checkpoint_every = 25
-  c.export_hf = True
+  c.eval.batch_size = 64  # prompts of 512 + 1024 tokens: a smaller decoding batch
+  c.checkpoint_every = 25  # steps are long
+  c.export_hf = True  # the trained policy as a Hugging Face model, for other tools
   c.cpu_devices = 0  # accelerator hosts: jax's default CPU backend, unused for compute
 
   if arg == 'tiny':  # CPU test settings for a tiny random model (tests/test_hf_train.py)

@@ -16,8 +16,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from grpo_jax.data.prompts import format_prompt, tokenize_prompts, uses_chat_template
-from grpo_jax.data.tokenizer import stop_token_ids
-from grpo_jax.pipeline.evaluate import decode, load_policy
+from grpo_jax.data.tokenizer import decode, stop_token_ids
+from grpo_jax.pipeline.evaluate import load_policy
 from grpo_jax.rollout.sampling import make_sampler
 
 FLAGS = flags.FLAGS

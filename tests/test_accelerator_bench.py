@@ -6,8 +6,8 @@ import sys
 
 from conftest import ROOT
 
+from grpo_jax.models import flops
 from grpo_jax.models.transformer import ModelConfig
-from grpo_jax.parallel import flops
 
 
 def test_tiny_preset_runs_and_reports_both_phases():

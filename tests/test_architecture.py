@@ -15,7 +15,8 @@ Rules:
 3. core/ is pure array math: besides the standard library it imports only jax and numpy (no flax, optax, ...).
 4. Only pipeline/ and the CLIs read the run config. Every other module takes the values it needs as explicit arguments,
    so it neither imports ml_collections nor has a function parameter named `cfg`, `config` or `opt_cfg` (the names the
-   codebase gives the run config and its sub-configs).
+   codebase gives the run config and its sub-configs) that is untyped or typed ConfigDict. A typed value object
+   (`model_cfg: ModelConfig`, `config: LossConfig`) is an explicit argument, not the run config.
 
 The checker is plain functions (`layer_of`, `imports_of`, `violations`, ...) so the meta-tests at the bottom can run it
 on a synthetic tree and prove it reports what it should: a checker that finds nothing would otherwise pass silently.
@@ -185,7 +186,9 @@ def _config_params(tree: ast.AST):
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
       a = node.args
       for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
-        if arg is not None and arg.arg in CONFIG_PARAMS:
+        untyped_or_config_dict = arg is not None and (arg.annotation is None or
+                                                      'ConfigDict' in ast.unparse(arg.annotation))
+        if untyped_or_config_dict and arg.arg in CONFIG_PARAMS:
           name = node.name if not isinstance(node, ast.Lambda) else '<lambda>'
           annotation = f': {ast.unparse(arg.annotation)}' if arg.annotation else ''
           yield arg.lineno, name, f'{arg.arg}{annotation}'

@@ -3,6 +3,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from grpo_jax.pipeline import checkpoint
@@ -22,7 +23,8 @@ def test_final_save_on_a_saved_step_replaces_only_the_meta(tmp_path, keep):
   assert checkpoint.read_meta(mngr) == {'step': 4, 'finished': True, 'summary': {'acc': 0.5}}
   restored = checkpoint.restore(mngr, 4, {'state': _tree(0.0)})
   np.testing.assert_array_equal(restored['state']['w'], np.full((3, 2), 2.0, np.float32))
-  assert checkpoint.read_meta(checkpoint.manager(str(tmp_path), 'grpo', max_to_keep=keep)) == restored['meta']
+  as_orbax_reads_it = mngr.restore(4, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  assert checkpoint.read_meta(checkpoint.manager(str(tmp_path), 'grpo', max_to_keep=keep)) == as_orbax_reads_it
 
 
 def test_a_kill_during_the_final_save_keeps_the_checkpoint(tmp_path, monkeypatch):

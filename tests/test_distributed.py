@@ -111,7 +111,7 @@ def test_inactive_metric_writer_writes_nothing(tmp_path):
   main.mkdir(), other.mkdir()
   for workdir, active in ((main, True), (other, False)):
     writer = MetricWriter(str(workdir), active=active)
-    writer.rewind(['sft'], 'sft', 0)
+    writer.rewind('sft', 0)
     writer.write('sft', 1, {'loss': 1.5})
     writer.close()
   assert read_metrics(str(main)) == [{'stage': 'sft', 'step': 1, 'loss': 1.5}]

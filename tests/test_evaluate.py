@@ -5,7 +5,8 @@ import numpy as np
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import build_tokenizer
 from grpo_jax.pipeline.evaluate import greedy_eval, maj_at_k, majority_answers, sample_texts
-from grpo_jax.rewards.verifiers import VERIFIERS, extract_answer
+from grpo_jax.rewards.answers import extract_answer
+from grpo_jax.rewards.verifiers import VERIFIERS
 from grpo_jax.rollout.sampling import Completions
 
 TOK = build_tokenizer()

@@ -1,4 +1,4 @@
-"""grpo_jax.parallel.flops against hand-worked counts for a tiny model, the device table, MFU and the logged rates."""
+"""grpo_jax.models.flops against hand-worked counts for a tiny model, the device table, MFU and the logged rates."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from grpo_jax.models import flops
 from grpo_jax.models.transformer import ModelConfig, Transformer
-from grpo_jax.parallel import flops
 
 # d 4, 1 layer, 2 query heads and 1 kv head of dim 2, mlp 8, vocab 10.
 TINY = ModelConfig(vocab_size=10, d_model=4, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2, mlp_dim=8)

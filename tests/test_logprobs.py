@@ -7,6 +7,7 @@ from flax import nnx
 
 from grpo_jax.core import logprobs
 from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.rollout.reference import make_sequence_logprobs_fn
 
 # Jitted: one compile per shape instead of one per primitive (op-by-op dispatch is slow to warm up on CPU).
 token_logprobs = jax.jit(logprobs.token_logprobs)
@@ -162,15 +163,15 @@ def test_chunked_logprobs_never_hold_the_full_logits():
 @pytest.mark.parametrize('k,chunk_size', [(2, 0), (3, 3), (12, 0)])
 def test_micro_batched_reference_forward_matches_whole_batch(k, chunk_size):
   graphdef, params, batch = _model_and_batch(vocab=50, b=12, p=5, c=7)
-  whole = logprobs.make_sequence_logprobs_fn(graphdef)(params, *batch)
-  micro = logprobs.make_sequence_logprobs_fn(graphdef, num_micro_batches=k, chunk_size=chunk_size)(params, *batch)
+  whole = make_sequence_logprobs_fn(graphdef)(params, *batch)
+  micro = make_sequence_logprobs_fn(graphdef, num_micro_batches=k, chunk_size=chunk_size)(params, *batch)
   assert micro.shape == (12, 7)
   np.testing.assert_allclose(np.asarray(micro), np.asarray(whole), rtol=1e-5, atol=1e-5)  # rows in their order
 
 
 def test_micro_batched_reference_forward_holds_one_micro_batch():
   graphdef, params, batch = _model_and_batch(vocab=4096, b=16, p=8, c=64)
-  temp = {k: logprobs.make_sequence_logprobs_fn(graphdef, num_micro_batches=k).lower(params, *batch).compile()
+  temp = {k: make_sequence_logprobs_fn(graphdef, num_micro_batches=k).lower(params, *batch).compile()
           .memory_analysis().temp_size_in_bytes for k in (1, 8)}
   logits_bytes = 16 * 64 * 4096 * 4  # the whole batch's float32 completion logits
   # Measured 35.7 MB whole, 4.5 MB in 8 micro-batches (jax 0.10.2).
@@ -180,4 +181,4 @@ def test_micro_batched_reference_forward_holds_one_micro_batch():
 def test_micro_batches_must_split_the_rows():
   graphdef, params, batch = _model_and_batch(vocab=50, b=12, p=5, c=7)
   with pytest.raises(ValueError, match='12 rows .* num_micro_batches=5'):
-    logprobs.make_sequence_logprobs_fn(graphdef, num_micro_batches=5)(params, *batch)
+    make_sequence_logprobs_fn(graphdef, num_micro_batches=5)(params, *batch)

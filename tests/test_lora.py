@@ -22,15 +22,16 @@ from conftest import ROOT, load_config, train_command
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax import train
-from grpo_jax.core.logprobs import make_sequence_logprobs_fn, sequence_logprobs
+from grpo_jax.core.logprobs import positions_from_mask, sequence_logprobs
+from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.models import hf, lora
-from grpo_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
-from grpo_jax.pipeline import checkpoint, metrics
+from grpo_jax.pipeline import checkpoint, grpo as grpo_stage, metrics, run as runner, setup as setup_lib
 from grpo_jax.pipeline.config_checks import check_config
-from grpo_jax.pipeline.grpo import Rollout, grpo_objective
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.reference import make_sequence_logprobs_fn
+from grpo_jax.rollout.rollout import Rollout
 from grpo_jax.rollout.sampling import make_sampler
 
 CFG = ModelConfig(vocab_size=40, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
@@ -164,14 +165,15 @@ def test_train_step_moves_only_the_adapters(grad_accum_steps, remat):
   graphdef, _, params = lora_params(lora_cfg)
   params = jax.tree.map(np.asarray, params)  # init_state puts them in fresh buffers: the step donates them
   before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
-  opt_cfg = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
+  opt_cfg = ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0,
+                            master_dtype='float32'))
   tx = make_optimizer(opt_cfg, total_steps=10)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   state = init_state(params, tx, mesh, trainable=lora.TRAINABLE)
-  loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3', remat=remat)
+  loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=remat))
   step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh), mesh,
                          grad_accum_steps=grad_accum_steps, trainable=lora.TRAINABLE)
-  state, out = step(state, grpo_rollout())
+  state, out = step(state, grpo_rollout(), {'beta': np.float32(0.04)})
   assert float(out['grad_norm']) > 0
   after = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(state.params)}
   assert after.keys() == before.keys()
@@ -227,7 +229,7 @@ def raw_state(workdir, stage: str) -> dict:
   the devices that wrote it (the run used config.cpu_devices=2; this process has one)."""
   import orbax.checkpoint as ocp
   step = checkpoint.read_meta(checkpoint.manager(str(workdir), stage, max_to_keep=2))['step']
-  path = os.path.join(workdir, 'checkpoints', stage, str(step), 'state')
+  path = os.path.join(workdir, 'checkpoints', stage, str(step), 'policy')
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           checkpointer.metadata(path).item_metadata.tree)
@@ -251,9 +253,9 @@ def test_main_command_with_lora_trains_adapters_and_exports_merged_weights(lora_
   assert all('kl' in r for r in read_rows(workdir) if r['stage'] == 'grpo')
   final = checkpoint.read_meta(checkpoint.manager(str(workdir), 'grpo', max_to_keep=2))
   assert final['finished'] and final['lora'] == {'rank': 4, 'alpha': 16.0, 'targets': list(ALL)}
-  # No reference tree: the checkpoint holds the state (base once + adapters + their optimizer state) and meta.
+  # No reference tree: the checkpoint holds the policy (base once + adapters + their optimizer state) and meta.
   assert sorted(os.listdir(workdir / 'checkpoints' / 'grpo' / '4')) == ['_CHECKPOINT_METADATA', 'commit_success.txt',
-                                                                         'meta', 'state']
+                                                                         'meta', 'policy']
   state = raw_state(workdir, 'grpo')
   sft = unwrap(raw_state(workdir, 'sft')['params'])
   flat = lambda tree: {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
@@ -298,31 +300,31 @@ def test_lora_resume_matches_and_uses_the_base_as_reference(lora_run, tmp_path, 
                 and sum(x.size for x in jax.tree.leaves(ref_params)) == 26_400)  # the base, no adapters
     return collect_rollout(sampler, ref_fn, params, ref_params, *args, **kwargs)
 
-  collect_rollout = train.collect_rollout
-  monkeypatch.setattr(train, 'collect_rollout', spy)
+  collect_rollout = grpo_stage.collect_rollout
+  monkeypatch.setattr(grpo_stage, 'collect_rollout', spy)
   cfg = load_config('tiny')
   cfg.lora.rank, cfg.rl.lr, cfg.export_hf = 4, 1e-2, True
   handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    train.run(cfg, str(workdir))
+    runner.run(cfg, str(workdir))
   finally:
     for s, h in handlers.items():
       signal.signal(s, h)
   assert 'grpo: resuming from step 2' in capsys.readouterr().out
   assert seen == [True, True]  # steps 3 and 4
   assert read_rows(workdir) == read_rows(reference)
-  ours = nnx.to_pure_dict(hf.load_params(str(workdir / 'hf_model'), train.tokenizer_and_model_config(cfg)[1]))
-  theirs = nnx.to_pure_dict(hf.load_params(str(reference / 'hf_model'), train.tokenizer_and_model_config(cfg)[1]))
+  ours = nnx.to_pure_dict(hf.load_params(str(workdir / 'hf_model'), setup_lib.tokenizer_and_model_config(cfg)[1]))
+  theirs = nnx.to_pure_dict(hf.load_params(str(reference / 'hf_model'), setup_lib.tokenizer_and_model_config(cfg)[1]))
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
 def test_checkpoint_of_another_lora_config_is_rejected(lora_run, tiny_config, monkeypatch):
   built_too_early = lambda *a, **k: pytest.fail('built the model before the check')  # noqa: E731
-  monkeypatch.setattr(train, 'Transformer', built_too_early)
+  monkeypatch.setattr(setup_lib, 'Transformer', built_too_early)
   monkeypatch.setattr(lora, 'Transformer', built_too_early)  # what lora.transformer builds on
   tiny_config.lora.rank = 8
   with pytest.raises(checkpoint.CheckpointError, match=r"trained with LoRA \{'rank': 4.*config.lora gives"):
-    train.run(tiny_config, str(lora_run[0]))
+    runner.run(tiny_config, str(lora_run[0]))
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -331,7 +333,7 @@ def test_checkpoint_of_another_lora_config_is_rejected(lora_run, tiny_config, mo
 @pytest.mark.parametrize('key, value, match', [
     ('rank', -1, r'config.lora.rank must be an int >= 0'),
     ('targets', 'q,qq,gate', r"config.lora.targets: unknown \['qq'\]; known: \['q', 'k', 'v', 'o', 'gate'"),
-    ('stages', 'sft,grpo', r"config.lora.stages: unknown \['grpo'\]; known: \['sft', 'rl'\]"),
+    ('stages', 'sft,rl', r"config.lora.stages: unknown \['rl'\]; known: \['sft', 'grpo'\]"),
     ('alpha', 0.0, r'config.lora.alpha must be a positive number'),
     ('targets', ' , ', r'config.lora.rank=4 needs at least one target'),
 ])
@@ -344,11 +346,11 @@ def test_bad_lora_config_values_are_named(tiny_config, key, value, match):
 
 def test_lora_config_parsing(tiny_config):
   check_config(tiny_config, 1)  # rank 0: off
-  assert lora.stage_config(tiny_config.lora, 'rl') is None
+  assert setup_lib.stage_lora(tiny_config, 'grpo') is None
   tiny_config.lora.rank, tiny_config.lora.targets = 8, ' q, v'
-  assert lora.stage_config(tiny_config.lora, 'rl') == lora.LoraConfig(8, 16.0, ('q', 'v'))
-  assert lora.stage_config(tiny_config.lora, 'sft') is None  # default: RL only; SFT from scratch trains all
-  assert lora.stage_config(tiny_config.lora, 'rl').scale == 2.0
+  assert setup_lib.stage_lora(tiny_config, 'grpo') == lora.LoraConfig(8, 16.0, ('q', 'v'))
+  assert setup_lib.stage_lora(tiny_config, 'sft') is None  # default: GRPO only; SFT from scratch trains all
+  assert setup_lib.stage_lora(tiny_config, 'grpo').scale == 2.0
 
 
 # ------------------------------------------------------------------------------ sharded (8 CPU devices)
@@ -360,7 +362,8 @@ SHARDED = textwrap.dedent('''
     from ml_collections import ConfigDict
     from grpo_jax.models import lora
     from grpo_jax.parallel import sharding
-    from grpo_jax.pipeline.grpo import Rollout, grpo_objective
+    from grpo_jax.core.losses import LossConfig, grpo_objective
+    from grpo_jax.rollout.rollout import Rollout
     from grpo_jax.models.transformer import ModelConfig
     from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
@@ -379,8 +382,9 @@ SHARDED = textwrap.dedent('''
     old = (-3.0 + 0.5 * rng.standard_normal((n, c))).astype(np.float32)
     rollout = Rollout(tokens(prompt_mask), prompt_mask, tokens(completion_mask), completion_mask, old,
                       old - 0.1, rng.standard_normal(n).astype(np.float32))
-    loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3')
-    opt_cfg = ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
+    loss_fn = functools.partial(grpo_objective, config=LossConfig())
+    opt_cfg = ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0,
+                              master_dtype='float32'))
     spec = lambda x: [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
     out = {}
     for name, shape in (('one', (1, 1, 1)), ('all', (2, 2, 2))):
@@ -391,7 +395,7 @@ SHARDED = textwrap.dedent('''
                                mesh, trainable=lora.TRAINABLE)
         losses, norms = [], []
         for _ in range(2):
-            state, m = step(state, rollout)
+            state, m = step(state, rollout, {'beta': np.float32(0.04)})
             losses.append(float(m['loss']))
             norms.append(float(m['grad_norm']))
         wq = state.params['blocks'][0]['attn']

@@ -14,12 +14,13 @@ from conftest import load_config
 from flax import nnx
 from ml_collections import ConfigDict
 
+from grpo_jax.core.losses import LossConfig, grpo_objective, sft_loss, sft_token_count
+from grpo_jax.data.batches import SFTBatch
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
 from grpo_jax.pipeline.config_checks import check_config
-from grpo_jax.pipeline.grpo import Rollout, grpo_objective
-from grpo_jax.pipeline.sft import SFTBatch, sft_loss, sft_token_count
 from grpo_jax.pipeline.train_state import MasterState, init_state, make_optimizer, make_train_step, state_shardings
+from grpo_jax.rollout.rollout import Rollout
 from grpo_jax.rollout.sampling import make_sampler
 
 MESH = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
@@ -27,8 +28,9 @@ MESH = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]
 # apart from the forward, and CSE then merges the two: on CPU remat saves nothing. GPU and TPU keep the
 # barriers; disabling that one pass shows their plan here.
 KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
-GRPO_LOSS = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3')
-OPT = dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.1, grad_clip=1.0)
+GRPO_LOSS = functools.partial(grpo_objective, config=LossConfig())
+HPARAMS = {'beta': np.float32(0.04)}  # what the GRPO loss reads; the SFT loss ignores it
+OPT = dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.1, grad_clip=1.0, master_dtype='float32')
 
 
 def host_params(num_layers=1, d_model=32, mlp_dim=64, vocab=40, **dtypes):
@@ -60,12 +62,12 @@ def compiled_step(graphdef, params, tx, loss_fn, batch, options=None, **kwargs):
   state = init_state(params, tx, MESH)
   step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, MESH), sharding.batch_sharding(MESH), MESH,
                          **kwargs)
-  return step.lower(state, batch).compile(options), state
+  return step.lower(state, batch, HPARAMS).compile(options), state
 
 
 def run_step(graphdef, params, tx, loss_fn, batch, **kwargs):
   compiled, state = compiled_step(graphdef, params, tx, loss_fn, batch, **kwargs)
-  new_state, metrics = compiled(state, batch)
+  new_state, metrics = compiled(state, batch, HPARAMS)
   return new_state, jax.tree.map(np.asarray, metrics)
 
 
@@ -85,9 +87,9 @@ def test_remat_policies_same_update_and_full_remat_needs_less_memory():
   tx = optax.sgd(1.0)  # new params = params - grads: compares the gradients themselves
   results = {}
   for remat in ('none', 'full', 'save_dots'):
-    loss_fn = functools.partial(GRPO_LOSS, remat=remat)
+    loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=remat))
     compiled, state = compiled_step(graphdef, params, tx, loss_fn, batch, options=KEEP_REMAT)
-    new_state, metrics = compiled(state, batch)
+    new_state, metrics = compiled(state, batch, HPARAMS)
     results[remat] = (compiled.memory_analysis().temp_size_in_bytes, metrics, new_state.params)
   temp = {k: v[0] for k, v in results.items()}
   print(f'train step temp bytes: {temp}')
@@ -110,7 +112,7 @@ def test_bfloat16_train_step_keeps_float32_master_and_moments():
   opt_cfg = ConfigDict(OPT)
   state, metrics = run_step(graphdef16, params16, make_optimizer(opt_cfg, 10, param_dtype='bfloat16'), GRPO_LOSS,
                             batch)
-  loss32, _ = jax.jit(lambda p: GRPO_LOSS(nnx.merge(graphdef32, p), batch))(params32)
+  loss32, _ = jax.jit(lambda p: GRPO_LOSS(nnx.merge(graphdef32, p), batch, HPARAMS))(params32)
   assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']) and metrics['grad_norm'] > 0
   np.testing.assert_allclose(metrics['loss'], loss32, rtol=0.05, atol=0.02)  # bf16 compute: close, not equal
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
@@ -162,7 +164,7 @@ def grpo_accumulation():
   out = {}
   for k in (1, 4):
     compiled, state = compiled_step(graphdef, params, optax.sgd(1.0), GRPO_LOSS, batch, grad_accum_steps=k)
-    state, metrics = compiled(state, batch)  # sgd(1.0): new params = params - grads
+    state, metrics = compiled(state, batch, HPARAMS)  # sgd(1.0): new params = params - grads
     out[k] = (compiled.memory_analysis().temp_size_in_bytes, state, jax.tree.map(np.asarray, metrics))
   return out
 

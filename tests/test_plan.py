@@ -15,9 +15,9 @@ from conftest import load_config
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from grpo_jax import plan
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
+from grpo_jax.pipeline import plan
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny preset (d 32, 2 layers, 4 heads / 2 kv heads of 8, mlp 64, 4 prompts x G=4) on 8 devices: every
@@ -54,12 +54,13 @@ def test_param_and_optimizer_bytes_are_the_arithmetic(tiny_plan):
   assert report['resident']['policy params'] == params
   assert report['resident']['optimizer state'] == 2 * params + 4  # AdamW mu and nu, plus its int32 step count
   assert report['resident']['reference params'] == params
-  # The compiled train step takes exactly that state (+ the int32 step) and this device's share of the minibatch:
-  # 8 rows over data x fsdp = 4 -> 2 rows of 4 int32 token / mask arrays, 2 float32 logprob arrays, advantages.
+  # The compiled train step takes exactly that state (+ the int32 step), this device's share of the minibatch (8 rows
+  # over data x fsdp = 4 -> 2 rows of 4 int32 token / mask arrays, 2 float32 logprob arrays, advantages) and the
+  # float32 beta, an argument so that a KL controller can change it without a recompile.
   p, c = report['step']['prompt_len'], report['step']['completion_len']
   batch = 2 * (2 * p + 2 * c) * 4 + 2 * (2 * c) * 4 + 2 * 4
   step = report['phases']['train_step']
-  assert step['arguments'] == params + (2 * params + 4) + 4 + batch
+  assert step['arguments'] == params + (2 * params + 4) + 4 + batch + 4
   assert step['aliased'] == params + 2 * params + 4 + 4  # the donated state comes back in place
   assert step['temporaries'] > 0 and report['phases']['sampler']['temporaries'] > 0
   assert report['fits'] and report['peak_bytes'] < 2**30

@@ -63,14 +63,14 @@ def test_training_learns_a_preference():
   graphdef, params = nnx.split(RewardModel(CFG, nnx.Rngs(0)), nnx.Param)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   tx = make_optimizer(ConfigDict(dict(lr=3e-3, warmup_steps=0, schedule='constant', weight_decay=0.0,
-                                      grad_clip=1.0)), 40)
+                                      grad_clip=1.0, master_dtype='float32')), 40)
   state = init_state(params, tx, mesh)
   step = make_train_step(graphdef, tx, pairwise_loss, state_shardings(state, mesh), sharding.batch_sharding(mesh),
                          mesh)
   held_out = pairs(32)
   _, before = pairwise_loss(nnx.merge(graphdef, state.params), held_out)
   for _ in range(40):
-    state, metrics = step(state, pairs(16))
+    state, metrics = step(state, pairs(16), {})
   _, after = pairwise_loss(nnx.merge(graphdef, state.params), held_out)
   assert float(before['accuracy']) == 0.0  # the head starts at zero: every margin is 0
   assert float(after['accuracy']) == 1.0 and float(after['margin']) > 1.0

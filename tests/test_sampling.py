@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax.core.logprobs import sequence_logprobs
-from grpo_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from grpo_jax.core.logprobs import positions_from_mask, sequence_logprobs
+from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.rollout.sampling import filter_logits, make_sampler
 
 VOCAB, PAD = 40, 0

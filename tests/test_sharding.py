@@ -23,6 +23,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
 from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.setup import layout_rules
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
@@ -37,9 +38,12 @@ SCRIPT = textwrap.dedent('''
     from flax import nnx
     from ml_collections import ConfigDict
     from grpo_jax.parallel import sharding
-    from grpo_jax.pipeline.grpo import Rollout, grpo_objective
-    from grpo_jax.core.logprobs import make_sequence_logprobs_fn, sequence_logprobs
-    from grpo_jax.models.transformer import KVCache, ModelConfig, Transformer, positions_from_mask
+    from grpo_jax.core.losses import LossConfig, grpo_objective
+    from grpo_jax.rollout.rollout import Rollout
+    from grpo_jax.core.logprobs import sequence_logprobs
+    from grpo_jax.rollout.reference import make_sequence_logprobs_fn
+    from grpo_jax.core.logprobs import positions_from_mask
+    from grpo_jax.models.transformer import KVCache, ModelConfig, Transformer
     from grpo_jax.models.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
     from grpo_jax.rollout.sampling import make_sampler
     from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
@@ -69,8 +73,9 @@ SCRIPT = textwrap.dedent('''
     rewards = rng.integers(0, 2, (4, 4)).astype(np.float32)
     adv = ((rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + 1e-4)).reshape(-1)
     rollout = Rollout(prompt_tokens, prompt_mask, completion_tokens, completion_mask, old, ref, adv.astype(np.float32))
-    loss_fn = functools.partial(grpo_objective, clip_eps=0.2, beta=0.04, kl_estimator='k3')
-    opt_cfg = ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0))
+    loss_fn = functools.partial(grpo_objective, config=LossConfig())
+    opt_cfg = ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0,
+                              master_dtype='float32'))
     prompts, prompts_mask = prompt_tokens[::2], prompt_mask[::2]  # 8 prompts x G = 2 for the samplers
 
     def spec(x):
@@ -119,7 +124,7 @@ SCRIPT = textwrap.dedent('''
                                sharding.batch_sharding(mesh, rules), mesh, rules)
         losses = []
         for _ in range(2):
-            state, metrics = step(state, comparisons)
+            state, metrics = step(state, comparisons, {})
             losses.append(float(metrics['loss']))
         return dict(scores=np.asarray(scores).tolist(), losses=losses, head=spec(state.params['head'].value),
                     mu=describe(state.opt_state[1][0].mu)['backbone/blocks/0/mlp/up'])
@@ -135,7 +140,7 @@ SCRIPT = textwrap.dedent('''
         step = make_train_step(graphdef, tx, loss_fn, shardings, sharding.batch_sharding(mesh, rules), mesh, rules)
         losses, grad_norms, clip_fracs = [], [], []
         for _ in range(2):  # the second call runs on the donated, pinned output of the first
-            state, metrics = step(state, rollout)
+            state, metrics = step(state, rollout, {'beta': np.float32(0.04)})
             losses.append(float(metrics['loss']))
             grad_norms.append(float(metrics['grad_norm']))
             clip_fracs.append(float(metrics['clip_frac']))
@@ -399,7 +404,7 @@ def test_sampler_rules_and_batch_rule_in_the_config_check(tiny_config):
 
 
 def test_default_config_rules_are_the_table(tiny_config):
-  rules, sampler_rules = sharding.rules_from_config(tiny_config.sharding)
+  rules, sampler_rules = layout_rules(tiny_config)
   assert rules == sampler_rules == sharding.DEFAULT_RULES  # one layout: no reshard before sampling
   assert rules.allow_replication_fallback is False
 

@@ -9,8 +9,7 @@ import time
 import pytest
 from conftest import ROOT, train_command
 
-from grpo_jax import train
-from grpo_jax.pipeline import checkpoint, metrics
+from grpo_jax.pipeline import checkpoint, metrics, run as runner, setup as setup_lib
 
 TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu'}
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
@@ -104,7 +103,7 @@ def test_sigterm_saves_checkpoint_then_resume_matches(finished_run, tmp_path):
 def no_model(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('the model was built before the bad input was reported')
-  monkeypatch.setattr(train, 'Transformer', fail)
+  monkeypatch.setattr(setup_lib, 'Transformer', fail)
 
 
 @pytest.mark.parametrize('path, value, match', [
@@ -117,13 +116,13 @@ def test_bad_config_values_fail_before_model(tiny_config, tmp_path, no_model, pa
   section, _, key = path.rpartition('.')
   (tiny_config[section] if section else tiny_config)[key] = value
   with pytest.raises(ValueError, match=match):
-    train.run(tiny_config, str(tmp_path))
+    runner.run(tiny_config, str(tmp_path))
 
 
 def test_prompt_longer_than_max_len_fails_before_model(tiny_config, tmp_path, no_model):
   tiny_config.max_prompt_len = 20
   with pytest.raises(ValueError, match='max_prompt_len'):
-    train.run(tiny_config, str(tmp_path))
+    runner.run(tiny_config, str(tmp_path))
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
@@ -139,7 +138,7 @@ def test_checkpoint_of_another_model_config_is_rejected(finished_run, tiny_confi
   reference, _ = finished_run
   tiny_config.model.d_model = 48
   with pytest.raises(checkpoint.CheckpointError, match='d_model'):
-    train.run(tiny_config, str(reference))
+    runner.run(tiny_config, str(reference))
 
 
 def test_malformed_checkpoint_is_reported(tiny_config, tmp_path, no_model):
@@ -147,7 +146,7 @@ def test_malformed_checkpoint_is_reported(tiny_config, tmp_path, no_model):
   (step_dir / 'meta').mkdir(parents=True)
   (step_dir / 'meta' / 'metadata').write_text('{not json')
   with pytest.raises(checkpoint.CheckpointError, match='malformed'):
-    train.run(tiny_config, str(tmp_path))
+    runner.run(tiny_config, str(tmp_path))
 
 
 def test_package_imports_from_outside_the_repo(tmp_path):
@@ -157,3 +156,13 @@ def test_package_imports_from_outside_the_repo(tmp_path):
                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().startswith(ROOT)
+
+
+def test_workdir_of_the_old_checkpoint_layout_is_refused_in_one_line(tiny_config, tmp_path, no_model):
+  # Before 2026-12-04 a stage saved its train state as one item 'state'; now the items are named by role.
+  step_dir = tmp_path / 'checkpoints' / 'grpo' / '4'
+  (step_dir / 'meta').mkdir(parents=True)
+  (step_dir / 'state').mkdir()
+  (step_dir / 'meta' / 'metadata').write_text(json.dumps({'stage': 'grpo', 'step': 4, 'model': {}}))
+  with pytest.raises(checkpoint.CheckpointError, match=r"layout of grpo_jax before 2026-12-04 .*git checkout"):
+    runner.run(tiny_config, str(tmp_path))

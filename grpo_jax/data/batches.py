@@ -30,6 +30,14 @@ class TokenizedSplit(NamedTuple):
                           self.completion_mask[idx], [self.answers[i] for i in idx])
 
 
+class SFTBatch(NamedTuple):
+  """A supervised batch: what core.losses.sft_loss reads."""
+  prompt_tokens: np.ndarray  # [b, p] left-padded
+  prompt_mask: np.ndarray  # [b, p]
+  completion_tokens: np.ndarray  # [b, c] solution + EOS, right-padded
+  completion_mask: np.ndarray  # [b, c]
+
+
 def encode(tokenizer, examples: Sequence, *, max_prompt_len: int, max_new_tokens: int, template: str = 'qa',
            chat: str = 'never', split: str = '', with_solutions: bool = True,
            skip_long_prompts: bool = False) -> TokenizedSplit:

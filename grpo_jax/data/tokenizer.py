@@ -13,6 +13,7 @@ import re
 import string
 from collections.abc import Sequence
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -40,7 +41,7 @@ def load_tokenizer(path: str):
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
-  from transformers import AutoTokenizer  # here: importing it imports torch when installed (~250 MB, 1 s)
+  from transformers import AutoTokenizer  # here, not at the top: importing it imports torch when installed
   try:
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left', local_files_only=True)
   except (OSError, ValueError) as e:
@@ -61,3 +62,9 @@ def stop_token_ids(tokenizer, model_dir: str | None = None) -> tuple[int, ...]:
       extra = json.load(f).get('eos_token_id')
     ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
   return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Completion texts ([b, c] ids with [b, c] mask), special tokens (EOS, pad) dropped."""
+  rows = [row[m.astype(bool)] for row, m in zip(tokens, mask, strict=True)]
+  return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -32,7 +32,6 @@ TARGETS = {'q': 'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo', 'gate': 'gate', 'up': 'up
 # The weights of each module that can take an adapter -> how many leading (input) dims the forward contracts x with.
 ATTENTION_WEIGHTS = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2}
 MLP_WEIGHTS = {'gate': 1, 'up': 1, 'down': 1}
-STAGES = ('sft', 'rl')  # config sections of the trainer's stages
 TRAINABLE = nnx.LoRAParam  # the nnx filter of the adapter leaves
 
 
@@ -62,34 +61,6 @@ def parse_names(value: str | Iterable[str], known: Iterable[str], where: str) ->
   if unknown:
     raise ValueError(f'{where}: unknown {unknown}; known: {list(known)}')
   return names
-
-
-def check_config(lora_cfg) -> None:
-  """config.lora: rank an int >= 0; with rank > 0, alpha > 0 and at least one target and stage."""
-  rank = lora_cfg.rank
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-    raise ValueError(f'config.lora.rank must be an int >= 0 (0 = off: full fine-tuning), got {rank!r}')
-  targets = parse_names(lora_cfg.targets, TARGETS, 'config.lora.targets')
-  stages = parse_names(lora_cfg.stages, STAGES, 'config.lora.stages')
-  if rank == 0:
-    return
-  alpha = lora_cfg.alpha
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-    raise ValueError(f'config.lora.alpha must be a positive number (scale = alpha / rank), got {alpha!r}')
-  if not targets or not stages:
-    raise ValueError(f'config.lora.rank={rank} needs at least one target and one stage, got '
-                     f'targets={lora_cfg.targets!r}, stages={lora_cfg.stages!r}')
-
-
-def stage_config(lora_cfg, stage: str) -> LoraConfig | None:
-  """The LoRA of a stage ('sft' | 'rl') from config.lora; None (train every weight) when rank is 0, the stage is
-  not listed or the config has no lora section."""
-  if lora_cfg is None or not lora_cfg.rank:
-    return None
-  if stage not in parse_names(lora_cfg.stages, STAGES, 'config.lora.stages'):
-    return None
-  return LoraConfig(int(lora_cfg.rank), float(lora_cfg.alpha),
-                    parse_names(lora_cfg.targets, TARGETS, 'config.lora.targets'))
 
 
 class LoraAdapter(nnx.Module):

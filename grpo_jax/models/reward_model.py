@@ -45,8 +45,11 @@ class RewardModel(nnx.Module):
     return at_last @ self.head[...] + self.bias[...]
 
 
-def pairwise_loss(model: RewardModel, batch: Comparisons) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Bradley-Terry: mean over pairs of -log sigmoid(r_chosen - r_rejected); also the pairwise accuracy."""
+def pairwise_loss(model: RewardModel, batch: Comparisons, hparams: dict[str, jax.Array] | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Bradley-Terry: mean over pairs of -log sigmoid(r_chosen - r_rejected); also the pairwise accuracy.
+  hparams: unused (the train step's loss signature)."""
+  del hparams
   margin = model(batch.chosen_tokens, batch.chosen_mask) - model(batch.rejected_tokens, batch.rejected_mask)
   return jnp.mean(jax.nn.softplus(-margin)), {'accuracy': jnp.mean(margin > 0), 'margin': jnp.mean(margin)}
 
@@ -56,12 +59,7 @@ def make_score_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | 
   """jit-compiled score(params, tokens [b, t], mask [b, t]) -> [b]: params keep their layout (`param_shardings`
   on `mesh`), rows shard over the batch axes and activations follow `rules`, as in the policy's forward."""
   def score(params, tokens, mask):
-    with sharding.activation_mesh(mesh, rules):
-      return nnx.merge(graphdef, params)(tokens, mask)
+    return nnx.merge(graphdef, params)(tokens, mask)
 
-  if param_shardings is None:
-    return jax.jit(score)
-  if mesh is None:
-    raise ValueError('make_score_fn: param_shardings needs the mesh they live on (mesh=...)')
-  batch = sharding.batch_sharding(mesh, rules)
-  return jax.jit(score, in_shardings=(param_shardings, batch, batch))
+  in_shardings = None if param_shardings is None else (param_shardings, 'batch', 'batch')
+  return sharding.jit_sharded(score, mesh, rules, in_shardings, where='make_score_fn')

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.core.logprobs import positions_from_mask
 from grpo_jax.parallel.sharding import constrain
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
@@ -104,7 +105,8 @@ class KVCache(NamedTuple):
   """One buffer per layer: each is updated in place at the new slots and read whole by attention, so no
   token copies a layer's cache (slicing a layer out of one stacked buffer did, every decode step)."""
   # The layouts the two attention matmuls read as they are (q k^T: [h, s] per head; p v: [s, h] per head): a
-  # [b, s, k, h] cache was transposed whole by XLA every decode step, and [b, k, s, h] keys took 2x as long.
+  # [b, s, k, h] cache was transposed whole by XLA every decode step, and [b, k, s, h] keys were slower
+  # (benchmarks/RESULTS.md).
   k: tuple[jax.Array, ...]  # num_layers x [b, k, h, s]
   v: tuple[jax.Array, ...]  # num_layers x [b, k, s, h]
   mask: jax.Array  # [b, s] bool: slot holds a real (non-pad) token
@@ -132,7 +134,7 @@ def dense(x: jax.Array, w: jax.Array, num_in: int = 1) -> jax.Array:
   """x [..., *in] . w [*in, *out] -> [..., *out], contracting x's last num_in dims with w's first num_in.
 
   On XLA:CPU it runs as one 2-D matmul: with 3-D activations the compiler transposes whole activations in
-  the backward pass (the gradient of the benchmark's train step took 2.3x as long). Other backends get the
+  the backward pass (benchmarks/RESULTS.md has the cost). Other backends get the
   einsum as written, whose batch dims their matmul units take as they are.
   """
   if jax.default_backend() != 'cpu':
@@ -386,8 +388,3 @@ def _remat_block(block: Block, x, positions, key_mask, q_slots, policy):
   def run(state, x, positions, key_mask, q_slots):
     return nnx.merge(graphdef, state)(x, positions, key_mask, q_slots)[0]
   return run(state, x, positions, key_mask, q_slots)
-
-
-def positions_from_mask(mask: jax.Array) -> jax.Array:
-  """[b, t] bool -> [b, t] int positions counting only real tokens (0 on left padding)."""
-  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -91,10 +91,10 @@ def use_cpu_devices(count: int) -> int | None:
 
   Why: XLA:CPU runs each small op (a decode step's [32, 256] x [256, 688] matmul, every elementwise fusion) on one
   core, so with one CPU device the other cores idle through sampling. With `count` devices the mesh's batch axes
-  spread each batch over them and `count` cores work at once (2 cores: decode about 1.7x faster; see
-  benchmarks/RESULTS.md). Must run before jax starts its CPU backend. An explicit
+  spread each batch over them and `count` cores work at once (the speed-up: benchmarks/RESULTS.md). Must run
+  before jax starts its CPU backend. An explicit
   XLA_FLAGS=--xla_force_host_platform_device_count=N wins (the tests' simulated meshes), and on a process whose
-  backend is already up (a notebook, a test calling train.run) the count stays as it is, with a warning.
+  backend is already up (a notebook, a test calling pipeline.run.run) the count stays as it is, with a warning.
   """
   if not isinstance(count, int) or isinstance(count, bool) or count < 0:
     raise ValueError(f"config.cpu_devices must be an int >= 0 (0 = jax's default: one CPU device), got {count!r}")

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -105,13 +105,12 @@ class Rules:
 DEFAULT_RULES = Rules()
 
 
-def rules_from_config(sharding_cfg) -> tuple[Rules, Rules]:
-  """(training rules, sampler rules) from config.sharding (None: the defaults, one layout for both)."""
-  if sharding_cfg is None:
-    return DEFAULT_RULES, DEFAULT_RULES
-  rules = Rules(parse_rules(sharding_cfg.get('rules', tuple(LOGICAL_RULES.items())), where='config.sharding.rules'),
-                bool(sharding_cfg.get('allow_replication_fallback', False)))
-  return rules, rules.override(sharding_cfg.get('sampler_rules', ()), where='config.sharding.sampler_rules')
+def layout_rules(rules: Iterable, sampler_overrides: Iterable = (), *, allow_replication_fallback: bool = False
+                 ) -> tuple[Rules, Rules]:
+  """(training rules, sampler rules): the table `rules` ((logical axis, mesh axes), ...), and the same with
+  `sampler_overrides` for the samplers' param layout. Malformed pairs are errors naming config.sharding.*."""
+  training = Rules(parse_rules(rules, where='config.sharding.rules'), bool(allow_replication_fallback))
+  return training, training.override(sampler_overrides, where='config.sharding.sampler_rules')
 
 
 def mesh_shape(shape: dict[str, int], num_devices: int) -> dict[str, int]:
@@ -253,3 +252,28 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     return x
   spec = fit_spec(rules.spec(logical_axes), x.shape, mesh, fill=P.UNCONSTRAINED)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
+
+
+def jit_sharded(fn: Callable, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, in_shardings: tuple | None = None, *,
+                out_shardings=None, donate_argnums: int | tuple[int, ...] = (), where: str = 'jit_sharded'):
+  """jax.jit(fn) with its body traced under activation_mesh(mesh, rules), so the activations the model
+  `constrain`s follow the rules; the one wrapper the sampler, the reference forward, the reward model's scorer
+  and the train step share.
+
+  in_shardings: one entry per argument: a sharding (tree), 'batch' (leading axis over the batch mesh axes) or
+  'replicated'; None leaves the layout to jit. Shardings need the mesh they live on: without one it is an error
+  naming `where`. out_shardings: None, 'replicated' or shardings.
+  """
+  def body(*args):
+    with activation_mesh(mesh, rules):
+      return fn(*args)
+
+  if in_shardings is None:
+    return jax.jit(body, donate_argnums=donate_argnums)
+  if mesh is None:
+    raise ValueError(f'{where}: param_shardings needs the mesh they live on (mesh=...)')
+  named = {'batch': batch_sharding(mesh, rules), 'replicated': replicated(mesh)}
+  resolve = lambda s: named[s] if isinstance(s, str) else s  # noqa: E731
+  out = None if out_shardings is None else jax.tree.map(resolve, out_shardings)
+  return jax.jit(body, in_shardings=jax.tree.map(resolve, tuple(in_shardings)), out_shardings=out,
+                 donate_argnums=donate_argnums)

@@ -1,9 +1,10 @@
-"""Orbax checkpoints of one training stage: train state (params, optimizer, step), reference, and meta.
+"""Orbax checkpoints of one stage: its trees saved by role, and a JSON meta.
 
-Each stage ('sft', 'grpo') has its own CheckpointManager under <workdir>/checkpoints/<stage>. `meta` is
-JSON: data position, RNG key data, the model config (checked on restore) and results carried over. A LoRA
-stage (grpo_jax/models/lora.py) saves the frozen base and the adapters in the state's params, no reference tree, and
-its LoRA config under meta['lora'].
+Each stage ('sft', 'grpo', ...) has its own CheckpointManager under <workdir>/checkpoints/<stage>; a step holds
+one item per role: 'policy' (the trained policy's TrainState: step, params, optimizer state), 'reference' (the
+frozen reference's params, when the stage keeps one), and 'meta' (JSON: data position, RNG key data, the model
+config, checked before resuming, and the stage's summary once finished). A LoRA stage (models/lora.py) saves the
+frozen base and the adapters in the policy's params, no reference tree, and its LoRA config under meta['lora'].
 """
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str,
                           'it is malformed: delete it or use another --workdir') from e
 
 
+def check_policy_layout(mngr: ocp.CheckpointManager, step: int) -> None:
+  """A policy stage's checkpoint holds its trees by role; one written before that (2026-12-04: the train state as
+  item 'state') is refused with what to do, instead of an error from inside Orbax."""
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  if os.path.isdir(os.path.join(step_dir, 'state')) and not os.path.isdir(os.path.join(step_dir, 'policy')):
+    raise CheckpointError(f"{step_dir} has the checkpoint layout of grpo_jax before 2026-12-04 (item 'state', not "
+                          "'policy'): finish that run with that version (git checkout 7f909e5) or use a fresh "
+                          '--workdir')
+
+
 def check_model_config(meta: dict[str, Any], model_config: dict[str, Any], where: str) -> None:
   # Fields added to ModelConfig after a checkpoint was written take their defaults (the behaviour it had).
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
@@ -81,14 +92,14 @@ def check_model_config(meta: dict[str, Any], model_config: dict[str, Any], where
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> dict[str, Any]:
-  """Restore trees into the shapes, dtypes and shardings of `targets` (concrete or abstract trees)."""
+  """The trees named in `targets`, restored into their shapes, dtypes and shardings (concrete or abstract trees)."""
   abstract = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, t) for name, t in targets.items()}
   args = {name: ocp.args.StandardRestore(t) for name, t in abstract.items()}
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
   except Exception as e:  # orbax raises several types for missing/corrupt items
     raise CheckpointError(f'could not restore {mngr.directory}/{step}: {e}') from e
-  return dict(restored)
+  return {name: restored[name] for name in targets}
 
 
 def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] | None = None,
@@ -104,6 +115,7 @@ def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] |
     meta = read_meta(mngr)
     if meta is None:
       continue
+    check_policy_layout(mngr, meta['step'])
     if model_config is not None:
       check_model_config(meta, model_config, f'{workdir}/checkpoints/{stage}')
     lora_cfg = lora.LoraConfig.from_json(meta['lora']) if meta.get('lora') else None
@@ -112,13 +124,13 @@ def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] |
       target_params = nnx.merge_state(abstract_params, _abstract_adapters(abstract_params, meta['model'], lora_cfg))
     target = {'params': jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # each array into its sharding
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                           partial_restore=True))
+    args = ocp.args.Composite(policy=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                            partial_restore=True))
     try:
       restored = mngr.restore(meta['step'], args=args)
     except Exception as e:  # orbax raises several types for missing/corrupt items
       raise CheckpointError(f'could not restore params from {mngr.directory}/{meta["step"]}: {e}') from e
-    params = restored['state']['params']
+    params = restored['policy']['params']
     if lora_cfg is not None:
       params = lora.merge_into_base(params, lora_cfg.scale)
     return params, stage, meta['step']

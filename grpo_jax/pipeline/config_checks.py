@@ -8,9 +8,10 @@ from grpo_jax.core.advantages import ADVANTAGES
 from grpo_jax.core.kl import KL_ESTIMATORS
 from grpo_jax.data.datasets import DATASETS
 from grpo_jax.data.prompts import CHAT_MODES, resolve_template
-from grpo_jax.models.lora import check_config as check_lora_config
+from grpo_jax.models.lora import TARGETS, parse_names
 from grpo_jax.models.transformer import REMAT_POLICIES
-from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape, rules_from_config
+from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape
+from grpo_jax.pipeline.setup import STAGES, layout_rules
 from grpo_jax.rewards.registry import REWARDS
 
 
@@ -32,7 +33,7 @@ def _check_task(cfg) -> None:
     _positive(cfg, 'task.num_train', 'task.num_val', 'task.num_test')
   elif task.num_val < 0 or task.num_test < 0:
     raise ValueError(f'config.task.num_val and num_test must be >= 0, got {task.num_val}, {task.num_test}')
-  if task.name != 'arithmetic' and not cfg.model.get('path'):
+  if task.name != 'arithmetic' and not cfg.model.path:
     raise ValueError(f'config.task.name={task.name!r} needs a tokenizer: set config.model.path to a local '
                      'Hugging Face model directory')
   if task.name == 'jsonl':
@@ -56,28 +57,46 @@ def _check_model_path(path: str) -> None:
 
 def _check_memory_knobs(cfg) -> None:
   """model.remat, model.logprob_chunk, {sft,rl}.master_dtype (grad_accum_steps: check_batch_layout)."""
-  remat = cfg.model.get('remat', 'none')
+  remat = cfg.model.remat
   if remat not in REMAT_POLICIES:
     raise ValueError(f'config.model.remat={remat!r} is unknown; known: {list(REMAT_POLICIES)}')
-  chunk = cfg.model.get('logprob_chunk', 0)
+  chunk = cfg.model.logprob_chunk
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(f'config.model.logprob_chunk must be an int >= 0 (0 = off), got {chunk!r}')
-  for stage in ('sft', 'rl'):
-    master = cfg[stage].get('master_dtype', 'float32')
+  for section in ('sft', 'rl'):  # each training stage's optimizer section
+    master = cfg[section].master_dtype
     if master not in ('float32', ''):
-      raise ValueError(f"config.{stage}.master_dtype={master!r} must be 'float32' or '' (off)")
+      raise ValueError(f"config.{section}.master_dtype={master!r} must be 'float32' or '' (off)")
 
 
 def _check_runtime_knobs(cfg) -> None:
   """decode_block and compile_cache_dir: how the sampler loops and where compiled executables are kept."""
-  block = cfg.get('decode_block', 0)
+  block = cfg.decode_block
   if not isinstance(block, int) or block < 0:
     raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')
-  cache = cfg.get('compile_cache_dir', '')
+  cache = cfg.compile_cache_dir
   if not isinstance(cache, str):
     raise ValueError(f"config.compile_cache_dir must be a directory path or '' (off), got {cache!r}")
   if cache and os.path.exists(os.path.expanduser(cache)) and not os.path.isdir(os.path.expanduser(cache)):
     raise ValueError(f'config.compile_cache_dir={cache!r} exists and is not a directory')
+
+
+def _check_lora(lora_cfg) -> None:
+  """config.lora: rank an int >= 0; with rank > 0, alpha > 0 and at least one target and stage."""
+  rank = lora_cfg.rank
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    raise ValueError(f'config.lora.rank must be an int >= 0 (0 = off: full fine-tuning), got {rank!r}')
+  targets = parse_names(lora_cfg.targets, TARGETS, 'config.lora.targets')
+  stages = parse_names(lora_cfg.stages, STAGES, 'config.lora.stages')
+  if rank == 0:
+    return
+  alpha = lora_cfg.alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    raise ValueError(f'config.lora.alpha must be a positive number (scale = alpha / rank), got {alpha!r}')
+  if not targets or not stages:
+    raise ValueError(f'config.lora.rank={rank} needs at least one target and one stage, got '
+                     f'targets={lora_cfg.targets!r}, stages={lora_cfg.stages!r}')
+
 
 
 def check_config(cfg, num_devices: int) -> None:
@@ -88,11 +107,10 @@ def check_config(cfg, num_devices: int) -> None:
   if cfg.sft.max_steps < 0:
     raise ValueError(f'config.sft.max_steps must be >= 0 (0 skips SFT), got {cfg.sft.max_steps}')
   _check_task(cfg)
-  _check_model_path(cfg.model.get('path', ''))
+  _check_model_path(cfg.model.path)
   _check_memory_knobs(cfg)
   _check_runtime_knobs(cfg)
-  if cfg.get('lora') is not None:
-    check_lora_config(cfg.lora)
+  _check_lora(cfg.lora)
   if cfg.rl.group_size < 2:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
   if not 0 < cfg.rl.clip_eps < 1:
@@ -118,23 +136,23 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   if rollout_size % cfg.rl.num_minibatches:
     raise ValueError(f'rl.num_prompts * rl.group_size = {rollout_size} does not split into '
                      f'rl.num_minibatches={cfg.rl.num_minibatches} equal minibatches')
-  stages = {'rl': rollout_size // cfg.rl.num_minibatches}
-  if cfg.sft.get('max_steps', 1) > 0:  # sft.max_steps=0 (RL from a loaded model) never forms an SFT batch
-    stages['sft'] = cfg.sft.batch_size
+  batches = {'rl': rollout_size // cfg.rl.num_minibatches}  # by config section
+  if cfg.sft.max_steps > 0:  # sft.max_steps=0 (RL from a loaded model) never forms an SFT batch
+    batches['sft'] = cfg.sft.batch_size
   micro = {}  # gradient accumulation: equal micro-batches, so their mean loss is the batch's
-  for stage, size in stages.items():
-    k = cfg[stage].get('grad_accum_steps', 1)
+  for section, size in batches.items():
+    k = cfg[section].grad_accum_steps
     if not isinstance(k, int) or k < 1 or size % k:
-      raise ValueError(f'config.{stage}.grad_accum_steps={k!r} must be a positive int that divides the {stage} '
-                       f'(mini)batch of {size}')
-    micro[stage] = size // k
+      raise ValueError(f'config.{section}.grad_accum_steps={k!r} must be a positive int that divides the '
+                       f'{section} (mini)batch of {size}')
+    micro[section] = size // k
   sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
-  rules, _ = rules_from_config(cfg.get('sharding'))  # malformed config.sharding.* rules fail here, named
+  rules, _ = layout_rules(cfg)  # malformed config.sharding.* rules fail here, named
   data_parallel = math.prod(sizes[a] for a in rules.mesh_axes('batch'))
   checked = {'eval.batch_size': cfg.eval.batch_size,
              'rl.num_prompts': cfg.rl.num_prompts,  # the sampler shards prompts before the group repeat
-             'rl minibatch': stages['rl'], 'rl rollout': rollout_size, 'rl micro-batch': micro['rl']}
-  if 'sft' in stages:
+             'rl minibatch': batches['rl'], 'rl rollout': rollout_size, 'rl micro-batch': micro['rl']}
+  if 'sft' in batches:
     checked.update({'sft.batch_size': cfg.sft.batch_size, 'sft micro-batch': micro['sft']})
   for name, size in checked.items():
     if size % data_parallel:

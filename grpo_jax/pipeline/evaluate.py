@@ -16,18 +16,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from grpo_jax.data.batches import TokenizedSplit
-from grpo_jax.data.tokenizer import load_tokenizer
+from grpo_jax.data.tokenizer import decode, load_tokenizer
 from grpo_jax.models import hf
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
 from grpo_jax.rewards.registry import RewardFn, score
-
-
-def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  """Completion texts ([b, c] ids with [b, c] mask), special tokens (EOS, pad) dropped."""
-  rows = [row[m.astype(bool)] for row, m in zip(tokens, mask, strict=True)]
-  return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def sample_texts(sampler: Callable, params, split: TokenizedSplit, tokenizer, *, batch_size: int, rng,

@@ -21,18 +21,22 @@ class MetricWriter:
     self.path, self.active = os.path.join(workdir, 'metrics.jsonl'), active
     self.tb = None
     if active:
-      from tensorboardX import SummaryWriter  # here: it imports torch when installed (~250 MB, 1 s)
+      from tensorboardX import SummaryWriter  # here, not at the top: it imports torch when installed
       self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
-  def rewind(self, stage_order: list[str], stage: str, step: int) -> None:
-    """Drop lines logged after a checkpoint (stage, step): a resumed run rewrites them identically."""
+  def rewind(self, stage: str, step: int) -> None:
+    """Drop the lines logged after a checkpoint of `stage` at `step`: the stage's later lines and everything
+    after them (a resumed run rewrites them identically). The file is replaced atomically."""
     if not self.active or not os.path.exists(self.path):
       return
     rows = read_metrics(os.path.dirname(self.path))
-    rank = stage_order.index(stage)
-    keep = [r for r in rows if stage_order.index(r['stage']) < rank or (r['stage'] == stage and r['step'] <= step)]
-    with open(self.path, 'w') as f:
+    first = next((i for i, r in enumerate(rows) if r['stage'] == stage), len(rows))
+    keep = rows[:first] + [r for r in rows[first:] if r['stage'] == stage and r['step'] <= step]
+    if len(keep) == len(rows):
+      return
+    with open(self.path + '.tmp', 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in keep)
+    os.replace(self.path + '.tmp', self.path)
 
   def write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
     if not self.active:

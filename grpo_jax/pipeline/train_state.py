@@ -34,7 +34,7 @@ def make_optimizer(opt_cfg, total_steps: int, *, param_dtype='float32') -> optax
   else:
     raise ValueError(f"unknown schedule {opt_cfg.schedule!r}; known: 'cosine', 'constant'")
   tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), optax.adamw(lr, weight_decay=opt_cfg.weight_decay))
-  master = opt_cfg.get('master_dtype', 'float32')
+  master = opt_cfg.master_dtype
   if master and jnp.dtype(param_dtype).itemsize < jnp.dtype(master).itemsize:
     tx = with_master_weights(tx, master)
   return tx
@@ -91,15 +91,17 @@ def state_shardings(state: TrainState, mesh: Mesh, rules: sharding.Rules = shard
   return sharding.tree_shardings(state, mesh, rules)
 
 
-LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(model, batch, hparams) -> (scalar loss, metrics): hparams are scalar arrays a controller may change
+# between steps (beta), so new values need no recompile.
+LossFn = Callable[[nnx.Module, Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                     state_sharding, batch_sharding, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
                     grad_accum_steps: int = 1, micro_weight: Callable[[Any], jax.Array] | None = None,
                     trainable=None):
-  """jit(train_step(state, batch) -> (state, metrics)) with donated state and pinned shardings; activations
-  follow `rules` (sharding.constrain).
+  """jit(train_step(state, batch, hparams) -> (state, metrics)) with donated state and pinned shardings;
+  activations follow `rules` (sharding.constrain). hparams: a dict of scalar arrays for loss_fn (replicated).
 
   grad_accum_steps = k > 1 splits each batch (leading axis B, divisible by k) into k micro-batches of B / k
   rows and scans over them inside the one jitted step, so only one micro-batch's activations are live; loss,
@@ -112,12 +114,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   trainable: an nnx filter as in init_state: only those params get gradients and updates; the rest pass through
   the step unchanged and, being constants of the differentiated function, have no weight gradient computed.
   """
-  def grads_of(params, batch, frozen=()):
+  def grads_of(params, batch, hparams, frozen=()):
     def loss_of(params):
-      return loss_fn(nnx.merge(graphdef, params, *frozen), batch)
+      return loss_fn(nnx.merge(graphdef, params, *frozen), batch, hparams)
     return jax.value_and_grad(loss_of, has_aux=True)(params)
 
-  def accumulated_grads_of(params, batch, frozen=()):
+  def accumulated_grads_of(params, batch, hparams, frozen=()):
     k = grad_accum_steps
     micro = sharding.split_micro_batches(batch, k)  # each keeps an equal share of every device's rows
     weights = jax.vmap(micro_weight)(micro) if micro_weight else jnp.ones(k)  # [k]
@@ -126,21 +128,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
     def add_micro_batch(acc, xs):
       batch, weight = xs
-      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding), frozen)
+      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding), hparams, frozen)
       return jax.tree.map(lambda a, x: a + weight * x.astype(jnp.float32), acc, out), None
 
-    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), frozen)
+    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), hparams, frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
     (loss, metrics), grads = jax.lax.scan(add_micro_batch, zeros, (micro, weights))[0]
     return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-  def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(state: TrainState, batch, hparams) -> tuple[TrainState, dict[str, jax.Array]]:
     params, frozen = split_trainable(state.params, trainable)
-    with sharding.activation_mesh(mesh, rules):
-      if grad_accum_steps > 1:
-        (loss, metrics), grads = accumulated_grads_of(params, batch, frozen)
-      else:
-        (loss, metrics), grads = grads_of(params, batch, frozen)
+    if grad_accum_steps > 1:
+      (loss, metrics), grads = accumulated_grads_of(params, batch, hparams, frozen)
+    else:
+      (loss, metrics), grads = grads_of(params, batch, hparams, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
     if frozen:
@@ -149,5 +150,5 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return sharding.jit_sharded(train_step, mesh, rules, (state_sharding, batch_sharding, 'replicated'),
+                              out_shardings=(state_sharding, 'replicated'), donate_argnums=0, where='make_train_step')

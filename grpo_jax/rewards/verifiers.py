@@ -35,9 +35,7 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-# extract_answer is re-exported: maj@k callers ask the verifier module how it reads an answer.
 from grpo_jax.rewards.answers import (
-    extract_answer as extract_answer,
     extract_cmath_answer,
     extract_gsm8k_answer,
     extract_math_answer,

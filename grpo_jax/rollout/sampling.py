@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax.core.logprobs import token_logprobs
-from grpo_jax.models.transformer import KVCache, Transformer, positions_from_mask
+from grpo_jax.core.logprobs import positions_from_mask, token_logprobs
+from grpo_jax.models.transformer import KVCache, Transformer
 from grpo_jax.parallel import sharding
 
 
@@ -56,11 +56,10 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     decode_block: 0: one loop, attending over all p + max_new_tokens cache slots at every step. k > 0: one loop
       per k new tokens, the cache grown by k slots between them, so attention reads about half the slots on
       average over a long completion (same tokens). Costs one more compiled loop per block and memory: XLA
-      gives each loop its own cache buffer (the 7B plan's sampler: 18 GiB per device with 0, 58 GiB with 128).
+      gives each loop its own cache buffer (the 7B plan's numbers: benchmarks/RESULTS.md).
     stop_check_every: decode up to this many tokens between checks for "every row has ended" (same completions;
       at most this many - 1 steps run after the last EOS). On a batch split over devices each check is an
-      all-reduce that syncs them: checking every 8 tokens instead of every token made sampling 5-10% faster
-      on two CPU devices.
+      all-reduce that syncs them, so checking less often is faster (benchmarks/RESULTS.md).
   Returns:
     Completions with arrays [num_prompts * G, max_new_tokens]; rows i*G .. i*G + G-1 answer prompt i (groups
     contiguous). Rows stop at their own EOS.
@@ -136,13 +135,10 @@ def make_sampler(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | N
   the sampler may keep its own layout, e.g. weights not split over fsdp: no all-gather per decoded token.
   """
   def sampler(params, prompt_tokens, prompt_mask, rng):
-    with sharding.activation_mesh(mesh, rules):
-      return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
+    return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, rng, **static)
 
   if param_shardings is None:
-    return jax.jit(sampler)
-  if mesh is None:
-    raise ValueError('make_sampler: param_shardings needs the mesh they live on (mesh=...)')
-  batch = sharding.batch_sharding(mesh, rules)
-  jitted = jax.jit(sampler, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)))
+    return sharding.jit_sharded(sampler, mesh, rules)
+  jitted = sharding.jit_sharded(sampler, mesh, rules, (param_shardings, 'batch', 'batch', 'replicated'),
+                                where='make_sampler')
   return lambda params, *args: jitted(sharding.reshard(params, param_shardings), *args)

@@ -1,0 +1,44 @@
+"""The reference policy's forward: log pi_ref of sampled completions, jitted and sharded like the train step."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.parallel import sharding
+
+
+def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
+                              rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0,
+                              num_micro_batches: int = 1):
+  """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+  -> [B, c]. With `param_shardings` and `mesh`, params keep their layout, the four token arrays shard over the
+  batch axes and activations follow `rules` (as in the train step), so no device holds the whole batch's
+  logits. `chunk_size` as in sequence_logprobs.
+
+  num_micro_batches = k > 1 runs the forward over k micro-batches of B / k rows in turn (rows j, j + k, ...:
+  each keeps an equal share of every device's rows), so only one micro-batch's activations are live. The
+  trainer uses the train step's micro-batch size, which already fits; whether it is faster depends on the
+  row length (benchmarks/RESULTS.md).
+  """
+  batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, rules)
+
+  def logprobs_of(params, *arrays):
+    model = nnx.merge(graphdef, params)
+    if num_micro_batches == 1:
+      return sequence_logprobs(model, *arrays, chunk_size=chunk_size)
+    k = num_micro_batches
+    if arrays[0].shape[0] % k:
+      raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches')
+    micro = sharding.split_micro_batches(arrays, k)  # [k, B / k, ...] each
+
+    def one_micro_batch(xs):
+      if batch_sharding is not None:
+        xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
+      return sequence_logprobs(model, *xs, chunk_size=chunk_size)
+
+    return sharding.merge_micro_batches(jax.lax.map(one_micro_batch, micro))  # [k, B / k, c] -> [B, c]
+
+  in_shardings = None if param_shardings is None else (param_shardings, *['batch'] * 4)
+  return sharding.jit_sharded(logprobs_of, mesh, rules, in_shardings, where='make_sequence_logprobs_fn')

@@ -1,0 +1,89 @@
+"""The stage loop knows no algorithm: any state of named trees, any number of stages, any names. Resume, early stop,
+finished stages and the metrics file, on toy stages that train nothing."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline.loop import Interrupt, Sinks, Stage, run_stage
+from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
+
+
+def counter_stage(name: str, num_steps: int, *, stop_at: int | None = None, calls: list | None = None) -> Stage:
+  """A stage whose state is two trees by role ('total' and 'scores', like a reward model's): step i adds i."""
+  def step(state, i):
+    if calls is not None:
+      calls.append((name, i))
+    total = state['total']['value'] + i
+    return {'total': {'value': total}, 'scores': {'last': jnp.float32(i)}}, {'total': total, 'i': i}
+
+  def finish(state):
+    return {'final_total': float(state['total']['value'])}
+
+  should_stop = (lambda m: m['i'] + 1 >= stop_at) if stop_at else (lambda m: False)  # noqa: E731
+  return Stage(name, num_steps, {'total': {'value': jnp.int32(0)}, 'scores': {'last': jnp.float32(-1)}}, step, finish,
+               should_stop, meta={'kind': 'counter'})
+
+
+def sinks(workdir, **kw) -> Sinks:
+  return Sinks(str(workdir), MetricWriter(str(workdir)), Interrupt(), log_every=1,
+               checkpoint_every=kw.get('checkpoint_every', 2), checkpoint_keep=3)
+
+
+def test_three_stages_of_any_name_run_in_sequence(tmp_path):
+  s = sinks(tmp_path)
+  summaries = [run_stage(counter_stage(name, n), s)[1] for name, n in (('rm_0', 3), ('policy_1', 4), ('rm_1', 2))]
+  assert [x['final_total'] for x in summaries] == [0 + 1 + 2, 0 + 1 + 2 + 3, 0 + 1]
+  assert [x['steps'] for x in summaries] == [3, 4, 2]
+  rows = read_metrics(str(tmp_path))
+  assert [(r['stage'], r['step']) for r in rows] == [('rm_0', 1), ('rm_0', 2), ('rm_0', 3), ('policy_1', 1),
+                                                      ('policy_1', 2), ('policy_1', 3), ('policy_1', 4), ('rm_1', 1),
+                                                      ('rm_1', 2)]
+  meta = checkpoint.read_meta(checkpoint.manager(str(tmp_path), 'policy_1', max_to_keep=3))
+  assert meta['finished'] and meta['kind'] == 'counter' and meta['summary']['final_total'] == 6
+
+
+def test_resume_continues_from_the_last_checkpoint_and_rewinds_the_metrics(tmp_path):
+  reference = tmp_path / 'ref'
+  run_stage(counter_stage('a', 5), sinks(reference))
+  # An interrupted run: 3 steps logged, the checkpoint at step 2, then a kill (step 3's row is on disk).
+  workdir = tmp_path / 'w'
+  calls = []
+  with pytest.raises(RuntimeError):
+    def dying_step(state, i):
+      if i == 3:
+        raise RuntimeError('killed')
+      return counter_stage('a', 5, calls=calls).step(state, i)
+    run_stage(counter_stage('a', 5)._replace(step=dying_step), sinks(workdir))
+  assert [r['step'] for r in read_metrics(str(workdir))] == [1, 2, 3]
+  state, summary = run_stage(counter_stage('a', 5, calls=calls), sinks(workdir))
+  assert calls == [('a', 0), ('a', 1), ('a', 2), ('a', 2), ('a', 3), ('a', 4)]  # resumed from the step-2 checkpoint
+  assert int(state['total']['value']) == 10 and summary['final_total'] == 10
+  assert float(state['scores']['last']) == 4.0
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'step_time'} for r in rows]  # noqa: E731
+  assert strip(read_metrics(str(workdir))) == strip(read_metrics(str(reference)))
+
+
+def test_a_finished_stage_is_restored_not_rerun(tmp_path):
+  run_stage(counter_stage('a', 3), sinks(tmp_path))
+  calls = []
+  state, summary = run_stage(counter_stage('a', 3, calls=calls), sinks(tmp_path))
+  assert calls == [] and int(state['total']['value']) == 3 and summary['final_total'] == 3
+
+
+def test_should_stop_ends_the_stage_early_and_a_rerun_keeps_it_stopped(tmp_path):
+  _, summary = run_stage(counter_stage('a', 10, stop_at=4), sinks(tmp_path, checkpoint_every=100))
+  assert summary['steps'] == 4
+  calls = []
+  _, again = run_stage(counter_stage('a', 10, stop_at=4, calls=calls), sinks(tmp_path))
+  assert calls == [] and again == summary
+
+
+def test_checkpoint_items_are_the_state_roles(tmp_path):
+  run_stage(counter_stage('a', 2), sinks(tmp_path))
+  step_dir = tmp_path / 'checkpoints' / 'a' / '2'
+  assert {'total', 'scores', 'meta'} <= {p.name for p in step_dir.iterdir()}
+  restored = checkpoint.restore(checkpoint.manager(str(tmp_path), 'a', max_to_keep=3), 2,
+                                counter_stage('a', 2).state)
+  assert set(restored) == {'total', 'scores'}
+  np.testing.assert_array_equal(restored['total']['value'], 1)
