@@ -27,7 +27,7 @@ from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.models import hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
-from grpo_jax.pipeline import checkpoint, grpo as grpo_stage, metrics, run as runner, setup as setup_lib
+from grpo_jax.pipeline import checkpoint, evaluate, grpo as grpo_stage, metrics, run as runner, setup as setup_lib
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 from grpo_jax.rollout.reference import make_sequence_logprobs_fn
@@ -274,11 +274,11 @@ def test_main_command_with_lora_trains_adapters_and_exports_merged_weights(lora_
   moved = max(np.abs(want['blocks'][i]['mlp']['down'] - sft['blocks'][i]['mlp']['down']).max() for i in (0, 1))
   assert moved > 1e-3  # the adapters trained, so the merge is not a copy of the base
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), exported, want)
-  # Eval from the workdir (checkpoint.restore_params) merges the adapters the same way.
+  # Eval from the workdir (evaluate.restore_params) merges the adapters the same way.
   abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)[1]
   where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), abstract)
-  restored, stage, step = checkpoint.restore_params(str(workdir), abstract, final['model'])
+  restored, stage, step = evaluate.restore_params(str(workdir), abstract, final['model'])
   assert (stage, step) == ('grpo', 4)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), nnx.to_pure_dict(restored),
                exported)

@@ -15,13 +15,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
-from grpo_jax.models import lora
 from grpo_jax.models.transformer import ModelConfig
-from grpo_jax.parallel import sharding
 
 
 class CheckpointError(RuntimeError):
@@ -102,50 +98,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> 
   return {name: restored[name] for name in targets}
 
 
-def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] | None = None,
-                   stages: tuple[str, ...] = ('grpo', 'sft')) -> tuple[Any, str, int]:
-  """The policy params of the latest checkpoint of the last stage that has one (GRPO, else SFT).
-
-  abstract_params: the nnx.State of nnx.Param as shape/dtype/sharding structs (e.g. from nnx.eval_shape);
-  only the params are read (no optimizer state). A LoRA checkpoint's adapters are read too and merged into the
-  returned plain params (W + scale * A @ B). Returns (params, stage, step).
-  """
-  for stage in stages:
-    mngr = manager(workdir, stage, max_to_keep=1_000_000)  # never prunes: only reads here
-    meta = read_meta(mngr)
-    if meta is None:
-      continue
-    check_policy_layout(mngr, meta['step'])
-    if model_config is not None:
-      check_model_config(meta, model_config, f'{workdir}/checkpoints/{stage}')
-    lora_cfg = lora.LoraConfig.from_json(meta['lora']) if meta.get('lora') else None
-    target_params = abstract_params
-    if lora_cfg is not None:
-      target_params = nnx.merge_state(abstract_params, _abstract_adapters(abstract_params, meta['model'], lora_cfg))
-    target = {'params': jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # each array into its sharding
-    args = ocp.args.Composite(policy=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                            partial_restore=True))
-    try:
-      restored = mngr.restore(meta['step'], args=args)
-    except Exception as e:  # orbax raises several types for missing/corrupt items
-      raise CheckpointError(f'could not restore params from {mngr.directory}/{meta["step"]}: {e}') from e
-    params = restored['policy']['params']
-    if lora_cfg is not None:
-      params = lora.merge_into_base(params, lora_cfg.scale)
-    return params, stage, meta['step']
-  raise CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under {workdir}/checkpoints')
-
-
-def _abstract_adapters(abstract_params, model_config: dict[str, Any], lora_cfg: lora.LoraConfig):
-  """The adapters' restore target, placed like abstract_params (on its mesh by the default rules)."""
-  adapters = lora.abstract_adapters(ModelConfig(**model_config), lora_cfg)
-  where = jax.tree.leaves(abstract_params)[0].sharding
-  if isinstance(where, NamedSharding):
-    shardings = sharding.tree_shardings(adapters, where.mesh, sharding.Rules(allow_replication_fallback=True))
-  else:  # one device (or unplaced): everything alike
-    shardings = jax.tree.map(lambda _: where, adapters)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), adapters, shardings)
+def restore_subtree(mngr: ocp.CheckpointManager, step: int, item: str, target) -> Any:
+  """Part of one item (e.g. only {'params': ...} of the 'policy' TrainState, no optimizer state), restored into
+  `target`'s shapes, dtypes and shardings."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # each array into its sharding
+  args = ocp.args.Composite(**{item: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                            partial_restore=True)})
+  try:
+    return mngr.restore(step, args=args)[item]
+  except Exception as e:  # orbax raises several types for missing/corrupt items
+    raise CheckpointError(f'could not restore {item} from {mngr.directory}/{step}: {e}') from e
 
 
 def saved_model_config(workdir: str, stages: tuple[str, ...] = ('grpo', 'sft')) -> dict[str, Any]:

@@ -9,15 +9,17 @@ import collections
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import decode, load_tokenizer
-from grpo_jax.models import hf
+from grpo_jax.models import hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
@@ -82,6 +84,45 @@ def maj_at_k(sampler: Callable, params, split: TokenizedSplit, tokenizer, verifi
           'no_answer': float(np.mean([a is None for a in voted]))}
 
 
+def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] | None = None,
+                   stages: tuple[str, ...] = ('grpo', 'sft')) -> tuple[Any, str, int]:
+  """The policy params of the latest checkpoint of the last stage that has one (GRPO, else SFT).
+
+  abstract_params: the nnx.State of nnx.Param as shape/dtype/sharding structs (e.g. from nnx.eval_shape);
+  only the params are read (no optimizer state). A LoRA checkpoint's adapters are read too and merged into the
+  returned plain params (W + scale * A @ B). Returns (params, stage, step).
+  """
+  for stage in stages:
+    mngr = checkpoint.manager(workdir, stage, max_to_keep=1_000_000)  # never prunes: only reads here
+    meta = checkpoint.read_meta(mngr)
+    if meta is None:
+      continue
+    checkpoint.check_policy_layout(mngr, meta['step'])
+    if model_config is not None:
+      checkpoint.check_model_config(meta, model_config, f'{workdir}/checkpoints/{stage}')
+    lora_cfg = lora.LoraConfig.from_json(meta['lora']) if meta.get('lora') else None
+    target_params = abstract_params
+    if lora_cfg is not None:
+      target_params = nnx.merge_state(abstract_params, _abstract_adapters(abstract_params, meta['model'], lora_cfg))
+    params = checkpoint.restore_subtree(mngr, meta['step'], 'policy', {'params': target_params})['params']
+    if lora_cfg is not None:
+      params = lora.merge_into_base(params, lora_cfg.scale)
+    return params, stage, meta['step']
+  raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under '
+                                   f'{workdir}/checkpoints')
+
+
+def _abstract_adapters(abstract_params, model_config: dict[str, Any], lora_cfg: lora.LoraConfig):
+  """The adapters' restore target, placed like abstract_params (on its mesh by the default rules)."""
+  adapters = lora.abstract_adapters(ModelConfig(**model_config), lora_cfg)
+  where = jax.tree.leaves(abstract_params)[0].sharding
+  if isinstance(where, NamedSharding):
+    shardings = sharding.tree_shardings(adapters, where.mesh, sharding.Rules(allow_replication_fallback=True))
+  else:  # one device (or unplaced): everything alike
+    shardings = jax.tree.map(lambda _: where, adapters)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), adapters, shardings)
+
+
 def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dtype: str = 'float32', mesh=None):
   """(graphdef, params, model_config, tokenizer) from a Hugging Face directory or a training workdir.
 
@@ -106,7 +147,7 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
   abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_params, shardings)
   if workdir is not None:
-    params, stage, step = checkpoint.restore_params(workdir, abstract_params, saved)
+    params, stage, step = restore_params(workdir, abstract_params, saved)
     distributed.print0(f'loaded {workdir}: {stage} checkpoint, step {step}')
   else:
     params = hf.load_params(model_dir, model_cfg, dtype=model_cfg.param_dtype, shardings=shardings)
