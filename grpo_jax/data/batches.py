@@ -56,7 +56,8 @@ def encode(tokenizer, examples: Sequence, *, max_prompt_len: int, max_new_tokens
     if not skip_long_prompts:
       raise ValueError(f'{split} example {i} has a {len(prompt_ids[i])}-token prompt, longer than max_prompt_len='
                        f'{max_prompt_len}: {examples[i].question[:200]!r} (raise max_prompt_len, or set '
-                       'task.skip_long_prompts=True to drop such prompts)')
+                       'config.task.skip_long_prompts=True (grpo_jax.eval: --skip_long_prompts) to drop such prompts '
+                       'and count them)')
     print(f'{split}: dropped {len(examples) - len(keep)} of {len(examples)} prompts longer than '
           f'max_prompt_len={max_prompt_len}')
     examples, prompt_ids = [examples[i] for i in keep], [prompt_ids[i] for i in keep]

@@ -75,9 +75,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _field(record: dict, name: str, where: str) -> str:
-  if record.get(name) is None:
+  if name not in record:
     raise ValueError(f'{where}: record has no field {name!r} (it has {sorted(record)})')
   value = record[name]
+  if value is None:  # a JSON null: present, so "no field" (listing it among the fields) would contradict itself
+    raise ValueError(f'{where}: field {name!r} is null')
   return value if isinstance(value, str) else str(value)  # numeric answers (e.g. 18) become '18'
 
 
@@ -94,7 +96,8 @@ def _math_example(record: dict, where: str) -> MathExample:
   solution = _field(record, 'solution', where)
   answer = _field(record, 'answer', where) if record.get('answer') is not None else last_boxed(solution)
   if answer is None:
-    raise ValueError(f"{where}: no field 'answer' and no \\boxed{{}} in the solution")
+    state = "field 'answer' is null" if 'answer' in record else "no field 'answer'"  # optional: null = absent
+    raise ValueError(f"{where}: {state} and no \\boxed{{}} in the solution")
   return MathExample(_field(record, 'problem', where), answer, solution)
 
 

@@ -10,7 +10,8 @@
 Weights are read only from safetensors, memory-mapped, and each array is assembled on its devices from the
 slices they hold (`jax.make_array_from_callback`): no device, and no host buffer, holds more than one slice of
 a tensor at a time. Pickled checkpoints (pytorch_model.bin) are never opened. Every check of the directory
-(config, tensor names, shapes, dtypes) runs before any array is built.
+(config, tensor names, shapes, dtypes) runs before any array is built; NaN / inf values are found while the
+arrays are read, and refused before load_params returns.
 
 Layouts: HF Linear weights are [out, in]; ours are [in, ...] with the heads split out, e.g. q_proj.weight
 [n*h, d] <-> wq [d, n, h] and o_proj.weight [d, n*h] <-> wo [n, h, d].
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from grpo_jax.models.transformer import MODEL_TYPES, ModelConfig, Transformer
@@ -218,9 +219,11 @@ def _hf_shape(shape: tuple[int, ...], groups) -> tuple[int, ...]:
   return tuple(math.prod(shape[a] for a in g) for g in groups)
 
 
-def _read_slice(tensor, groups, shape: tuple[int, ...], index: tuple[slice, ...], dtype) -> np.ndarray:
+def _read_slice(tensor, groups, shape: tuple[int, ...], index: tuple[slice, ...], dtype,
+                on_nonfinite=None) -> np.ndarray:
   """Our block `index` of a parameter of `shape`, read from the (memory-mapped) HF tensor: only the rows and
-  columns covering the block are read. A merged HF axis is sliced on its outer (first) of our axes."""
+  columns covering the block are read. A merged HF axis is sliced on its outer (first) of our axes.
+  on_nonfinite() is called if the block, in `dtype`, holds a NaN or inf."""
   hf_index, block_shape = [], []
   for g in groups:
     start, stop, _ = index[g[0]].indices(shape[g[0]])
@@ -229,8 +232,24 @@ def _read_slice(tensor, groups, shape: tuple[int, ...], index: tuple[slice, ...]
     block_shape += [stop - start] + [shape[a] for a in g[1:]]
   block = tensor[tuple(hf_index)].reshape(block_shape).transpose(np.argsort([a for g in groups for a in g]))
   outer = {g[0] for g in groups}
-  block = block[tuple(slice(None) if a in outer else index[a] for a in range(len(shape)))]
-  return np.ascontiguousarray(block, dtype=dtype)
+  with np.errstate(over='ignore'):  # an overflow to inf is reported by the check below, naming the tensor
+    block = np.ascontiguousarray(block[tuple(slice(None) if a in outer else index[a] for a in range(len(shape)))],
+                                 dtype=dtype)
+  # Checked here, on the host copy just read, rather than on the devices afterwards: no compile, and the block is
+  # still in cache. After the dtype conversion, so a float32 value that overflows float16 counts too.
+  if on_nonfinite is not None and not np.isfinite(block).all():
+    on_nonfinite()
+  return block
+
+
+def _open(file: str):
+  """safe_open, with an error naming the file: safetensors' own (e.g. 'header too small') does not."""
+  try:
+    return safe_open(file, 'np')
+  except (SafetensorError, OSError) as e:
+    raise CheckpointFormatError(f'{file} is not a readable safetensors file ({e}): it is probably truncated or '
+                                'corrupt (an interrupted download or copy). Re-download it, or compare its size '
+                                'and checksum with the source.') from e
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -254,7 +273,7 @@ def _tensor_files(path: str) -> dict[str, str]:
     raise CheckpointFormatError(f'{path} has no *.safetensors files.{hint}')
   files = {}
   for shard in shards:
-    with safe_open(shard, 'np') as f:
+    with _open(shard) as f:
       for name in f.keys():
         if name in files:
           raise CheckpointFormatError(f'tensor {name} is in both {files[name]} and {shard}')
@@ -285,20 +304,37 @@ def load_params(path: str, model_cfg: ModelConfig, *, dtype=jnp.float32, shardin
   targets = _flat(shardings) if shardings is not None else {}
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, 'np')) for f in sorted(set(files.values()))}
+    handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
     tensors = {name: handles[file].get_slice(name) for name, file in files.items()}
     _check_tensors(path, tensors, {name: _hf_shape(shapes[k], groups) for k, (name, groups) in layout.items()},
                    model_cfg)
-    loaded = {}
+    loaded, nonfinite = {}, set()
     for key, (name, groups) in layout.items():
       shape, tensor = shapes[key], tensors[name]
+      # The callbacks run here, once per addressable device, before make_array_from_callback returns.
       loaded[key] = jax.make_array_from_callback(
           shape, targets.get(key, default),
-          lambda index, t=tensor, g=groups, s=shape: _read_slice(t, g, s, index, dtype))
+          lambda index, t=tensor, g=groups, s=shape, n=name: _read_slice(t, g, s, index, dtype,
+                                                                        lambda: nonfinite.add(n)))
+  _check_finite(path, [name for name, _ in layout.values()], nonfinite, dtype)
   nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(lambda kp, _: loaded[_key(kp)],
                                                                       nnx.to_pure_dict(abstract)))
   return abstract
 
+
+def _check_finite(path: str, names: list[str], nonfinite: set[str], dtype) -> None:
+  """Refuse NaN / inf weights: they would only show up later as NaN losses. Each process saw only its own slices,
+  so with several processes the verdicts are combined first (every process must raise, or none)."""
+  bad = np.array([n in nonfinite for n in names], np.int32)
+  if jax.process_count() > 1:
+    bad = np.asarray(multihost_utils.process_allgather(bad)).max(0)
+  culprits = [n for n, b in zip(names, bad, strict=True) if b]
+  if culprits:
+    named = ', '.join(culprits[:5]) + (f' and {len(culprits) - 5} more' if len(culprits) > 5 else '')
+    raise CheckpointFormatError(f'{path} has NaN or inf weights (read as {dtype.name}) in {len(culprits)} '
+                                f'tensor{"s" * (len(culprits) > 1)}: {named}. The file is corrupt or was saved '
+                                'after training diverged (or a value overflows this dtype): re-download it or use '
+                                'an earlier checkpoint.')
 
 def _key(key_path) -> tuple:
   return tuple(p.key for p in key_path)
