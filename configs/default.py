@@ -122,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 50  # steps (per stage); also saved at the end of each stage and on SIGTERM
   c.checkpoint_keep = 2
   c.log_every = 1  # steps between metric fetches from device
+  c.max_nonfinite_steps = 10  # a step with a non-finite loss / gradient is skipped; this many in a row stop the run
   c.compile_cache_dir = ''  # e.g. ~/.cache/grpo_jax/xla: reruns and resumed runs load compiled steps from it
 
   if arg == 'tiny':  # a CPU smoke run: every stage, a few steps each

@@ -39,6 +39,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from grpo_jax.pipeline.config_checks import parse_flags
 from grpo_jax.pipeline.plan import format_plan, make_plan, simulate_devices
 
 FLAGS = flags.FLAGS
@@ -74,30 +75,6 @@ def main(argv):
     print(json.dumps(plan))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but a bad --config.<key> override is one line, not three chained tracebacks: for a key
-  the config lacks, ml_collections raises a plain KeyError / AttributeError, and absl only reports flags.Error."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError, IndexError) as e:
-    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(message))
-      e = e.args[0]
-    lines = str(e.args[0] if e.args else '').split('\n')
-    # ConfigDict's message: "'key'", then, if a key is close, 'Did you mean "k" instead of "key"?'.
-    key = lines[0][1:-1] if len(lines[0]) > 1 and lines[0][0] == lines[0][-1] == "'" else None
-    better = lines[1].split('"')[1] if len(lines) > 1 and lines[1].startswith('Did you mean "') else None
-    for arg in argv[1:]:
-      if not arg.lstrip('-').startswith('config.'):
-        continue
-      path = arg.lstrip('-').split('=')[0].removeprefix('config.')
-      if key in path.split('.'):
-        hint = f' (did you mean {".".join(better if p == key else p for p in path.split("."))}?)' if better else ''
-        raise SystemExit(f'grpo_jax.plan: unknown config key {path}{hint}') from None
-      if path in lines[0]:  # config_path's "Attribute <class 'int'>.x does not exist ... lookup: rl.group_size.x"
-        raise SystemExit(f'grpo_jax.plan: bad override --config.{path}: {lines[0]}') from None
-    raise  # not about an override (a fault in the config file itself): then the traceback is the useful part
-
-
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, 'grpo_jax.plan'))

@@ -37,7 +37,8 @@ from grpo_jax.rollout.sampling import make_sampler
 CFG = ModelConfig(vocab_size=40, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 ALL = tuple(lora.TARGETS)
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu'}
+# Timings, and the compile count: a resumed process compiles again what the uninterrupted one had cached.
+TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu', 'compiles'}
 
 
 @functools.cache

@@ -11,7 +11,8 @@ from conftest import ROOT, train_command
 
 from grpo_jax.pipeline import checkpoint, metrics, run as runner, setup as setup_lib
 
-TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu'}
+# Timings, and the compile count: a resumed process compiles again what the uninterrupted one had cached.
+TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu', 'compiles'}
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 # Long enough that a kill lands mid-GRPO; checkpoints every 3 steps.
 RESUME_OVERRIDES = ('--config.rl.num_steps=12', '--config.checkpoint_every=3')

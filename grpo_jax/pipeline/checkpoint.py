@@ -9,8 +9,11 @@ frozen base and the adapters in the policy's params, no reference tree, and its 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -49,8 +52,40 @@ def save(mngr: ocp.CheckpointManager, step: int, trees: dict[str, Any], meta: di
       multihost_utils.sync_global_devices(f'checkpoint meta {step}')
     return
   args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
-  mngr.wait_until_finished()
+  try:
+    mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax wraps the OSError of a full disk in its own errors
+    if not _disk_full(e):
+      raise
+    for name in os.listdir(str(mngr.directory)):  # the half-written step: Orbax writes into a tmp dir first
+      if name.startswith(f'{step}.') and 'tmp' in name:
+        shutil.rmtree(os.path.join(str(mngr.directory), name), ignore_errors=True)
+    free = shutil.disk_usage(str(mngr.directory)).free
+    previous = [s for s in mngr.all_steps() if s != step]
+    raise CheckpointError(f'no space left on the device of {mngr.directory} saving step {step} ({free / 2**20:.0f} '
+                          f'MiB free); the previous checkpoint ({max(previous) if previous else "none"}) is intact. '
+                          'Free space and rerun the same command to resume.') from None
+
+
+def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Move a broken step out of the manager's sight (kept for inspection, not deleted); returns where it went."""
+  src = os.path.join(str(mngr.directory), str(step))
+  dst = os.path.join(str(mngr.directory), f'broken-{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  if jax.process_index() == 0:
+    os.replace(src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'quarantine {step}')
+  mngr.reload()
+  return dst
+
+
+def _disk_full(e: BaseException | None) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or 'No space left on device' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import os
 
+from absl import app
+
 from grpo_jax.core.advantages import ADVANTAGES
 from grpo_jax.core.kl import KL_ESTIMATORS
 from grpo_jax.data.datasets import DATASETS
@@ -99,8 +101,22 @@ def _check_lora(lora_cfg) -> None:
 
 
 
+def _check_finite(tree, path: str = 'config') -> None:
+  """Every number in the config is finite: a nan beta passes `beta < 0` and trains NaN silently."""
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+  for key, value in items:
+    where = f'{path}.{key}' if isinstance(tree, dict) else f'{path}[{key}]'
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{where} must be a finite number, got {value}')
+    _check_finite(value, where)
+
+
 def check_config(cfg, num_devices: int) -> None:
   """Raise ValueError naming the first bad knob."""
+  _check_finite(cfg.to_dict())
+  if isinstance(cfg.max_nonfinite_steps, bool) or not isinstance(cfg.max_nonfinite_steps, int) or \
+     cfg.max_nonfinite_steps < 1:
+    raise ValueError(f'config.max_nonfinite_steps must be an int >= 1, got {cfg.max_nonfinite_steps!r}')
   _positive(cfg, 'max_prompt_len', 'max_new_tokens', 'sft.batch_size', 'sft.eval_every', 'sft.lr', 'rl.num_steps',
             'rl.num_prompts', 'rl.num_epochs', 'rl.num_minibatches', 'rl.lr', 'rl.temperature', 'eval.batch_size',
             'checkpoint_every', 'checkpoint_keep', 'log_every')
@@ -157,3 +173,28 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   for name, size in checked.items():
     if size % data_parallel:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')
+
+
+def parse_flags(argv: list[str], program: str) -> list[str]:
+  """absl's flag parsing for a CLI (`app.run(main, flags_parser=...)`), but a bad --config.<key> override is one
+  line naming `program`, not three chained tracebacks: for a key the config lacks, ml_collections raises a plain
+  KeyError / AttributeError, and absl only reports flags.Error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, IndexError) as e:
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(message))
+      e = e.args[0]
+    lines = str(e.args[0] if e.args else '').split('\n')
+    # ConfigDict's message: "'key'", then, if a key is close, 'Did you mean "k" instead of "key"?'.
+    key = lines[0][1:-1] if len(lines[0]) > 1 and lines[0][0] == lines[0][-1] == "'" else None
+    better = lines[1].split('"')[1] if len(lines) > 1 and lines[1].startswith('Did you mean "') else None
+    for arg in argv[1:]:
+      if not arg.lstrip('-').startswith('config.'):
+        continue
+      path = arg.lstrip('-').split('=')[0].removeprefix('config.')
+      if key in path.split('.'):
+        hint = f' (did you mean {".".join(better if p == key else p for p in path.split("."))}?)' if better else ''
+        raise SystemExit(f'{program}: unknown config key {path}{hint}') from None
+      if path in lines[0]:  # config_path's "Attribute <class 'int'>.x does not exist ... lookup: rl.group_size.x"
+        raise SystemExit(f'{program}: bad override --config.{path}: {lines[0]}') from None
+    raise  # not about an override (a fault in the config file itself): then the traceback is the useful part

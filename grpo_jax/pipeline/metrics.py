@@ -7,9 +7,21 @@ from typing import Any
 
 
 def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
-  """The rows of <workdir>/metrics.jsonl (optionally of one stage), in order."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  """The rows of <workdir>/metrics.jsonl (optionally of one stage), in order.
+
+  A last line cut short (a kill or a full disk mid-write) is left out; a damaged line before it is an error
+  naming the file and the line."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1 and not line.endswith('\n'):
+        break  # the partial last line of an interrupted write: the resumed run writes it again
+      raise ValueError(f'{path}:{i + 1}: damaged line ({e.msg}); delete that line or restore the file') from None
   return [r for r in rows if stage is None or r['stage'] == stage]
 
 
@@ -32,7 +44,9 @@ class MetricWriter:
     rows = read_metrics(os.path.dirname(self.path))
     first = next((i for i, r in enumerate(rows) if r['stage'] == stage), len(rows))
     keep = rows[:first] + [r for r in rows[first:] if r['stage'] == stage and r['step'] <= step]
-    if len(keep) == len(rows):
+    with open(self.path) as f:
+      complete = f.read().endswith('\n')  # else a partial last line, which read_metrics left out: drop it too
+    if len(keep) == len(rows) and complete:
       return
     with open(self.path + '.tmp', 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in keep)

@@ -7,16 +7,16 @@ written (the config, the data, the workdir's checkpoints), then each stage runs 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
 
 from grpo_jax.models import hf
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline import checkpoint, grpo, sft
+from grpo_jax.pipeline import checkpoint, grpo, sft, workdir as workdir_lib
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter
@@ -28,10 +28,9 @@ def check_workdir(cfg, workdir: str, model_cfg) -> None:
   before checkpoint items were named by role, before any param is built."""
   for stage in STAGES:
     mngr = checkpoint.manager(workdir, stage, max_to_keep=cfg.checkpoint_keep)
-    meta = checkpoint.read_meta(mngr)
+    meta = newest_readable_meta(mngr)
     if meta is None:
       continue
-    checkpoint.check_policy_layout(mngr, meta['step'])
     where = f'{workdir}/checkpoints/{stage}'
     checkpoint.check_model_config(meta, dataclasses.asdict(model_cfg), where)
     lora_cfg = stage_lora(cfg, stage)
@@ -42,11 +41,21 @@ def check_workdir(cfg, workdir: str, model_cfg) -> None:
           'full fine-tuning); use a fresh --workdir or the saved config')
 
 
-def _write_json(path: str, obj, **kwargs) -> None:
-  """Atomically: a kill mid-write leaves the old file or the new one, never a truncated one."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, **kwargs)
-  os.replace(path + '.tmp', path)
+def newest_readable_meta(mngr) -> dict | None:
+  """The meta of the newest checkpoint whose meta reads (the loop falls back past broken ones the same way); None
+  without checkpoints. When there are checkpoints but none reads, the error names them."""
+  errors = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      meta = checkpoint.read_meta(mngr, step)
+    except checkpoint.CheckpointError as e:
+      errors.append(str(e))
+      continue
+    checkpoint.check_policy_layout(mngr, step)
+    return meta
+  if errors:
+    raise checkpoint.CheckpointError('; '.join(errors))
+  return None
 
 
 def _table(rows: list[tuple[str, float, float, float]]) -> str:
@@ -58,12 +67,16 @@ def _table(rows: list[tuple[str, float, float, float]]) -> str:
 def _initial_eval(setup: Setup, workdir: str, is_main: bool) -> dict:
   """The initial model's held-out numbers, kept in init_eval.json so a resumed run does not evaluate again."""
   path = os.path.join(workdir, 'init_eval.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  try:
+    saved = workdir_lib.read_json(path)
+  except workdir_lib.WorkdirError as e:
+    distributed.print0(f'WARNING: {e}; evaluating the initial model again')
+    saved = None
+  if saved is not None:
+    return saved
   init_eval = setup.evaluate(setup.init_params, 'test')  # collective; every process gets the same numbers
   if is_main:
-    _write_json(path, init_eval)
+    workdir_lib.write_json(path, init_eval)
   return init_eval
 
 
@@ -79,18 +92,36 @@ def _export(setup: Setup, params, workdir: str, is_main: bool) -> None:
   distributed.print0(f'exported the policy to {export_dir}')
 
 
-def run(cfg, workdir: str) -> dict:
-  """Train as `cfg` says, in `workdir` (created; resumed when it holds checkpoints). Returns the summary."""
+def _has_checkpoints(workdir: str, stage: str) -> bool:
+  return bool(checkpoint.manager(workdir, stage, max_to_keep=1_000_000).all_steps())
+
+
+def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict:
+  """Train as `cfg` says, in `workdir` (created; resumed when it holds checkpoints). Returns the summary.
+
+  One run at a time per workdir (a lock). Resuming with a config that changes the trajectory is an error unless
+  `allow_config_change` names each changed key (or its section); e.g. ('rl.num_steps',) extends a finished run.
+  """
   distributed.use_cpu_devices(cfg.cpu_devices)  # before the first jax call below starts the backend
   check_config(cfg, jax.device_count())
   distributed.use_compile_cache(cfg.compile_cache_dir)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir):
+    return _run(cfg, workdir, allow_config_change)
+
+
+def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
+  trained = any(_has_checkpoints(workdir, stage) for stage in STAGES) or os.path.exists(
+      os.path.join(workdir, 'init_eval.json'))
+  changes = workdir_lib.check_config(workdir, cfg.to_json_best_effort(indent=2), allow=allow_config_change,
+                                     trained=trained)
+  if any(k.startswith('sft.') for k in changes) and _has_checkpoints(workdir, grpo.NAME):
+    raise workdir_lib.WorkdirError(f'{workdir}: GRPO has started from the SFT policy, so changing {sorted(changes)} '
+                                   'would need GRPO rerun from scratch; use a fresh --workdir')
   # Data and any existing checkpoint are validated before a param is created or a file written.
   setup = build_setup(cfg, before_params=lambda tokenizer, model_cfg: check_workdir(cfg, workdir, model_cfg))
   is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
     setup.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
     generation_config = os.path.join(cfg.model.path, 'generation_config.json')
     if cfg.model.path and os.path.isfile(generation_config):  # its stop tokens, for eval from the workdir
@@ -100,7 +131,7 @@ def run(cfg, workdir: str) -> dict:
                      f'({jax.process_count()} processes); mesh: {dict(setup.mesh.shape)}')
   sinks = Sinks(workdir, MetricWriter(workdir, active=is_main), Interrupt(), log_every=cfg.log_every,
                 checkpoint_every=cfg.checkpoint_every, checkpoint_keep=cfg.checkpoint_keep,
-                compute_dtype=cfg.model.dtype)
+                compute_dtype=cfg.model.dtype, max_nonfinite_steps=cfg.max_nonfinite_steps)
 
   init_eval = _initial_eval(setup, workdir, is_main)
   if cfg.sft.max_steps > 0:
@@ -123,7 +154,7 @@ def run(cfg, workdir: str) -> dict:
              'grpo_wall_time': grpo_summary['wall_time'], 'sft_sample': sft_summary['sample'],
              'grpo_sample': grpo_summary['sample']}
   if is_main:
-    _write_json(os.path.join(workdir, 'summary.json'), summary, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2)
   distributed.print0('\n' + _table([
       ('init', init_eval['accuracy'], init_eval['reward'], 0.0),
       ('sft', sft_summary['test_accuracy'], sft_summary['test_reward'], sft_summary['wall_time']),

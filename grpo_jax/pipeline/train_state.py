@@ -113,6 +113,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   trainable: an nnx filter as in init_state: only those params get gradients and updates; the rest pass through
   the step unchanged and, being constants of the differentiated function, have no weight gradient computed.
+
+  A step whose loss, gradient norm or update norm is not finite changes nothing (metrics['nonfinite'] = 1; the
+  state's step counts applied updates only).
   """
   def grads_of(params, batch, hparams, frozen=()):
     def loss_of(params):
@@ -143,12 +146,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     else:
       (loss, metrics), grads = grads_of(params, batch, hparams, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # bf16 grads: in fp32
+    # A non-finite loss, gradient or update (an infinite learning rate) would poison the params and the Adam
+    # moments for good: skip the update (params, optimizer state and step count stay as they were) and report it;
+    # the stage loop stops the run after config.max_nonfinite_steps in a row.
+    update_norm = optax.global_norm(jax.tree.map(lambda u: u.astype(jnp.float32), updates))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state = keep_if_finite(new_params, params), keep_if_finite(opt_state, state.opt_state)
     if frozen:
       params = nnx.merge_state(params, *frozen)
-    grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # bf16 grads: in fp32
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    return TrainState(state.step + finite.astype(state.step.dtype), params, opt_state), metrics
 
   return sharding.jit_sharded(train_step, mesh, rules, (state_sharding, batch_sharding, 'replicated'),
                               out_shardings=(state_sharding, 'replicated'), donate_argnums=0, where='make_train_step')
