@@ -131,6 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sft.batch_size, c.sft.max_steps, c.sft.eval_every, c.sft.warmup_steps = 8, 6, 3, 2
     c.rl.num_steps, c.rl.num_prompts, c.rl.group_size = 4, 4, 4
     c.rl.num_epochs, c.rl.num_minibatches, c.rl.beta = 2, 2, 0.04
+    # 6 SFT steps leave near-random text that gsm8k_exact scores 0 in every group: no advantage, KL-only updates.
+    # A shaping reward with partial credit gives groups reward variance, so smoke/resume/sharding runs test the
+    # policy-gradient path; task.verifier stays gsm8k_exact, so the reported accuracy is still exact.
+    c.rl.reward = 'gsm8k_partial'
     c.eval.batch_size = 16
     c.checkpoint_every = 2
   elif arg:

@@ -10,7 +10,7 @@ from grpo_jax.data.prompts import format_prompt as _format_prompt
 from grpo_jax.data.tasks import generate_split, vocabulary
 from grpo_jax.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from grpo_jax.rewards.answers import extract_final_answer
-from grpo_jax.rewards.registry import REWARDS, get_reward_fn, gsm8k_exact
+from grpo_jax.rewards.registry import REWARDS, get_reward_fn, gsm8k_exact, gsm8k_partial
 
 MAX_PROMPT_LEN, MAX_NEW_TOKENS = 56, 40  # configs/default.py
 
@@ -104,6 +104,44 @@ def test_reward_on_gold_solutions(splits):
   np.testing.assert_array_equal(got, np.ones(len(examples), np.float32))
   wrong = [str(int(e.answer) + 1) for e in examples]
   np.testing.assert_array_equal(_reward([e.solution for e in examples], wrong), 0.0)
+
+
+# gsm8k_partial (the :tiny preset's shaping reward): 1.0 for an exact '#### N', else
+# 0.5 * (fraction of the gold answer's characters, commas and spaces dropped, found in the completion) + 0.25 * (mark).
+@pytest.mark.parametrize('completion,answer,expected', [
+    ('#### 53', '53', 1.0),  # exact: gsm8k_exact's 1, not 0.5 + 0.25
+    ('#### 1,000', '1000', 1.0),
+    ('abc', '53', 0.0),  # no digit of the answer, no mark
+    ('', '53', 0.0),
+    ('x5y', '53', 0.25),  # one of two digits: 0.5 * 1/2
+    ('3 then 5', '53', 0.5),  # both digits, in any order: 0.5 * 2/2
+    ('6', '66', 0.5),  # every position of the answer counts, so a repeated digit is found twice
+    ('5 and 5', '53', 0.25),  # ... but a digit the answer lacks earns nothing
+    ('####', '53', 0.25),  # a mark alone
+    ('#### 35', '53', 0.75),  # a wrong marked answer with both digits: 0.5 + 0.25, still below exact
+    ('#### 8\n7', '7', 0.75),  # the last marked answer (8) is wrong; 7 occurs elsewhere
+    ('7###', '7', 0.5),  # three '#' are no mark
+    ('1 000', '1,000', 0.5),  # the gold answer's comma is not a character to find
+])
+def test_gsm8k_partial_cases(completion, answer, expected):
+  got = get_reward_fn('gsm8k_partial')([completion], [answer])
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, [expected])
+
+
+def test_gsm8k_partial_batch_and_errors(splits):
+  assert REWARDS['gsm8k_partial'] is gsm8k_partial
+  got = gsm8k_partial(['#### 12', '1', 'zz', '#### 2'], ['12', '12', '12', '12'])
+  np.testing.assert_allclose(got, [1.0, 0.25, 0.0, 0.5])
+  assert gsm8k_partial([], []).shape == (0,)
+  with pytest.raises(ValueError):
+    gsm8k_partial(['#### 1'], [])
+  # Exact wherever gsm8k_exact is: the gold solutions score 1, and wrong answers stay strictly below 1.
+  examples = splits['test']
+  solutions = [e.solution for e in examples]
+  np.testing.assert_array_equal(gsm8k_partial(solutions, [e.answer for e in examples]), 1.0)
+  wrong = gsm8k_partial(solutions, [str(int(e.answer) + 1) for e in examples])
+  assert (wrong < 1.0).all() and (wrong > 0.0).any()
 
 
 # ---------------------------------------------------------------------------------------------------------------

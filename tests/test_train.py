@@ -53,6 +53,26 @@ def test_smoke_run_writes_summary_metrics_and_artifacts(finished_run):
     assert json.load(f)['rl']['num_steps'] == 12
 
 
+def test_tiny_grpo_steps_have_reward_variance(finished_run):
+  """The tiny preset's GRPO updates are policy-gradient updates, not KL-only ones.
+
+  With gsm8k_exact, the near-random text of 6 SFT steps scored 0 in every group: zero advantages on every step, so
+  the end-to-end, resume and sharding runs never exercised the policy-gradient path. The preset's gsm8k_partial
+  reward gives groups differing rewards. Asserted: at least 10 of the 12 GRPO steps have some group with non-zero
+  reward spread (frac_groups_no_signal < 1, hence reward_std_in_group > 0: non-zero advantages), and the two metrics
+  agree on every step. Not all 12, though all 12 had signal when this was written: about 1 group in 6 tied by chance
+  then, so a change of the sampling stream can, rarely, leave a step whose four groups all tie; a reward with no
+  variance gives 0 of 12.
+  """
+  workdir, _ = finished_run
+  grpo_rows = [r for r in read_metrics(workdir) if r['stage'] == 'grpo']
+  assert len(grpo_rows) == 12
+  with_signal = [r['step'] for r in grpo_rows if r['frac_groups_no_signal'] < 1]
+  assert len(with_signal) >= 10, [(r['step'], r['frac_groups_no_signal']) for r in grpo_rows]
+  for r in grpo_rows:
+    assert (r['reward_std_in_group'] > 0) == (r['frac_groups_no_signal'] < 1), r
+
+
 def _run_until(workdir, condition, sig):
   proc = subprocess.Popen(train_command(workdir, *RESUME_OVERRIDES), cwd=ROOT, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -46,7 +46,32 @@ def first_integer(completions: list[str], answers: list[str]) -> np.ndarray:
   return np.array([m is not None and m.group(0) == a for m, a in zip(found, answers, strict=True)], np.float32)
 
 
-REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer, **VERIFIERS}
+_MARK = re.compile(r'#{4,}')  # the '####' answer mark, as extract_final_answer reads it (four or more '#')
+
+
+def gsm8k_partial(completions: list[str], answers: list[str]) -> np.ndarray:
+  """A shaping reward for smoke tests, not a research reward: gsm8k_exact plus partial credit for near-random text.
+
+  1.0 where gsm8k_exact is 1. Otherwise, in [0, 0.75]:
+    0.5 * (fraction of the gold answer's characters, commas and spaces dropped, that occur anywhere in the completion)
+    + 0.25 * (the completion has a '####' mark).
+  An untrained model's random text (the `:tiny` preset's) never earns gsm8k_exact's 1, so every group would score all
+  zeros and GRPO would only ever take KL-only steps. A few tokens of random text hold one of the answer's digits often
+  enough, and not always, that groups differ in reward and advantages are non-zero. Partial credit stays below 1 so an
+  exact answer still outscores any amount of digit spraying; it is gameable (emit all ten digits and a mark: 0.75),
+  which is why it only drives smoke runs.
+  """
+  exact = gsm8k_exact(completions, answers)  # also checks the lengths match
+  partial = np.zeros(len(completions), np.float32)
+  for i, (completion, answer) in enumerate(zip(completions, answers, strict=True)):
+    gold = re.sub(r'[\s,]', '', answer)
+    overlap = sum(ch in completion for ch in gold) / len(gold) if gold else 0.0
+    partial[i] = 0.5 * overlap + 0.25 * bool(_MARK.search(completion))
+  return np.where(exact == 1.0, 1.0, partial).astype(np.float32)
+
+
+REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer,
+                                'gsm8k_partial': gsm8k_partial, **VERIFIERS}
 
 
 def score(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> tuple[np.ndarray, int]:
