@@ -6,18 +6,30 @@ r"""Evaluate a policy on the paper's benchmarks: greedy pass@1 and, optionally, 
 Writes a JSON file (default <workdir or model>/eval.json; --output to change) and prints a table in the paper's
 columns (GSM8K, MATH, CMATH). Everything is local: the model directory, the shipped datasets (data/).
 
+The output's directory is checked for writing before anything is loaded. Results so far are saved after every
+decoding batch in <output>.partial.json (with the settings and the policy's fingerprint), so an interrupted eval
+resumes: rerun the same command and the finished datasets and batches are not decoded again. Other settings, or
+another checkpoint, start over. At the end the output is written and the partial file removed.
+
 On several hosts every process runs this same command, in the environment the launch scripts give the trainer
 (grpo_jax/parallel/distributed.py); the batches are split over all devices, and process 0 prints and writes the JSON.
 """
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 from grpo_jax.data.batches import encode
 from grpo_jax.data.datasets import load_examples
@@ -35,7 +47,7 @@ BENCHMARKS = {'gsm8k': ('test', 'gsm8k', 'GSM8K'), 'math500': ('test', 'math', '
 FLAGS = flags.FLAGS
 SETTINGS = ('model', 'workdir', 'datasets', 'source_dir', 'limit', 'maj_k', 'temperature', 'top_p', 'batch_size',
             'max_prompt_len', 'max_new_tokens', 'prompt_template', 'chat', 'dtype', 'output', 'seed',
-            'save_completions')  # in eval.json
+            'save_completions', 'skip_long_prompts')  # in eval.json
 
 
 def define_flags() -> None:
@@ -57,6 +69,9 @@ def define_flags() -> None:
   flags.DEFINE_string('dtype', 'float32', 'Parameter and compute dtype.')
   flags.DEFINE_string('output', None, 'Where to write the JSON results.')
   flags.DEFINE_bool('save_completions', False, 'Also write every greedy completion and whether it was right.')
+  flags.DEFINE_bool('skip_long_prompts', False, 'Drop the problems whose prompt is longer than --max_prompt_len (how '
+                    "many is printed; each dataset's n counts the rest) instead of stopping with an error: the "
+                    "training config's task.skip_long_prompts, for eval.")
   flags.DEFINE_integer('seed', 0, 'Sampling seed (maj@k).')
   flags.DEFINE_integer('cpu_devices', 0, 'CPU hosts: split the CPU into this many XLA devices, one core each, to '
                        'decode batches on several cores at once (config.cpu_devices); 0 = one device.')
@@ -73,6 +88,85 @@ def table(results: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
+def output_problem(path: str) -> str | None:
+  """Why the results cannot be written to `path`, or None when they can (its directory is created if missing).
+
+  Writing is tried, not inferred from the permission bits: root ignores them, and network file systems may refuse
+  what they allow.
+  """
+  if os.path.isdir(path):
+    return 'it is a directory'
+  directory = os.path.dirname(os.path.abspath(path))
+  existing = directory
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f'{existing} is not a directory'
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    return f'cannot create {directory} ({e.strerror})'
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix='.eval-write-check-'):
+      pass
+  except OSError as e:
+    return f'{directory} is not writable ({e.strerror})'
+  return None
+
+
+def policy_fingerprint(model: str | None, workdir: str | None) -> dict[str, Any]:
+  """What tells two policies apart without loading them, so that a resumed eval never mixes their results: a
+  workdir's checkpoint steps per stage (a newer step is another policy), or the size and modification time of a
+  model directory's config and weight files (not all its files: the eval's own output may be written there)."""
+  if workdir is not None:
+    root = os.path.join(workdir, 'checkpoints')
+    stages = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    return {stage: sorted(int(s) for s in os.listdir(os.path.join(root, stage)) if s.isdigit())
+            for stage in stages if os.path.isdir(os.path.join(root, stage))}
+  files = [os.path.join(model, 'config.json'), *glob.glob(os.path.join(model, '*.safetensors*'))]
+  return {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files)
+          if os.path.isfile(f)}
+
+
+def write_json(path: str, obj: Any, indent: int | None = None) -> None:
+  """Write atomically: a kill at any moment leaves the old file or the new one, never a truncated one."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=indent)
+  os.replace(path + '.tmp', path)
+
+
+def read_partial(path: str, key: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+  """The state an interrupted run saved at `path` ({'results': finished datasets, 'pending': the records of the
+  dataset it was decoding, or None}) if it ran with these settings and policy (`key`), else a fresh state; and what
+  to tell the user."""
+  fresh = {'results': {}, 'pending': None}
+  if not os.path.exists(path):
+    return fresh, None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    same = {k: saved[k] for k in key} == key
+    changed = sorted(k for k in {**key['settings'], **saved['settings']}
+                     if key['settings'].get(k) != saved['settings'].get(k))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return fresh, f'warning: {path} is not a readable partial result ({e!r}); starting over'
+  if not same:
+    what = f'other settings ({", ".join(changed)})' if changed else 'another checkpoint or model files'
+    return fresh, f'warning: {path} holds results of {what}; starting over (they are not mixed with these)'
+  return {'results': saved['results'], 'pending': saved['pending']}, f'resuming the interrupted eval saved in {path}'
+
+
+def from_process_0(obj: Any) -> Any:
+  """Process 0's JSON-able `obj` on every process (collective; the others' `obj` is ignored), so that all decode
+  the same batches whichever files each host sees."""
+  if jax.process_count() == 1:
+    return obj
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if distributed.is_main_process() else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  data = multihost_utils.broadcast_one_to_all(data if distributed.is_main_process() else np.zeros(size, np.uint8))
+  return json.loads(np.asarray(data).tobytes())
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -85,10 +179,52 @@ def main(argv):
     raise app.UsageError('give exactly one of --model and --workdir')
   if FLAGS.batch_size % jax.device_count():
     raise app.UsageError(f'--batch_size={FLAGS.batch_size} must divide by the {jax.device_count()} devices')
+  if FLAGS.maj_k and max(1, FLAGS.batch_size // FLAGS.maj_k) % jax.device_count():
+    raise app.UsageError(f'maj@k decodes --batch_size // --maj_k = {max(1, FLAGS.batch_size // FLAGS.maj_k)} '
+                         f'prompts at a time, which must divide by the {jax.device_count()} devices')
+  main_process = distributed.is_main_process()  # the one with progress bars, prints and files
+  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, 'eval.json')
+  partial = output + '.partial.json'
+  settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
+  key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}
+  # Before anything is loaded: an unwritable output fails now, not after the whole evaluation.
+  problem, state, note = None, None, None
+  if main_process:
+    problem = output_problem(output)
+    if problem is None:
+      state, note = read_partial(partial, key)
+  problem, state, note = from_process_0([problem, state, note])
+  if problem is not None:
+    sys.exit(f'eval: cannot write the results to {output}: {problem}; pass --output=<a writable file>')
+  if note:
+    distributed.print0(note)
+  results, pending = state['results'], state['pending']
+  for name in results:
+    distributed.print0(f'{name}: done by the interrupted run, not decoded again')
+  todo = [name for name in FLAGS.datasets if name not in results]
+
+  def save(unfinished: dict | None) -> None:
+    if main_process:
+      write_json(partial, {**key, 'results': results, 'pending': unfinished})
+
+  if todo:
+    evaluate(todo, results, pending, save)
+  if main_process:
+    write_json(output, {'settings': settings, 'results': results}, indent=2)
+    if os.path.exists(partial):  # killed before this, a rerun finds every dataset done and only writes the output
+      os.remove(partial)
+  distributed.print0('\n' + table(results) + f'\n\nresults: {output}')
+
+
+def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
+             save: Callable[[dict | None], None]) -> None:
+  """Evaluate the datasets `names` in order, adding each one's results to `results` once it is finished.
+  `pending`: the records an interrupted run saved for the first of them. save(the unfinished dataset's records, or
+  None) runs after each decoding batch and each finished dataset."""
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   # Data first: a missing or broken dataset file fails before the model is loaded.
   examples = {name: load_examples(name, BENCHMARKS[name][0], source_dir=FLAGS.source_dir, limit=FLAGS.limit)
-              for name in FLAGS.datasets}
+              for name in names}
   tokenizer_dir = FLAGS.model or os.path.join(FLAGS.workdir, 'tokenizer')
   graphdef, params, _, tokenizer = load_policy(model_dir=FLAGS.model, workdir=FLAGS.workdir, dtype=FLAGS.dtype,
                                                mesh=mesh)
@@ -101,33 +237,45 @@ def main(argv):
   greedy = host_io(make_sampler(graphdef, greedy=True, **common))
   voter = None if not FLAGS.maj_k else host_io(make_sampler(graphdef, temperature=FLAGS.temperature,
                                                             top_p=FLAGS.top_p, group_size=FLAGS.maj_k, **common))
-  main_process = distributed.is_main_process()  # the one with progress bars, prints and the JSON file
+  main_process = distributed.is_main_process()
   rng = jax.random.key(FLAGS.seed)
-  results = {}
+  maj = f'maj@{FLAGS.maj_k}'
   for name, exs in examples.items():
     _, verifier_name, column = BENCHMARKS[name]
     split = encode(tokenizer, exs, max_prompt_len=FLAGS.max_prompt_len, max_new_tokens=FLAGS.max_new_tokens,
-                   template=FLAGS.prompt_template, chat=FLAGS.chat, split=name, with_solutions=False)
+                   template=FLAGS.prompt_template, chat=FLAGS.chat, split=name, with_solutions=False,
+                   skip_long_prompts=FLAGS.skip_long_prompts)
+    if not len(split):
+      sys.exit(f'eval: every {name} prompt is longer than --max_prompt_len={FLAGS.max_prompt_len}: nothing to '
+               'evaluate')
     verifier = get_reward_fn(verifier_name)
-    start = time.perf_counter()
+    records = pending if pending is not None and pending['dataset'] == name else {'dataset': name, 'wall_time': 0.0}
+    for what in ('greedy', maj):
+      if records.get(what):
+        distributed.print0(f'{name} {what}: {len(records[what])} of {len(split)} problems done by the interrupted '
+                           'run, not decoded again')
+    start, earlier = time.perf_counter(), records['wall_time']
+
+    def saver(what, records=records, start=start, earlier=earlier):
+      def on_batch(done):
+        records[what], records['wall_time'] = done, earlier + time.perf_counter() - start
+        save(records)
+      return on_batch
+
     res = {'n': len(split), 'column': column,
            'greedy': greedy_eval(greedy, params, split, tokenizer, verifier, batch_size=FLAGS.batch_size, rng=rng,
                                  desc=f'{name} greedy' if main_process else None,
-                                 keep_completions=FLAGS.save_completions)}
+                                 keep_completions=FLAGS.save_completions, done=records.get('greedy', ()),
+                                 on_batch=saver('greedy'))}
     if voter is not None:
-      res[f'maj@{FLAGS.maj_k}'] = maj_at_k(
+      res[maj] = maj_at_k(
           voter, params, split, tokenizer, verifier, lambda t, v=verifier_name: extract_answer(v, t),
           k=FLAGS.maj_k, batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng,
-          desc=f'{name} maj@{FLAGS.maj_k}' if main_process else None)
-    res['wall_time'] = time.perf_counter() - start
+          desc=f'{name} {maj}' if main_process else None, done=records.get(maj, ()), on_batch=saver(maj))
+    res['wall_time'] = earlier + time.perf_counter() - start
     results[name] = res
     distributed.print0(f"{name}: greedy {100 * res['greedy']['accuracy']:.1f}% of {len(split)}")
-  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, 'eval.json')
-  if main_process:
-    settings = {name: FLAGS[name].value for name in SETTINGS}
-    with open(output, 'w') as f:
-      json.dump({'settings': settings, 'results': results}, f, indent=2)
-  distributed.print0('\n' + table(results) + f'\n\nresults: {output}')
+    save(None)
 
 
 if __name__ == '__main__':

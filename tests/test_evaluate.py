@@ -1,10 +1,11 @@
 """Evaluation helpers: batching over a split, greedy accuracy, majority voting and maj@k, with a fake sampler."""
 import jax
 import numpy as np
+import pytest
 
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import build_tokenizer
-from grpo_jax.pipeline.evaluate import greedy_eval, maj_at_k, majority_answers, sample_texts
+from grpo_jax.pipeline.evaluate import decode_records, greedy_eval, maj_at_k, majority_answers, sample_texts
 from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.verifiers import VERIFIERS
 from grpo_jax.rollout.sampling import Completions
@@ -66,3 +67,60 @@ def test_maj_at_k_beats_a_wrong_greedy_sample():
   result = maj_at_k(sampler, None, fake_split(['12', '5', '1']), TOK, VERIFIERS['gsm8k'],
                     lambda t: extract_answer('gsm8k', t), k=3, batch_size=2, rng=jax.random.key(0))
   assert result['accuracy'] == 1 / 3 and result['no_answer'] == 1 / 3
+
+
+def test_decode_records_resumes_after_the_saved_batches():
+  script = {i: [f'#### {i}'] for i in range(5)}
+  sampler, calls = fake_sampler(script)
+  split, saved = fake_split([str(i) for i in range(5)]), []
+  whole = decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0),
+                         on_batch=lambda records: saved.append(list(records)))
+  assert whole == [f'#### {i}' for i in range(5)] and saved == [whole[:2], whole[:4], whole]
+  calls.clear()
+  resumed = decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0), done=saved[0])
+  assert resumed == whole and calls == [[2, 3], [4, 0]]  # the saved batch is not decoded again
+  calls.clear()
+  assert decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0), done=whole) == whole
+  assert calls == []
+  with pytest.raises(ValueError, match='not a whole number of batches'):
+    decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0), done=whole[:3])
+
+
+def test_a_resumed_batch_gets_the_rng_of_its_place():
+  keys = []
+
+  def sampler(params, prompt_tokens, prompt_mask, rng):
+    keys.append(jax.random.key_data(rng).tolist())
+    return Completions(prompt_tokens, prompt_mask, np.zeros(prompt_tokens.shape, np.float32))
+
+  split = fake_split([str(i) for i in range(5)])
+  decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0))
+  whole, keys[:] = list(keys), []
+  decode_records(sampler, None, split, TOK, batch_size=2, rng=jax.random.key(0), done=['x'] * 4)
+  assert keys == whole[2:]
+
+
+def test_maj_at_k_resumes_from_voted_answers():
+  script = {0: ['#### 12', '#### 11', 'so #### 12'], 1: ['#### 5', '#### 6', '#### 6'], 2: ['?', '?', '?']}
+  sampler, calls = fake_sampler(script, group_size=3)
+  split, saved = fake_split(['12', '5', '1']), []
+  extract = lambda t: extract_answer('gsm8k', t)  # noqa: E731
+  whole = maj_at_k(sampler, None, split, TOK, VERIFIERS['gsm8k'], extract, k=3, batch_size=2, rng=jax.random.key(0),
+                   on_batch=lambda voted: saved.append(list(voted)))
+  assert saved == [['12', '6'], ['12', '6', None]]  # one answer per problem is what gets saved, not k completions
+  calls.clear()
+  resumed = maj_at_k(sampler, None, split, TOK, VERIFIERS['gsm8k'], extract, k=3, batch_size=2,
+                     rng=jax.random.key(0), done=saved[0])
+  assert resumed == whole and calls == [[2, 0]]
+
+
+def test_greedy_eval_resumes_from_saved_completions():
+  script = {0: ['#### 3'], 1: ['The answer is 7.'], 2: ['no idea'], 3: ['#### 1,000']}
+  sampler, calls = fake_sampler(script)
+  split = fake_split(['3', '8', '2', '1000'])
+  whole = greedy_eval(sampler, None, split, TOK, VERIFIERS['gsm8k'], batch_size=2, rng=jax.random.key(0),
+                      keep_completions=True)
+  calls.clear()
+  resumed = greedy_eval(sampler, None, split, TOK, VERIFIERS['gsm8k'], batch_size=2, rng=jax.random.key(0),
+                        keep_completions=True, done=['#### 3', 'The answer is 7.'])
+  assert resumed == whole and calls == [[2, 3]]

@@ -29,9 +29,9 @@ def run(args, timeout=600):
   return proc.stdout
 
 
-@pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tiny_llama')
+def save_tiny_model(path):
+  """A tiny random Llama with a character tokenizer and a chat template, as a Hugging Face directory at `path`
+  (also used by test_eval_cli.py)."""
   tokenizer = build_tokenizer(['user', 'assistant', 'system'])
   tokenizer.chat_template = CHAT_TEMPLATE
   cfg = ModelConfig(model_type='llama', vocab_size=len(tokenizer) + 3, d_model=32, num_layers=2, num_heads=4,
@@ -39,6 +39,11 @@ def model_dir(tmp_path_factory):
   hf.save_model(Transformer(cfg, nnx.Rngs(0)), cfg, str(path))
   tokenizer.save_pretrained(str(path))
   return path
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  return save_tiny_model(tmp_path_factory.mktemp('tiny_llama'))
 
 
 @pytest.fixture(scope='module')

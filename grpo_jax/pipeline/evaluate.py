@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,29 +26,72 @@ from grpo_jax.pipeline import checkpoint
 from grpo_jax.rewards.registry import RewardFn, score
 
 
+def _decode_batches(sampler: Callable, params, split: TokenizedSplit, tokenizer, *, batch_size: int, rng,
+                    group_size: int = 1, first_batch: int = 0, desc: str | None = None) -> Iterator[list[str]]:
+  """Each decoding batch's texts, from batch `first_batch` on: group_size per real example (the padding rows of the
+  last batch dropped), each example's group contiguous. Batch i is decoded with fold_in(rng, i) whichever batch comes
+  first, so a pass that starts late decodes what the same batches of a whole pass would."""
+  n = len(split)
+  starts = range(first_batch * batch_size, n, batch_size)
+  bar = tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True, initial=first_batch,
+             total=first_batch + len(starts))
+  for start in bar:
+    idx = np.arange(start, start + batch_size) % n  # the last batch wraps around: one shape, one compile
+    out = sampler(params, split.prompt_tokens[idx], split.prompt_mask[idx],
+                  jax.random.fold_in(rng, start // batch_size))
+    batch = decode(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))
+    yield batch[:min(batch_size, n - start) * group_size]
+
+
 def sample_texts(sampler: Callable, params, split: TokenizedSplit, tokenizer, *, batch_size: int, rng,
                  group_size: int = 1, desc: str | None = None) -> list[str]:
   """Decode `group_size` completions per example, in fixed-size batches of prompts (the last is padded by
   wrapping around, so one compile). sampler(params, prompt_tokens, prompt_mask, rng) -> Completions.
   Returns len(split) * group_size texts, each example's group contiguous.
   """
-  n, texts = len(split), []
-  starts = range(0, n, batch_size)
-  for i, start in enumerate(tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True)):
-    idx = np.arange(start, start + batch_size) % n
-    out = sampler(params, split.prompt_tokens[idx], split.prompt_mask[idx], jax.random.fold_in(rng, i))
-    batch = decode(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))
-    texts.extend(batch[:min(batch_size, n - start) * group_size])
-  return texts
+  batches = _decode_batches(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, group_size=group_size,
+                            desc=desc)
+  return [text for batch in batches for text in batch]
+
+
+def decode_records(sampler: Callable, params, split: TokenizedSplit, tokenizer, *, batch_size: int, rng,
+                   group_size: int = 1, reduce: Callable[[list[str]], list] | None = None, done: Sequence = (),
+                   on_batch: Callable[[list], None] | None = None, desc: str | None = None) -> list:
+  """One record per example, decoded batch by batch so that an interrupted pass can resume.
+
+  reduce(a batch's texts, as sample_texts orders them) -> that batch's records, one per example (default: the texts,
+  for group_size 1). `done` holds the records of the first batches, saved by an interrupted call with the same
+  arguments: those batches are not decoded again. on_batch(records so far) runs after each decoded batch, e.g. to
+  save them. The records equal an uninterrupted call's (see _decode_batches).
+  """
+  n = len(split)
+  if reduce is None and group_size != 1:
+    raise ValueError(f'group_size={group_size} needs a reduce to one record per example')
+  if len(done) > n or (len(done) < n and len(done) % batch_size):
+    raise ValueError(f'{len(done)} records done of {n} is not a whole number of batches of {batch_size}: resume '
+                     'with the batch size that saved them')
+  records = list(done)
+  first_batch = -(-len(records) // batch_size)  # all of them once every example is done
+  for texts in _decode_batches(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng,
+                               group_size=group_size, first_batch=first_batch, desc=desc):
+    records.extend(texts if reduce is None else reduce(texts))
+    if on_batch is not None:
+      on_batch(records)
+  return records
 
 
 def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
                 batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None,
-                keep_completions: bool = False) -> dict:
+                keep_completions: bool = False, done: Sequence[str] = (),
+                on_batch: Callable[[list[str]], None] | None = None) -> dict:
   """Greedy decoding of every example: accuracy (the fraction the verifier, default the reward, scores >= 1),
   mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample; with
-  keep_completions, also every completion and its score ('completions', 'correct')."""
-  texts = sample_texts(greedy_sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, desc=desc)
+  keep_completions, also every completion and its score ('completions', 'correct').
+
+  Resuming (decode_records): `done` = the completions of the first batches, on_batch(completions so far).
+  """
+  texts = decode_records(greedy_sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, done=done,
+                         on_batch=on_batch, desc=desc)
   rewards, failures = score(reward_fn, texts, split.answers)
   correct = rewards if verifier is None else score(verifier, texts, split.answers)[0]
   out = {'accuracy': float((correct >= 1).mean()), 'reward': float(rewards.mean()),
@@ -69,14 +112,17 @@ def majority_answers(texts: list[str], k: int, extract: Callable[[str], str | No
 
 
 def maj_at_k(sampler: Callable, params, split: TokenizedSplit, tokenizer, verifier: RewardFn,
-             extract: Callable[[str], str | None], *, k: int, batch_size: int, rng, desc: str | None = None
-             ) -> dict:
+             extract: Callable[[str], str | None], *, k: int, batch_size: int, rng, desc: str | None = None,
+             done: Sequence[str | None] = (), on_batch: Callable[[list[str | None]], None] | None = None) -> dict:
   """maj@k: sample k completions per problem, vote over their extracted final answers, verify the winner.
 
   `sampler` must produce k completions per prompt (make_sampler(..., group_size=k)); batch_size counts prompts.
+  Resuming (decode_records): `done` = the voted answers of the first batches, on_batch(voted answers so far); each
+  batch is voted on as it comes, so what is saved is one answer per problem, not k completions.
   """
-  texts = sample_texts(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, group_size=k, desc=desc)
-  voted = majority_answers(texts, k, extract)
+  voted = decode_records(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, group_size=k,
+                         reduce=lambda texts: majority_answers(texts, k, extract), done=done, on_batch=on_batch,
+                         desc=desc)
   # The winner is verified as a completion that states it in the form every verifier reads.
   as_text = ['' if a is None else f'The answer is \\boxed{{{a}}}' for a in voted]
   correct, failures = score(verifier, as_text, split.answers)
