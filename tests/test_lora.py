@@ -304,7 +304,7 @@ def test_lora_resume_matches_and_uses_the_base_as_reference(lora_run, tmp_path, 
   collect_rollout = grpo_stage.collect_rollout
   monkeypatch.setattr(grpo_stage, 'collect_rollout', spy)
   cfg = load_config('tiny')
-  cfg.lora.rank, cfg.rl.lr, cfg.export_hf = 4, 1e-2, True
+  cfg.lora.rank, cfg.rl.lr, cfg.export_hf, cfg.cpu_devices = 4, 1e-2, True, 0  # lora_run's config
   handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     runner.run(cfg, str(workdir))
@@ -323,9 +323,10 @@ def test_checkpoint_of_another_lora_config_is_rejected(lora_run, tiny_config, mo
   built_too_early = lambda *a, **k: pytest.fail('built the model before the check')  # noqa: E731
   monkeypatch.setattr(setup_lib, 'Transformer', built_too_early)
   monkeypatch.setattr(lora, 'Transformer', built_too_early)  # what lora.transformer builds on
-  tiny_config.lora.rank = 8
+  tiny_config.lora.rank, tiny_config.cpu_devices = 8, 0  # lora_run's devices; the LoRA rank differs
+  # Even when the config change is accepted, the checkpoint's LoRA config refuses it before any model is built.
   with pytest.raises(checkpoint.CheckpointError, match=r"trained with LoRA \{'rank': 4.*config.lora gives"):
-    runner.run(tiny_config, str(lora_run[0]))
+    runner.run(tiny_config, str(lora_run[0]), allow_config_change=['lora.rank', 'rl.lr', 'export_hf'])
 
 
 # ------------------------------------------------------------------------------------------------ config

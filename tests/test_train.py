@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import ROOT, train_command
 
-from grpo_jax.pipeline import checkpoint, metrics, run as runner, setup as setup_lib
+from grpo_jax.pipeline import checkpoint, metrics, run as runner, setup as setup_lib, workdir as workdir_lib
 
 # Timings, and the compile count: a resumed process compiles again what the uninterrupted one had cached.
 TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu', 'compiles'}
@@ -157,9 +157,14 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_checkpoint_of_another_model_config_is_rejected(finished_run, tiny_config, tmp_path, monkeypatch,
                                                         no_model):
   reference, _ = finished_run
-  tiny_config.model.d_model = 48
-  with pytest.raises(checkpoint.CheckpointError, match='d_model'):
+  tiny_config.model.d_model, tiny_config.rl.num_steps, tiny_config.checkpoint_every = 48, 12, 3  # as finished_run
+  with pytest.raises(workdir_lib.WorkdirError, match=r'model.d_model: 32 -> 48'):
     runner.run(tiny_config, str(reference))
+  before = (reference / 'config.json').read_text()
+  # Accepted as a config change, the checkpoints still cannot take it: refused before any model is built.
+  with pytest.raises(checkpoint.CheckpointError, match='d_model'):
+    runner.run(tiny_config, str(reference), allow_config_change=['model.d_model'])
+  assert (reference / 'config.json').read_text() == before
 
 
 def test_malformed_checkpoint_is_reported(tiny_config, tmp_path, no_model):

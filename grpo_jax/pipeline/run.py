@@ -113,13 +113,14 @@ def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict:
 def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
   trained = any(_has_checkpoints(workdir, stage) for stage in STAGES) or os.path.exists(
       os.path.join(workdir, 'init_eval.json'))
-  changes = workdir_lib.check_config(workdir, cfg.to_json_best_effort(indent=2), allow=allow_config_change,
-                                     trained=trained)
+  config_json = cfg.to_json_best_effort(indent=2)
+  changes = workdir_lib.check_config(workdir, config_json, allow=allow_config_change, trained=trained)
   if any(k.startswith('sft.') for k in changes) and _has_checkpoints(workdir, grpo.NAME):
     raise workdir_lib.WorkdirError(f'{workdir}: GRPO has started from the SFT policy, so changing {sorted(changes)} '
                                    'would need GRPO rerun from scratch; use a fresh --workdir')
   # Data and any existing checkpoint are validated before a param is created or a file written.
   setup = build_setup(cfg, before_params=lambda tokenizer, model_cfg: check_workdir(cfg, workdir, model_cfg))
+  workdir_lib.record_config(workdir, config_json, changes, resumed=trained)
   is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files
   if is_main:
     setup.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))

@@ -104,12 +104,12 @@ def _allowed(key: str, allow: Sequence[str]) -> bool:
 
 
 def check_config(workdir: str, config_json: str, *, allow: Sequence[str] = (), trained: bool) -> dict:
-  """Compare the requested config (its JSON) with the one the workdir was trained with; record it.
+  """The accepted differences between the requested config (its JSON) and the one the workdir was trained with.
 
   trained: the workdir holds results of the saved config (checkpoints or the initial evaluation). Then a knob
   that changes the trajectory may differ only when `allow` names it (a key or a section, e.g. 'rl.num_steps');
-  anything else is an error listing each difference. Returns the accepted changes. config.json is rewritten to
-  the requested config and the history file gets a line (process 0).
+  anything else is an error listing each difference. Writes nothing: `record_config` does, once the run's other
+  checks have passed.
   """
   requested = json.loads(config_json)
   saved = read_json(os.path.join(workdir, CONFIG_FILE)) if trained else None
@@ -120,12 +120,17 @@ def check_config(workdir: str, config_json: str, *, allow: Sequence[str] = (), t
     raise WorkdirError(f'{workdir} was trained with another config (saved -> requested): {listed}. Resume with the '
                        f'saved config ({os.path.join(workdir, CONFIG_FILE)}), use a fresh --workdir, or accept the '
                        f'change with --allow_config_change={",".join(refused)}')
-  if distributed.is_main_process():
-    with open(os.path.join(workdir, CONFIG_FILE) + '.tmp', 'w') as f:
-      f.write(config_json)
-    os.replace(os.path.join(workdir, CONFIG_FILE) + '.tmp', os.path.join(workdir, CONFIG_FILE))
-    with open(os.path.join(workdir, HISTORY_FILE), 'a') as f:
-      event = 'resumed' if trained else 'started'
-      f.write(json.dumps({'time': _now(), 'event': event, 'changes': {k: list(v) for k, v in changes.items()}}) +
-              '\n')
   return changes
+
+
+def record_config(workdir: str, config_json: str, changes: dict, *, resumed: bool) -> None:
+  """config.json := the run's config (atomically); a line in the history: when, started or resumed, what changed."""
+  if not distributed.is_main_process():
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
+    f.write(config_json)
+  os.replace(path + '.tmp', path)
+  with open(os.path.join(workdir, HISTORY_FILE), 'a') as f:
+    f.write(json.dumps({'time': _now(), 'event': 'resumed' if resumed else 'started',
+                        'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
