@@ -9,13 +9,14 @@ differs in anything that changes the trajectory is refused unless --allow_config
 grpo_jax/pipeline/run.py.
 """
 import errno
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline.checkpoint import CheckpointError
+from grpo_jax.pipeline.checkpoint import CheckpointError, DiskFullError
 from grpo_jax.pipeline.config_checks import parse_flags
 from grpo_jax.pipeline.loop import NonFiniteError
 from grpo_jax.pipeline.run import run
@@ -37,6 +38,11 @@ def main(argv):
   distributed.initialize()  # before any other jax call: it fixes the global device list on several hosts
   try:
     run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except DiskFullError as e:
+    # Orbax's writer threads are still failing; exiting now spares the reader a traceback from each of them.
+    sys.stderr.write(f'\ngrpo_jax.train: {e}\n')  # after the progress bar's line
+    sys.stderr.flush()
+    os._exit(1)
   except (ValueError, FileNotFoundError, CheckpointError, WorkdirError, NonFiniteError) as e:
     sys.exit(f'grpo_jax.train: {e}')  # bad input or a stopped run: the message says what and what to do
   except OSError as e:

@@ -8,12 +8,16 @@ frozen base and the adapters in the policy's params, no reference tree, and its 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,6 +29,36 @@ from grpo_jax.models.transformer import ModelConfig
 
 class CheckpointError(RuntimeError):
   pass
+
+
+class DiskFullError(CheckpointError):
+  """The device of the checkpoint directory is full; the message names it, the free space and the intact step."""
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Any]:
+  """fd 2 into a temporary file while Orbax writes: when a write fails, each of its writer threads prints a
+  traceback there, burying the cause. The caller replays the capture unless it reports the failure itself."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  captured = tempfile.TemporaryFile()  # noqa: SIM115  (closed by _replay, or when dropped)
+  os.dup2(captured.fileno(), 2)
+  try:
+    yield captured
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _replay(captured) -> None:
+  """Write what was captured to stderr (a successful save's warnings are not lost) and close it."""
+  captured.seek(0)
+  text = captured.read()
+  captured.close()
+  if text:
+    sys.stderr.buffer.write(text)
+    sys.stderr.flush()
 
 
 def manager(workdir: str, stage: str, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -52,20 +86,26 @@ def save(mngr: ocp.CheckpointManager, step: int, trees: dict[str, Any], meta: di
       multihost_utils.sync_global_devices(f'checkpoint meta {step}')
     return
   args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-  try:
-    mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
-    mngr.wait_until_finished()
-  except Exception as e:  # orbax wraps the OSError of a full disk in its own errors
-    if not _disk_full(e):
-      raise
-    for name in os.listdir(str(mngr.directory)):  # the half-written step: Orbax writes into a tmp dir first
-      if name.startswith(f'{step}.') and 'tmp' in name:
-        shutil.rmtree(os.path.join(str(mngr.directory), name), ignore_errors=True)
-    free = shutil.disk_usage(str(mngr.directory)).free
-    previous = [s for s in mngr.all_steps() if s != step]
-    raise CheckpointError(f'no space left on the device of {mngr.directory} saving step {step} ({free / 2**20:.0f} '
-                          f'MiB free); the previous checkpoint ({max(previous) if previous else "none"}) is intact. '
-                          'Free space and rerun the same command to resume.') from None
+  failure = None
+  with _stderr_captured() as captured:
+    try:
+      mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
+      mngr.wait_until_finished()
+    except Exception as e:  # orbax wraps the OSError of a full disk in its own errors
+      failure = e
+  if failure is None or not _disk_full(failure):
+    _replay(captured)
+    if failure is not None:
+      raise failure
+    return
+  for name in os.listdir(str(mngr.directory)):  # the half-written step: Orbax writes into a tmp dir first
+    if name.startswith(f'{step}.') and 'tmp' in name:
+      shutil.rmtree(os.path.join(str(mngr.directory), name), ignore_errors=True)
+  free = shutil.disk_usage(str(mngr.directory)).free
+  previous = [s for s in mngr.all_steps() if s != step]
+  raise DiskFullError(f'no space left on the device of {mngr.directory} saving step {step} ({free / 2**20:.0f} MiB '
+                      f'free); the previous checkpoint ({max(previous) if previous else "none"}) is intact. Free '
+                      'space and rerun the same command to resume.')
 
 
 def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
