@@ -122,7 +122,7 @@ def main() -> int:
   tx = make_optimizer(cfg.rl, args.steps)
   state = init_state(params, tx, setup.mesh, setup.rules)
   train_step = grpo.make_grpo_train_step(setup, policy, state, tx)
-  hparams = grpo.loss_hparams(cfg, 0)
+  hparams = grpo.loss_hparams(cfg)
   ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
   data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)

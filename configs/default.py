@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.clip_eps = 0.2  # epsilon
   c.rl.beta = 0.0  # KL weight (the paper: 0.04); > 0 runs the frozen reference each step
   c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's)
+  c.rl.kl_target = 0.0  # > 0: a controller moves beta toward this per-token KL (Ziegler et al. 2019); 0 = fixed beta
+  c.rl.kl_horizon = 10000  # the controller's horizon in samples: larger moves beta more slowly
   c.rl.advantage = 'grpo'  # 'grpo' (std-scaled) | 'group_mean'
   c.rl.reward = 'gsm8k_exact'  # registry name in grpo_jax/rewards/registry.py
   c.rl.temperature = 1.0

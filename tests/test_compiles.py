@@ -92,3 +92,20 @@ def test_compile_cache_dir_lets_a_fresh_process_skip_compiling(tmp_path):
     jax.config.update('jax_compilation_cache_dir', None)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     compilation_cache.reset_cache()
+
+
+def test_the_kl_controller_moves_beta_toward_the_target_without_recompiling():
+  cfg = load_config('tiny')
+  cfg.cpu_devices, cfg.rl.kl_target, cfg.rl.kl_horizon = 0, 1e-4, 100  # a horizon short enough to see it move
+  setup = build_setup(cfg)
+  stage = grpo.make_stage(setup, setup.init_params)
+  state, per_step, rows = stage.state, [], []
+  for i in range(5):
+    (state, metrics), n = count_compiles(lambda: stage.step(state, i))  # noqa: B023
+    per_step.append(n)
+    rows.append((float(metrics['kl']), float(metrics['beta'])))
+  betas = [cfg.rl.beta] + [b for _, b in rows]
+  for (kl, _), before, after in zip(rows, betas[:-1], betas[1:], strict=True):
+    assert (after > before) == (kl > cfg.rl.kl_target), (kl, before, after)  # up above the target, down below
+  assert per_step[2:] == [0, 0, 0], per_step  # beta is an argument of the step, not a constant in it
+  assert float(state['kl_controller']['beta']) == rows[-1][1]  # the checkpointed role carries it

@@ -174,3 +174,15 @@ def test_jsonl_task_files_must_exist(tmp_path):
   cfg.task.train_file = str(tmp_path / 'train.jsonl')
   with pytest.raises(FileNotFoundError, match=r'config\.task\.train_file'):
     check_config(cfg, 1)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(kl_target=-0.1), 'kl_target must be >= 0'),
+    (dict(kl_horizon=0), 'kl_horizon > 0'),
+    (dict(kl_target=0.01, beta=0.0), r'kl_target=0.01 needs config.rl.beta > 0'),
+])
+def test_kl_controller_settings_are_checked(overrides, match):
+  cfg = _get('tiny')
+  cfg.rl.update(overrides)
+  with pytest.raises(ValueError, match=match):
+    check_config(cfg, 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.core.kl import KL_ESTIMATORS, get_kl_fn, kl_k1, kl_k2, kl_k3
+from grpo_jax.core.kl import KL_ESTIMATORS, adaptive_kl_beta, get_kl_fn, kl_k1, kl_k2, kl_k3
 from grpo_jax.core.losses import grpo_loss
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,3 +319,17 @@ def test_unknown_kl_estimator_raises(name):
   lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(0))
   with pytest.raises(ValueError, match='unknown KL estimator'):
     grpo_loss(lp, old, ref, adv, mask, kl_estimator=name)
+
+
+@pytest.mark.parametrize('kl, target, want_error', [
+    (0.02, 0.01, 0.2),  # KL twice the target: the error is clipped at +0.2
+    (0.011, 0.01, 0.1),  # 10% above: beta grows by 0.1 * batch / horizon
+    (0.0, 0.01, -0.2),  # no KL at all: clipped at -0.2
+    (0.009, 0.01, -0.1),
+])
+def test_adaptive_kl_beta_is_ziegler_et_al_proportional_controller(kl, target, want_error):
+  beta, batch, horizon = 0.04, 64, 1000.0
+  # Ziegler et al. 2019, eq. 2, by hand: e = clip(KL / target - 1, -0.2, 0.2); beta * (1 + e * n / horizon).
+  want = beta * (1.0 + want_error * batch / horizon)
+  got = adaptive_kl_beta(np.float32(beta), np.float32(kl), target=target, horizon=horizon, batch_size=batch)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)

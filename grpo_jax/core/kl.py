@@ -33,3 +33,16 @@ def get_kl_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   if name not in KL_ESTIMATORS:
     raise ValueError(f'unknown KL estimator {name!r}; known: {sorted(KL_ESTIMATORS)}')
   return KL_ESTIMATORS[name]
+
+
+def adaptive_kl_beta(beta: jax.Array, kl: jax.Array, *, target: float, horizon: float, batch_size: int,
+                     max_error: float = 0.2) -> jax.Array:
+  """One step of the proportional KL controller of Ziegler et al. 2019 (arXiv:1909.08593, eq. 2):
+
+    error = clip(kl / target - 1, -max_error, max_error);  beta <- beta * (1 + error * batch_size / horizon)
+
+  beta grows while the measured KL is above `target` and shrinks while below, by at most max_error *
+  batch_size / horizon per step; horizon (in samples) sets how fast. Scalars in, scalar out (jax or numpy).
+  """
+  error = jnp.clip(kl / target - 1.0, -max_error, max_error)
+  return beta * (1.0 + error * batch_size / horizon)

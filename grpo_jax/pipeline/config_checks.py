@@ -133,6 +133,12 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
   if cfg.rl.beta < 0:
     raise ValueError(f'config.rl.beta must be >= 0, got {cfg.rl.beta}')
+  if cfg.rl.kl_target < 0 or not cfg.rl.kl_horizon > 0:
+    raise ValueError(f'config.rl.kl_target must be >= 0 (0 = a fixed beta) and config.rl.kl_horizon > 0, got '
+                     f'{cfg.rl.kl_target}, {cfg.rl.kl_horizon}')
+  if cfg.rl.kl_target > 0 and not cfg.rl.beta > 0:
+    raise ValueError(f'config.rl.kl_target={cfg.rl.kl_target} needs config.rl.beta > 0: the controller scales beta '
+                     '(and the KL it measures needs the reference forward that beta > 0 runs)')
   if not 0 < cfg.rl.top_p <= 1 or cfg.rl.top_k < 0:
     raise ValueError(f'config.rl.top_p must be in (0, 1] and top_k >= 0, got {cfg.rl.top_p}, {cfg.rl.top_k}')
   if not 0 <= cfg.sft.target_accuracy <= 1:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.core.advantages import get_advantage_fn
+from grpo_jax.core.kl import adaptive_kl_beta
 from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
@@ -30,9 +31,9 @@ def loss_config(cfg) -> LossConfig:
                     logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat)
 
 
-def loss_hparams(cfg, step: int) -> dict[str, jax.Array]:
-  """The loss's values that may change between steps, as arrays (a new value is not a new compile)."""
-  del step  # constant for now; a KL controller sets beta per step
+def loss_hparams(cfg) -> dict[str, jax.Array]:
+  """The loss's values that may change between steps, at their start values, as arrays (a new value is not a
+  new compile): beta, which the KL controller moves when config.rl.kl_target > 0."""
   return {'beta': jnp.asarray(cfg.rl.beta, jnp.float32)}
 
 
@@ -61,11 +62,12 @@ def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.A
 
 def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
   """GRPO from `params`, which are also the frozen reference (config.rl). State: {'policy': TrainState,
-  'reference': params}; with LoRA only {'policy'}, the reference being the policy's own frozen base."""
+  'reference': params, 'kl_controller': {'beta'}}; with LoRA no 'reference', the reference being the policy's
+  own frozen base."""
   cfg, rl, train = setup.cfg, setup.cfg.rl, setup.splits['train']
   policy = setup.policy(name)
   tx = make_optimizer(rl, rl.num_steps, param_dtype=setup.model_cfg.param_dtype)
-  roles = {}
+  roles = {'kl_controller': loss_hparams(cfg)}  # saved with the checkpoints: a resumed run continues its beta
   if policy.lora is None:
     roles['reference'] = jax.tree.map(jnp.copy, params)  # frozen: the policy's params are donated each step
   else:  # the reference is the frozen base inside the policy's params: no copy
@@ -84,12 +86,17 @@ def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
     rollout, stats = collect_rollout(policy.sampler, setup.reference_forward, policy_state.params, reference,
                                      prompts, sample_rng, group_size=rl.group_size, tokenizer=setup.tokenizer,
                                      reward_fn=setup.reward_fn, advantage_fn=advantage_fn, verifier=setup.verifier)
-    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, loss_hparams(cfg, i),
+    beta = state['kl_controller']['beta']
+    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, {'beta': beta},
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
+    if rl.kl_target > 0:  # measure, then adjust: the step's KL to the reference moves beta for the next step
+      beta = adaptive_kl_beta(beta, metrics['kl'], target=rl.kl_target, horizon=rl.kl_horizon,
+                              batch_size=rl.num_prompts * rl.group_size)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=setup.reference_forward is not None,
                                 num_epochs=rl.num_epochs)
-    return {**state, 'policy': policy_state}, {**stats, **metrics, **work}
+    return ({**state, 'policy': policy_state, 'kl_controller': {'beta': beta}},
+            {**stats, **metrics, **work, 'beta': beta})
 
   def finish(state):
     held_out = setup.evaluate(state['policy'].params, 'test', policy)

@@ -120,7 +120,7 @@ def compile_phases(cfg, tokenizer, model_cfg: ModelConfig, mesh) -> dict[str, di
   batch = Rollout(arr(mb, p), arr(mb, p), arr(mb, c), arr(mb, c), arr(mb, c, dtype=jnp.float32),
                   arr(mb, c, dtype=jnp.float32), arr(mb, dtype=jnp.float32))
   step = make_grpo_train_step(setup, policy, state, tx)
-  hparams = jax.eval_shape(lambda: loss_hparams(cfg, 0))
+  hparams = jax.eval_shape(lambda: loss_hparams(cfg))
   lowered['train_step'] = lambda: step.lower(state, batch, hparams)
 
   out = {}
