@@ -254,9 +254,10 @@ def test_main_command_with_lora_trains_adapters_and_exports_merged_weights(lora_
   assert all('kl' in r for r in read_rows(workdir) if r['stage'] == 'grpo')
   final = checkpoint.read_meta(checkpoint.manager(str(workdir), 'grpo', max_to_keep=2))
   assert final['finished'] and final['lora'] == {'rank': 4, 'alpha': 16.0, 'targets': list(ALL)}
-  # No reference tree: the checkpoint holds the policy (base once + adapters + their optimizer state) and meta.
+  # No reference tree: the checkpoint holds the policy (base once + adapters + their optimizer state), the KL
+  # controller's beta and meta.
   assert sorted(os.listdir(workdir / 'checkpoints' / 'grpo' / '4')) == ['_CHECKPOINT_METADATA', 'commit_success.txt',
-                                                                         'meta', 'policy']
+                                                                         'kl_controller', 'meta', 'policy']
   state = raw_state(workdir, 'grpo')
   sft = unwrap(raw_state(workdir, 'sft')['params'])
   flat = lambda tree: {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
