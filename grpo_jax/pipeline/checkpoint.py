@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.pipeline.workdir import write_json
 
 
 class CheckpointError(RuntimeError):
@@ -78,10 +79,7 @@ def save(mngr: ocp.CheckpointManager, step: int, trees: dict[str, Any], meta: di
   these and only the meta is replaced, atomically: a kill at any moment leaves the old or the new meta."""
   if step in mngr.all_steps():
     if jax.process_index() == 0:
-      path = _meta_path(mngr, step)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(meta, f)
-      os.replace(path + '.tmp', path)
+      write_json(_meta_path(mngr, step), meta)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint meta {step}')
     return

@@ -141,7 +141,7 @@ def run_stage(stage: Stage, sinks: Sinks) -> tuple[dict[str, Any], dict[str, Any
   if meta is not None:
     state = restored
     step, wall, stop = meta['step'], meta['wall_time'], meta['stopped']
-    nonfinite_steps = meta.get('nonfinite_steps', 0)  # absent in checkpoints written before the guard
+    nonfinite_steps = meta['nonfinite_steps']
     if meta['finished'] and (stop or step >= stage.num_steps):
       return state, meta['summary']
     distributed.print0(f'{stage.name}: resuming from step {step}')
@@ -162,8 +162,10 @@ def run_stage(stage: Stage, sinks: Sinks) -> tuple[dict[str, Any], dict[str, Any
     t0 = time.perf_counter()
     state, metrics = stage.step(state, step)
     step += 1
-    if 'nonfinite' in metrics:
-      skipped = float(jax.device_get(metrics['nonfinite'])) > 0  # any minibatch of the step
+    # The two guards' scalars in one transfer: a fetch waits for the step, so each costs a sync.
+    guards = jax.device_get({k: metrics[k] for k in ('nonfinite', 'grad_norm') if k in metrics})
+    if 'nonfinite' in guards:
+      skipped = float(guards['nonfinite']) > 0  # any minibatch of the step
       nonfinite_steps += skipped
       nonfinite_streak = nonfinite_streak + 1 if skipped else 0
       metrics = dict(metrics, nonfinite_steps=nonfinite_steps)
@@ -174,8 +176,8 @@ def run_stage(stage: Stage, sinks: Sinks) -> tuple[dict[str, Any], dict[str, Any
             f'or update; their updates were skipped and the last checkpoint ({mngr.latest_step()}) is the last finite '
             'state. Lower the learning rate, check the data and the initial weights, or raise '
             'config.max_nonfinite_steps.')
-    if 'grad_norm' in metrics:
-      zero_grad_streak = zero_grad_streak + 1 if float(jax.device_get(metrics['grad_norm'])) == 0.0 else 0
+    if 'grad_norm' in guards:
+      zero_grad_streak = zero_grad_streak + 1 if float(guards['grad_norm']) == 0.0 else 0
       if zero_grad_streak == sinks.collapse_steps:
         msg = (f'{stage.name}: the gradient norm has been exactly 0 for {zero_grad_streak} steps (step {step}): '
                'nothing is learned (no reward variance in any group, or a collapsed policy)')

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Any
 
+from grpo_jax.pipeline.workdir import write_text
+
 
 def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
   """The rows of <workdir>/metrics.jsonl (optionally of one stage), in order.
@@ -48,9 +50,7 @@ class MetricWriter:
       complete = f.read().endswith('\n')  # else a partial last line, which read_metrics left out: drop it too
     if len(keep) == len(rows) and complete:
       return
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in keep)
-    os.replace(self.path + '.tmp', self.path)
+    write_text(self.path, ''.join(json.dumps(r) + '\n' for r in keep))
 
   def write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
     if not self.active:

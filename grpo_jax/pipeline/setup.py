@@ -36,22 +36,22 @@ STAGES = ('sft', 'grpo')
 FORWARD_KNOBS = ('remat', 'logprob_chunk')
 
 
-def tokenizer_and_model_config(cfg) -> tuple[Any, ModelConfig]:
+def tokenizer_and_model_config(cfg, tokenizer=None) -> tuple[Any, ModelConfig]:
   """The embedded task's tokenizer and a model from config.model, or a local Hugging Face model's (model.path).
 
   A config that also writes the architecture out (configs/deepseekmath_7b.py) must agree with the model's
-  config.json.
+  config.json. `tokenizer` replaces the config's (a benchmark's own character set); the model is sized to it.
   """
   dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
   arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *dtypes, *FORWARD_KNOBS)}
   if cfg.model.path:
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path) if tokenizer is None else tokenizer
     model_cfg = dataclasses.replace(hf.read_config(cfg.model.path), **dtypes)
     differ = {k: (v, getattr(model_cfg, k)) for k, v in arch.items() if getattr(model_cfg, k) != v}
     if differ:
       raise ValueError(f'config.model and {cfg.model.path}/config.json disagree (config, checkpoint): {differ}')
   else:
-    tokenizer = build_tokenizer(vocabulary())
+    tokenizer = build_tokenizer(vocabulary()) if tokenizer is None else tokenizer
     model_cfg = ModelConfig(**{'vocab_size': len(tokenizer), **arch, **dtypes})
   if len(tokenizer) > model_cfg.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model embeds only {model_cfg.vocab_size}')
@@ -213,11 +213,8 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
   before_params(tokenizer, model_cfg): runs after the cheap checks and before any param is created or read,
     e.g. to refuse a workdir whose checkpoints do not match.
   """
-  if tokenizer is None:
-    tokenizer, model_cfg = tokenizer_and_model_config(cfg)
-  elif model_cfg is None:
-    arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *FORWARD_KNOBS)}
-    model_cfg = ModelConfig(**{'vocab_size': len(tokenizer), **arch})
+  if tokenizer is None or model_cfg is None:
+    tokenizer, model_cfg = tokenizer_and_model_config(cfg, tokenizer)
   splits = encode_splits(cfg, tokenizer) if data else {}
   if before_params is not None:
     before_params(tokenizer, model_cfg)

@@ -26,11 +26,16 @@ class WorkdirError(RuntimeError):
   pass
 
 
-def write_json(path: str, obj: Any, **kwargs) -> None:
+def write_text(path: str, text: str) -> None:
   """Atomically: a kill or a full disk mid-write leaves the old file or the new one, never a truncated one."""
   with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, **kwargs)
+    f.write(text)
   os.replace(path + '.tmp', path)
+
+
+def write_json(path: str, obj: Any, **kwargs) -> None:
+  """json.dump, atomically (write_text)."""
+  write_text(path, json.dumps(obj, **kwargs))
 
 
 def read_json(path: str) -> Any | None:
@@ -127,10 +132,7 @@ def record_config(workdir: str, config_json: str, changes: dict, *, resumed: boo
   """config.json := the run's config (atomically); a line in the history: when, started or resumed, what changed."""
   if not distributed.is_main_process():
     return
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config_json)
-  os.replace(path + '.tmp', path)
+  write_text(os.path.join(workdir, CONFIG_FILE), config_json)
   with open(os.path.join(workdir, HISTORY_FILE), 'a') as f:
     f.write(json.dumps({'time': _now(), 'event': 'resumed' if resumed else 'started',
                         'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
