@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from grpo_jax.data.numbers_task import hidden_score
 from grpo_jax.rewards.answers import extract_final_answer
 from grpo_jax.rewards.verifiers import VERIFIERS
 
@@ -70,8 +71,10 @@ def gsm8k_partial(completions: list[str], answers: list[str]) -> np.ndarray:
   return np.where(exact == 1.0, 1.0, partial).astype(np.float32)
 
 
+# 'numbers_hidden' is the non-verifiable task's hidden rater: registered for evaluation and for labelling reward-model
+# pairs; using it as rl.reward makes that task verifiable again, defeating its purpose.
 REWARDS: dict[str, RewardFn] = {'gsm8k_exact': gsm8k_exact, 'first_integer': first_integer,
-                                'gsm8k_partial': gsm8k_partial, **VERIFIERS}
+                                'gsm8k_partial': gsm8k_partial, 'numbers_hidden': hidden_score, **VERIFIERS}
 
 
 def score(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> tuple[np.ndarray, int]:
