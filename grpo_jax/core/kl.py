@@ -4,6 +4,8 @@ With r = pi_ref / pi_theta = exp(ref_logprobs - logprobs):
   k1 = -log r                  unbiased, high variance, can be negative
   k2 = (log r)^2 / 2           biased, low variance
   k3 = r - log r - 1           unbiased, low variance, always >= 0 (DeepSeekMath eq. 4; the default)
+
+exact_kl is the full-vocabulary value these estimate, for measuring rather than training.
 """
 from __future__ import annotations
 
@@ -33,6 +35,26 @@ def get_kl_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   if name not in KL_ESTIMATORS:
     raise ValueError(f'unknown KL estimator {name!r}; known: {sorted(KL_ESTIMATORS)}')
   return KL_ESTIMATORS[name]
+
+
+def exact_kl(logits: jax.Array, ref_logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """KL(softmax(logits) || softmax(ref_logits)) summed over the vocabulary, averaged over real tokens.
+
+  Args:
+    logits: [N, T, V] the policy's logits (any float dtype; computed in float32).
+    ref_logits: [N, T, V] the reference's logits at the same positions.
+    mask: [N, T] 1 for real tokens, 0 for padding.
+  Returns:
+    scalar float32: mean over masked-in positions of sum_v p log(p / q); 0 when no position is real.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  # 0 log(0 / q) = 0: without the where, a -inf policy logit facing a -inf reference one gives 0 * nan.
+  per_token = jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * (logp - logq), 0.0), axis=-1)  # [N, T]
+  mask = mask.astype(bool)
+  # where, not a product: padding's logits need not be finite, and nan * 0 is nan.
+  total = jnp.sum(jnp.where(mask, per_token, 0.0))
+  return total / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
 
 
 def adaptive_kl_beta(beta: jax.Array, kl: jax.Array, *, target: float, horizon: float, batch_size: int,

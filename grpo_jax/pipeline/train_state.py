@@ -52,20 +52,49 @@ def with_master_weights(inner: optax.GradientTransformation, dtype) -> optax.Gra
   is below half an ulp of any weight above ~0.01), and optax keeps Adam's second moment in the param dtype.
   So the master copy accumulates the updates, and the update returned moves the params onto master rounded
   to their dtype. Grads arrive in the param dtype and are upcast first.
+
+  update takes an optional lr_scale (see scaled_update), hence the ExtraArgs type: optax.chain passes it on.
   """
   def init(params):
     master = jax.tree.map(lambda p: p.astype(dtype), params)
     return MasterState(master, inner.init(master))
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, *, lr_scale: jax.Array | None = None):
     grads = jax.tree.map(lambda g: g.astype(dtype), grads)
     updates, inner_state = inner.update(grads, state.inner, state.master)
+    if lr_scale is not None:  # here, not on the returned move: the master copy must take the scaled step
+      updates = scale_updates(updates, lr_scale)
     master = optax.apply_updates(state.master, updates)
     # In `dtype`: rounded(master) - params is exact there, so apply_updates lands on rounded(master).
     to_master = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(dtype) - p.astype(dtype), master, params)
     return to_master, MasterState(master, inner_state)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def scale_updates(updates: optax.Updates, lr_scale: jax.Array) -> optax.Updates:
+  """updates * lr_scale (a scalar), computed in float32 at least and returned in each update's dtype."""
+  return jax.tree.map(lambda u: (u * lr_scale.astype(jnp.promote_types(u.dtype, jnp.float32))).astype(u.dtype),
+                      updates)
+
+
+def scaled_update(tx: optax.GradientTransformation, grads: optax.Updates, opt_state: optax.OptState,
+                  params: optax.Params, lr_scale: jax.Array | None = None) -> tuple[optax.Updates, optax.OptState]:
+  """tx.update with its learning rate multiplied by `lr_scale` (a scalar array; None: tx.update unchanged).
+
+  For make_optimizer's AdamW this is exactly a learning rate of lr_scale * lr: optax.adamw (0.2.8,
+  optax/_src/alias.py) is chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate), so the decoupled
+  weight decay is added before the -lr scaling and the whole update is linear in lr; the global-norm clip comes
+  before all of it, and no state (moments, schedule count) depends on lr. With master weights the scale goes
+  to the master copy's update (with_master_weights), not to the rounded move of the params onto it.
+  """
+  if lr_scale is None:
+    return tx.update(grads, opt_state, params)
+  lr_scale = jnp.asarray(lr_scale)
+  if isinstance(opt_state, MasterState):
+    return tx.update(grads, opt_state, params, lr_scale=lr_scale)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return scale_updates(updates, lr_scale), opt_state
 
 
 def split_trainable(params: nnx.State, trainable=None) -> tuple[nnx.State, tuple[nnx.State, ...]]:
@@ -102,6 +131,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
                     trainable=None):
   """jit(train_step(state, batch, hparams) -> (state, metrics)) with donated state and pinned shardings;
   activations follow `rules` (sharding.constrain). hparams: a dict of scalar arrays for loss_fn (replicated).
+  If it holds 'lr_scale', the optimizer's learning rate is multiplied by it this step (scaled_update): a KL
+  controller can move the lr without a recompile. loss_fn still gets all of hparams, 'lr_scale' included.
 
   grad_accum_steps = k > 1 splits each batch (leading axis B, divisible by k) into k micro-batches of B / k
   rows and scans over them inside the one jitted step, so only one micro-batch's activations are live; loss,
@@ -145,7 +176,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       (loss, metrics), grads = accumulated_grads_of(params, batch, hparams, frozen)
     else:
       (loss, metrics), grads = grads_of(params, batch, hparams, frozen)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
+    updates, opt_state = scaled_update(tx, grads, state.opt_state, params, hparams.get('lr_scale'))
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))  # bf16 grads: in fp32
     # A non-finite loss, gradient or update (an infinite learning rate) would poison the params and the Adam

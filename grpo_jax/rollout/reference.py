@@ -1,11 +1,14 @@
-"""The reference policy's forward: log pi_ref of sampled completions, jitted and sharded like the train step."""
+"""The reference policy's forward: log pi_ref of sampled completions (and the exact KL to it), jitted and sharded
+like the train step."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax.core.logprobs import sequence_logprobs
+from grpo_jax.core.kl import exact_kl
+from grpo_jax.core.logprobs import positions_from_mask, sequence_logprobs
 from grpo_jax.parallel import sharding
 
 
@@ -42,3 +45,30 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
 
   in_shardings = None if param_shardings is None else (param_shardings, *['batch'] * 4)
   return sharding.jit_sharded(logprobs_of, mesh, rules, in_shardings, where='make_sequence_logprobs_fn')
+
+
+def make_exact_kl_fn(graphdef: nnx.GraphDef, *, mesh: Mesh | None = None,
+                     rules: sharding.Rules = sharding.DEFAULT_RULES, param_shardings=None):
+  """jit-compiled fn(params, ref_params, prompt_tokens [n, p], prompt_mask, completion_tokens [n, c],
+  completion_mask) -> scalar float32: the exact KL(pi_params || pi_ref_params) over the full vocabulary,
+  averaged over the real completion tokens (core/kl.exact_kl). Both params merge with `graphdef` (with LoRA:
+  lora.merge_params for the policy, lora.base_params for the reference). Shardings as in
+  make_sequence_logprobs_fn, `param_shardings` serving both params trees.
+
+  A measurement, not a loss: it holds both models' [n, c, V] float32 completion logits at once, so call it on
+  as many rows as that fits.
+  """
+  def kl_of(params, ref_params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+    # The sequence, positions and logit slice of sequence_logprobs (unchunked): the same conditionals it scores.
+    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+    positions = positions_from_mask(mask)
+    p = prompt_tokens.shape[1]
+
+    def completion_logits(params):  # slot j's logits predict the token at slot j + 1: [n, c, V]
+      return nnx.merge(graphdef, params)(tokens, positions, mask)[:, p - 1:-1]
+
+    return exact_kl(completion_logits(params), completion_logits(ref_params), completion_mask)
+
+  in_shardings = None if param_shardings is None else (param_shardings, param_shardings, *['batch'] * 4)
+  return sharding.jit_sharded(kl_of, mesh, rules, in_shardings, where='make_exact_kl_fn')
