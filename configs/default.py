@@ -75,7 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.num_steps = 200  # GRPO steps (one rollout batch each)
+  c.rl.num_steps = 200  # GRPO steps in all (one rollout batch each), over all outer iterations
+  c.rl.num_iterations = 1  # I, outer iterations (DeepSeekMath Alg. 1), each of M = num_steps / I steps
+  c.rl.reset_reference = True  # each iteration starts with reference <- policy (the paper); False: SFT's throughout
   c.rl.num_prompts = 16  # questions per step
   c.rl.group_size = 8  # G, outputs per question (the paper: 64)
   c.rl.num_epochs = 1  # mu, passes over each rollout batch (pi_old fixed during them)
@@ -85,8 +87,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's)
   c.rl.kl_target = 0.0  # > 0: a controller moves beta toward this per-token KL (Ziegler et al. 2019); 0 = fixed beta
   c.rl.kl_horizon = 10000  # the controller's horizon in samples: larger moves beta more slowly
+  c.rl.kl_adapt = 'beta'  # what the controller moves: 'beta' | 'lr' (a scale on rl.lr's schedule)
+  c.rl.exact_kl_rows = 4  # rows per step whose KL to the reference is also computed exactly (full vocabulary); 0 = off
   c.rl.advantage = 'grpo'  # 'grpo' (std-scaled) | 'group_mean'
-  c.rl.reward = 'gsm8k_exact'  # registry name in grpo_jax/rewards/registry.py
+  c.rl.reward = 'gsm8k_exact'  # the rule reward: registry name in grpo_jax/rewards/registry.py
+  c.rl.reward_source = 'verifier'  # 'verifier' (rl.reward) | 'reward_model' (learned, config.reward_model) | 'mix'
+  c.rl.reward_mix = 0.5  # 'mix': reward = (1 - w) * rl.reward + w * sigmoid(reward-model score)
+  c.rl.supervision = 'outcome'  # 'outcome' (one reward per output) | 'process' (per step; DeepSeekMath 4.1.3)
+  c.rl.step_delimiter = '\n'  # process: a step ends at each token containing this; no delimiter = one step
+  c.rl.step_verifier = 'arithmetic'  # process: step rewards (grpo_jax/rewards/steps.py)
   c.rl.temperature = 1.0
   c.rl.top_k = 0  # 0 = off
   c.rl.top_p = 1.0  # 1.0 = off
@@ -97,6 +106,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.grad_clip = 1.0
   c.rl.grad_accum_steps = 1  # k micro-batches per minibatch, one update (live activations: one micro-batch's)
   c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
+
+  # The learned reward model (models/reward_model.py): the decoder with a scalar head, trained on comparisons before
+  # iteration 1 and again after each iteration (new comparisons plus replay). Built when rl.reward_source != 'verifier'.
+  c.reward_model = ml_collections.ConfigDict()
+  c.reward_model.path = ''  # '' = initialized from the SFT policy's backbone; or a local Hugging Face model directory
+  c.reward_model.preference_file = ''  # JSONL {"prompt", "chosen", "rejected"}: pairs for the first training
+  c.reward_model.label_samples = True  # compare the policy's own samples, the labeller's higher score preferred
+  c.reward_model.labeller = ''  # registry reward labelling them (the RM never sees it); '' = task.verifier
+  c.reward_model.num_prompts = 64  # train prompts sampled (G = rl.group_size each) for each (re)training
+  c.reward_model.pairs_per_prompt = 4  # comparisons drawn per prompt's group, at most
+  c.reward_model.heldout_fraction = 0.25  # of the new prompts (or file pairs): held out, the logged pairwise accuracy
+  c.reward_model.num_steps = 60  # updates per (re)training
+  c.reward_model.batch_size = 32  # comparisons per update
+  c.reward_model.replay_fraction = 0.1  # of each batch drawn from earlier iterations' comparisons (the paper: 10%)
+  c.reward_model.replay_capacity = 4096  # comparisons kept for replay (a uniform sample of all seen)
+  c.reward_model.lr = 3e-4
+  c.reward_model.warmup_steps = 0
+  c.reward_model.schedule = 'constant'
+  c.reward_model.weight_decay = 0.0
+  c.reward_model.grad_clip = 1.0
+  c.reward_model.grad_accum_steps = 1
+  c.reward_model.master_dtype = 'float32'
 
   c.lora = ml_collections.ConfigDict()  # low-rank adapters (grpo_jax/models/lora.py); the frozen base is the reference
   c.lora.rank = 0  # r; 0 = off: full fine-tuning
@@ -137,6 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A shaping reward with partial credit gives groups reward variance, so smoke/resume/sharding runs test the
     # policy-gradient path; task.verifier stays gsm8k_exact, so the reported accuracy is still exact.
     c.rl.reward = 'gsm8k_partial'
+    c.reward_model.num_prompts, c.reward_model.num_steps, c.reward_model.batch_size = 8, 4, 8
+    c.reward_model.labeller = 'gsm8k_partial'  # as rl.reward: exact answers never occur after 6 SFT steps
     c.eval.batch_size = 16
     c.checkpoint_every = 2
   elif arg:

@@ -82,11 +82,12 @@ def decode_records(sampler: Callable, params, split: TokenizedSplit, tokenizer, 
 
 def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
                 batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None,
-                keep_completions: bool = False, done: Sequence[str] = (),
+                keep_completions: bool = False, keep_scores: bool = False, done: Sequence[str] = (),
                 on_batch: Callable[[list[str]], None] | None = None) -> dict:
   """Greedy decoding of every example: accuracy (the fraction the verifier, default the reward, scores >= 1),
   mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample; with
-  keep_completions, also every completion and its score ('completions', 'correct').
+  keep_completions, also every completion and whether it is correct ('completions', 'correct'); with keep_scores,
+  each example's verifier score ('scores').
 
   Resuming (decode_records): `done` = the completions of the first batches, on_batch(completions so far).
   """
@@ -98,6 +99,8 @@ def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokeniz
          'reward_failures': failures, 'sample': texts[0]}
   if keep_completions:
     out.update(completions=texts, correct=[bool(c >= 1) for c in correct])
+  if keep_scores:
+    out['scores'] = [float(c) for c in correct]
   return out
 
 

@@ -1,15 +1,18 @@
 """The GRPO stage: each step samples G outputs per prompt from pi_old, scores them, turns rewards into group
 advantages, then runs mu epochs x minibatches of clipped updates with pi_old fixed (DeepSeekMath Alg. 1, inner
-loop). The math is in core/ (advantages, losses, kl, logprobs); experience collection in rollout/.
+loop). One stage is one outer iteration; run.py chains them. The math is in core/ (advantages, losses, kl,
+logprobs); experience collection in rollout/.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from grpo_jax.core.advantages import get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
@@ -19,10 +22,25 @@ from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline.loop import Stage
 from grpo_jax.pipeline.setup import Policy, Setup
-from grpo_jax.pipeline.train_state import TrainState, init_state, make_optimizer, make_train_step, state_shardings
-from grpo_jax.rollout.rollout import Rollout, collect_rollout
+from grpo_jax.pipeline.train_state import (
+  TrainState,
+  init_state,
+  learning_rate,
+  make_optimizer,
+  make_train_step,
+  state_shardings,
+)
+from grpo_jax.rewards.steps import get_step_verifier
+from grpo_jax.rollout.reference import make_exact_kl_fn
+from grpo_jax.rollout.rollout import Rollout, collect_rollout, process_supervision
+from grpo_jax.rollout.steps import delimiter_token_ids
 
 NAME = 'grpo'  # setup.STAGES[1]
+
+
+def stage_name(iteration: int, num_iterations: int) -> str:
+  """Checkpoint folder of outer iteration `iteration` (1-based): 'grpo' for a single iteration, else 'grpo_<k>'."""
+  return NAME if num_iterations == 1 else f'{NAME}_{iteration}'
 
 
 def loss_config(cfg) -> LossConfig:
@@ -32,9 +50,9 @@ def loss_config(cfg) -> LossConfig:
 
 
 def loss_hparams(cfg) -> dict[str, jax.Array]:
-  """The loss's values that may change between steps, at their start values, as arrays (a new value is not a
-  new compile): beta, which the KL controller moves when config.rl.kl_target > 0."""
-  return {'beta': jnp.asarray(cfg.rl.beta, jnp.float32)}
+  """The step's values that may change between steps, at their start values, as arrays (a new value is not a
+  new compile): beta and a scale on the learning rate, which the KL controller moves (rl.kl_adapt)."""
+  return {'beta': jnp.asarray(cfg.rl.beta, jnp.float32), 'lr_scale': jnp.asarray(1.0, jnp.float32)}
 
 
 def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
@@ -60,46 +78,103 @@ def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.A
   return state, mean
 
 
-def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
-  """GRPO from `params`, which are also the frozen reference (config.rl). State: {'policy': TrainState,
-  'reference': params, 'kl_controller': {'beta'}}; with LoRA no 'reference', the reference being the policy's
-  own frozen base."""
+def control_kl(controller: dict[str, jax.Array], kl: jax.Array, rl) -> dict[str, jax.Array]:
+  """The paper's 'measure the KL, then adjust': with rl.kl_target > 0 the step's measured KL to the reference
+  moves beta (up while the KL is above target) or the learning-rate scale (down while above), by Ziegler et al.'s
+  proportional rule; otherwise nothing changes."""
+  if not rl.kl_target > 0:
+    return controller
+  kw = dict(target=rl.kl_target, horizon=rl.kl_horizon, batch_size=rl.num_prompts * rl.group_size)
+  if rl.kl_adapt == 'beta':
+    return {**controller, 'beta': adaptive_kl_beta(controller['beta'], kl, **kw)}
+  return {**controller, 'lr_scale': controller['lr_scale'] / adaptive_kl_beta(1.0, kl, **kw)}
+
+
+def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
+               reference=None, learned_reward: Callable | None = None) -> Stage:
+  """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps from `params` (iteration 1) or
+  from `start` (the previous iteration's final {'policy': TrainState, 'kl_controller': ...}: optimizer state, lr
+  schedule and controller carry on). `reference`: the frozen reference's params (default `params`); with LoRA
+  the reference is the policy's frozen base. `learned_reward`: the reward model's scores(prompt_tokens,
+  prompt_mask, completion_tokens, completion_mask) -> [N], for rl.reward_source 'reward_model' / 'mix'.
+
+  State: {'policy': TrainState, 'reference': params (not with LoRA), 'kl_controller': {'beta', 'lr_scale'}}.
+  """
   cfg, rl, train = setup.cfg, setup.cfg.rl, setup.splits['train']
-  policy = setup.policy(name)
+  name = stage_name(iteration, rl.num_iterations)
+  steps_per_iteration = rl.num_steps // rl.num_iterations
+  offset = (iteration - 1) * steps_per_iteration  # data order and RNG run on across iterations
+  policy = setup.policy(NAME)
   tx = make_optimizer(rl, rl.num_steps, param_dtype=setup.model_cfg.param_dtype)
-  roles = {'kl_controller': loss_hparams(cfg)}  # saved with the checkpoints: a resumed run continues its beta
+  lr_at = learning_rate(rl, rl.num_steps)
+  trainable = None if policy.lora is None else lora.TRAINABLE
+  if start is None:
+    roles = {'kl_controller': loss_hparams(cfg)}  # saved with the checkpoints: a resumed run continues its beta
+    reference = params if reference is None else reference
+    if policy.lora is not None:  # the reference is the frozen base inside the policy's params: no copy
+      params = setup.with_adapters(NAME, params, policy, jax.random.fold_in(setup.rng, 1001))
+    state = init_state(params, tx, setup.mesh, setup.rules, trainable=trainable)
+  else:
+    roles, state = {'kl_controller': start['kl_controller']}, start['policy']
+    reference = state.params if reference is None else reference
   if policy.lora is None:
-    roles['reference'] = jax.tree.map(jnp.copy, params)  # frozen: the policy's params are donated each step
-  else:  # the reference is the frozen base inside the policy's params: no copy
-    params = setup.with_adapters(name, params, policy, jax.random.fold_in(setup.rng, 1001))
-  state = init_state(params, tx, setup.mesh, setup.rules, trainable=None if policy.lora is None else lora.TRAINABLE)
+    roles['reference'] = jax.tree.map(jnp.copy, reference)  # frozen: the policy's params are donated each step
   train_step = make_grpo_train_step(setup, policy, state, tx)
   train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
   advantage_fn = get_advantage_fn(rl.advantage)
+  exact_kl = None
+  if rl.exact_kl_rows:
+    exact_kl = make_exact_kl_fn(setup.graphdef, mesh=setup.mesh, rules=setup.rules,
+                                param_shardings=setup.param_shardings)
+    exact_kl = distributed.host_io(exact_kl, setup.batch_sharding, batch_argnums=(2, 3, 4, 5))
+  process = None
+  if rl.supervision == 'process':
+    process = dict(step_verifier=get_step_verifier(rl.step_verifier),
+                   delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter), warned=[False])
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
+    i = offset + i
     policy_state = state['policy']
     reference = state['reference'] if policy.lora is None else lora.base_params(policy_state.params)
     sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, i))
     prompts = train.take(batch_indices(len(train), rl.num_prompts, i, seed=cfg.seed, stream='grpo'))
-    rollout, stats = collect_rollout(policy.sampler, setup.reference_forward, policy_state.params, reference,
-                                     prompts, sample_rng, group_size=rl.group_size, tokenizer=setup.tokenizer,
-                                     reward_fn=setup.reward_fn, advantage_fn=advantage_fn, verifier=setup.verifier)
-    beta = state['kl_controller']['beta']
-    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, {'beta': beta},
+    rollout, stats = collect_rollout(
+        policy.sampler, setup.reference_forward, policy_state.params, reference, prompts, sample_rng,
+        group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
+        verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
+        reward_mix=rl.reward_mix)
+    if process is not None:
+      rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
+                                                step_verifier=process['step_verifier'],
+                                                delimiter_ids=process['delimiter_ids'])
+      stats.update(step_stats)
+      if not step_stats['delimiters'] and not process['warned'][0]:
+        process['warned'][0] = True
+        msg = (f'{name}: step {i}: no output of the batch contains rl.step_delimiter={rl.step_delimiter!r}: every '
+               'output is one step (process supervision reduces to outcome supervision); warned once')
+        logging.warning(msg)
+        distributed.print0(f'WARNING: {msg}')
+    if exact_kl is not None:  # pi_old against the reference over the whole vocabulary, on a few rows
+      rows = np.linspace(0, rollout.advantages.shape[0] - 1, rl.exact_kl_rows).astype(int)
+      stats['kl_exact'] = exact_kl(setup.merged(policy_state.params, policy), reference if policy.lora is None
+                                   else lora.base_params(policy_state.params),
+                                   *(np.asarray(x)[rows] for x in rollout[:4]))
+    controller = state['kl_controller']
+    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, controller,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
-    if rl.kl_target > 0:  # measure, then adjust: the step's KL to the reference moves beta for the next step
-      beta = adaptive_kl_beta(beta, metrics['kl'], target=rl.kl_target, horizon=rl.kl_horizon,
-                              batch_size=rl.num_prompts * rl.group_size)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=setup.reference_forward is not None,
                                 num_epochs=rl.num_epochs)
-    return ({**state, 'policy': policy_state, 'kl_controller': {'beta': beta}},
-            {**stats, **metrics, **work, 'beta': beta})
+    logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
+              'iteration': iteration}
+    return ({**state, 'policy': policy_state, 'kl_controller': control_kl(controller, metrics['kl'], rl)},
+            {**stats, **metrics, **work, **logged})
 
   def finish(state):
-    held_out = setup.evaluate(state['policy'].params, 'test', policy)
-    return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample']}
+    held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
+    return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample'],
+            'test_scores': held_out['scores'], 'iteration': iteration}
 
-  return Stage(name, rl.num_steps, {'policy': state, **roles}, step, finish, meta=setup.checkpoint_meta(policy))
+  return Stage(name, steps_per_iteration, {'policy': state, **roles}, step, finish,
+               meta=setup.checkpoint_meta(policy))

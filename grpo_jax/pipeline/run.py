@@ -1,4 +1,14 @@
-"""A training run: SFT warm-start, then GRPO, then the held-out comparison. The stages in order, composed here.
+"""A training run: SFT warm-start, then DeepSeekMath's iterative RL (Alg. 1), then the held-out comparison.
+The stages in order, composed here:
+
+  sft -> [reward_model_0] -> grpo_1 -> [reward_model_1] -> grpo_2 -> ... -> grpo_I
+
+Each outer iteration k is one GRPO stage ('grpo' when I = 1, else 'grpo_<k>'): it starts from the policy,
+optimizer and KL controller where iteration k - 1 left them, with the reference reset to that policy
+(rl.reset_reference). With a learned reward (rl.reward_source != 'verifier') the reward model is trained before
+iteration 1 on the SFT policy's comparisons, and again after each iteration but the last on the new policy's,
+with replay (pipeline/reward_model.py). Every stage's last checkpoint is kept, so <workdir>/checkpoints/grpo_<k>
+and reward_model_<k> together are iteration k's boundary, by role.
 
 `run(cfg, workdir)` is what `python -m grpo_jax.train` calls. Everything is checked before anything is built or
 written (the config, the data, the workdir's checkpoints), then each stage runs through the stage loop
@@ -12,28 +22,38 @@ import shutil
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
+from grpo_jax.data.numbers_task import win_rate
 from grpo_jax.models import hf
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline import checkpoint, grpo, sft, workdir as workdir_lib
+from grpo_jax.pipeline import checkpoint, grpo, reward_model, sft, workdir as workdir_lib
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
-from grpo_jax.pipeline.metrics import MetricWriter
-from grpo_jax.pipeline.setup import STAGES, Setup, build_setup, stage_lora
+from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
+from grpo_jax.pipeline.setup import Setup, build_setup, stage_lora
+
+
+def stage_folders(workdir: str) -> list[str]:
+  """The stages that have a checkpoint folder in `workdir` ('sft', 'grpo', 'grpo_2', 'reward_model_0', ...)."""
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
 
 
 def check_workdir(cfg, workdir: str, model_cfg) -> None:
   """Refuse a workdir whose checkpoints were trained with another model or LoRA config, or written in the layout
   before checkpoint items were named by role, before any param is built."""
-  for stage in STAGES:
+  for stage in stage_folders(workdir):
     mngr = checkpoint.manager(workdir, stage, max_to_keep=cfg.checkpoint_keep)
     meta = newest_readable_meta(mngr)
     if meta is None:
       continue
     where = f'{workdir}/checkpoints/{stage}'
     checkpoint.check_model_config(meta, dataclasses.asdict(model_cfg), where)
-    lora_cfg = stage_lora(cfg, stage)
+    if stage.startswith(reward_model.NAME):  # the reward model is never LoRA
+      continue
+    lora_cfg = stage_lora(cfg, grpo.NAME if stage.startswith(grpo.NAME) else stage)
     want = None if lora_cfg is None else lora_cfg.to_json()
     if meta.get('lora') != want:
       raise checkpoint.CheckpointError(
@@ -74,7 +94,7 @@ def _initial_eval(setup: Setup, workdir: str, is_main: bool) -> dict:
     saved = None
   if saved is not None:
     return saved
-  init_eval = setup.evaluate(setup.init_params, 'test')  # collective; every process gets the same numbers
+  init_eval = setup.evaluate(setup.init_params, 'test', keep_scores=True)  # collective: every process gets them
   if is_main:
     workdir_lib.write_json(path, init_eval)
   return init_eval
@@ -92,8 +112,57 @@ def _export(setup: Setup, params, workdir: str, is_main: bool) -> None:
   distributed.print0(f'exported the policy to {export_dir}')
 
 
-def _has_checkpoints(workdir: str, stage: str) -> bool:
-  return bool(checkpoint.manager(workdir, stage, max_to_keep=1_000_000).all_steps())
+def _has_checkpoints(workdir: str, prefix: str = '') -> bool:
+  """Whether any stage whose name starts with `prefix` has a checkpoint."""
+  return any(checkpoint.manager(workdir, stage, max_to_keep=1_000_000).all_steps()
+             for stage in stage_folders(workdir) if stage.startswith(prefix))
+
+
+def _mean_metric(workdir: str, stage: str, key: str) -> float | None:
+  values = [r[key] for r in read_metrics(workdir, stage) if key in r] if os.path.exists(
+      os.path.join(workdir, 'metrics.jsonl')) else []
+  values = [v for v in values if v == v]  # nan: a step with no pair to compare
+  return float(np.mean(values)) if values else None
+
+
+def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict], list[dict]]:
+  """Algorithm 1's outer loop. Returns (the last GRPO stage's state, each iteration's summary, each reward-model
+  (re)training's summary)."""
+  rl = setup.cfg.rl
+  learned = rl.reward_source != 'verifier'
+  rm = rm_state = buffer = None
+  rm_summaries, summaries = [], []
+
+  def train_reward_model(k, start_params, policy_params):
+    nonlocal rm_state, buffer
+    stage, new = reward_model.make_stage(setup, rm, k, {'reward_model': start_params, 'replay_buffer': buffer},
+                                         policy_params)
+    state, summary = run_stage(stage, sinks)
+    rm_state, buffer = state['reward_model'], reward_model.buffer_after(setup, state['replay_buffer'], new, k)
+    rm_summaries.append({'stage': stage.name, **summary})
+
+  if learned:
+    rm = reward_model.spec(setup)
+    buffer = reward_model.empty_buffer(setup)
+    train_reward_model(0, reward_model.init_params(setup, rm, sft_params), sft_params)
+  start = None
+  sft_reference = sft_params
+  for k in range(1, rl.num_iterations + 1):
+    # Iteration 1's reference is the SFT policy; later ones the policy as the iteration starts (the paper), or
+    # still the SFT policy (kept as iteration 1's frozen copy: sft_params' buffers were donated to training).
+    reference = sft_reference if k == 1 or not rl.reset_reference else None
+    stage = grpo.make_stage(setup, sft_params, iteration=k, start=start, reference=reference,
+                            learned_reward=None if rm is None else reward_model.learned_reward(rm, rm_state.params))
+    state, summary = run_stage(stage, sinks)
+    if 'reference' in state and k == 1:
+      sft_reference = state['reference']
+    start = {'policy': state['policy'], 'kl_controller': state['kl_controller']}
+    summaries.append({'iteration': k, 'stage': stage.name, **summary,
+                      'rm_agreement': _mean_metric(sinks.workdir, stage.name, 'rm_agreement'),
+                      'rm_heldout_accuracy': rm_summaries[-1]['heldout_accuracy'] if rm_summaries else None})
+    if learned and k < rl.num_iterations:
+      train_reward_model(k, rm_state, setup.merged(state['policy'].params, setup.policy(grpo.NAME)))
+  return state, summaries, rm_summaries
 
 
 def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict:
@@ -111,7 +180,7 @@ def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict:
 
 
 def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
-  trained = any(_has_checkpoints(workdir, stage) for stage in STAGES) or os.path.exists(
+  trained = _has_checkpoints(workdir) or os.path.exists(
       os.path.join(workdir, 'init_eval.json'))
   config_json = cfg.to_json_best_effort(indent=2)
   changes = workdir_lib.check_config(workdir, config_json, allow=allow_config_change, trained=trained)
@@ -141,24 +210,32 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
   else:  # RL straight from the loaded model (an SFT / instruct checkpoint), as in the paper
     sft_params = setup.init_params
     sft_summary = {'test_accuracy': init_eval['accuracy'], 'test_reward': init_eval['reward'], 'steps': 0,
-                   'wall_time': 0.0, 'sample': init_eval['sample']}
-  state, grpo_summary = run_stage(grpo.make_stage(setup, sft_params), sinks)
+                   'wall_time': 0.0, 'sample': init_eval['sample'], 'test_scores': init_eval.get('scores')}
+  state, iterations, rm_summaries = _iterations(setup, sft_params, sinks)
+  grpo_summary = iterations[-1]
   grpo_params = setup.merged(state['policy'].params, setup.policy(grpo.NAME))
   sinks.writer.close()
   if cfg.export_hf:
     _export(setup, grpo_params, workdir, is_main)
 
+  for it in iterations:  # the hidden rater's (or verifier's) head-to-head of each iteration's policy against SFT's
+    it['win_rate_vs_sft'] = (None if sft_summary.get('test_scores') is None else
+                             win_rate(np.asarray(it['test_scores']), np.asarray(sft_summary['test_scores'])))
+    del it['test_scores']
   summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft_summary['test_accuracy'],
              'grpo_accuracy': grpo_summary['test_accuracy'], 'sft_reward': sft_summary['test_reward'],
              'grpo_reward': grpo_summary['test_reward'], 'sft_steps': sft_summary['steps'],
-             'grpo_steps': grpo_summary['steps'], 'sft_wall_time': sft_summary['wall_time'],
-             'grpo_wall_time': grpo_summary['wall_time'], 'sft_sample': sft_summary['sample'],
-             'grpo_sample': grpo_summary['sample']}
+             'grpo_steps': sum(it['steps'] for it in iterations), 'sft_wall_time': sft_summary['wall_time'],
+             'grpo_wall_time': sum(it['wall_time'] for it in iterations), 'sft_sample': sft_summary['sample'],
+             'grpo_sample': grpo_summary['sample'], 'grpo_win_rate_vs_sft': grpo_summary['win_rate_vs_sft']}
+  if len(iterations) > 1 or rm_summaries:
+    summary.update(iterations=iterations, reward_model=rm_summaries,
+                   reward_model_wall_time=sum(r['wall_time'] for r in rm_summaries))
   if is_main:
     workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2)
   distributed.print0('\n' + _table([
       ('init', init_eval['accuracy'], init_eval['reward'], 0.0),
       ('sft', sft_summary['test_accuracy'], sft_summary['test_reward'], sft_summary['wall_time']),
-      ('grpo', grpo_summary['test_accuracy'], grpo_summary['test_reward'], grpo_summary['wall_time'])]))
+      *[(it['stage'], it['test_accuracy'], it['test_reward'], it['wall_time']) for it in iterations]]))
   distributed.print0(f'summary: {os.path.join(workdir, "summary.json")}')
   return summary

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from grpo_jax.data import numbers_task, tasks
 from grpo_jax.data.batches import TokenizedSplit, encode
 from grpo_jax.data.datasets import load_examples, load_jsonl
-from grpo_jax.data.tasks import generate_split, vocabulary
 from grpo_jax.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
 from grpo_jax.models import hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
@@ -51,7 +51,8 @@ def tokenizer_and_model_config(cfg, tokenizer=None) -> tuple[Any, ModelConfig]:
     if differ:
       raise ValueError(f'config.model and {cfg.model.path}/config.json disagree (config, checkpoint): {differ}')
   else:
-    tokenizer = build_tokenizer(vocabulary()) if tokenizer is None else tokenizer
+    words = (numbers_task if cfg.task.name == 'numbers' else tasks).vocabulary()
+    tokenizer = build_tokenizer(words) if tokenizer is None else tokenizer
     model_cfg = ModelConfig(**{'vocab_size': len(tokenizer), **arch, **dtypes})
   if len(tokenizer) > model_cfg.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model embeds only {model_cfg.vocab_size}')
@@ -67,7 +68,10 @@ def task_splits(task, seed: int) -> dict[str, list]:
   if task.name == 'arithmetic':
     gen = dict(seed=seed, min_steps=task.min_steps, max_steps=task.max_steps,
                start_range=tuple(task.start_range), change_range=tuple(task.change_range))
-    return {split: generate_split(split, task[f'num_{split}'], **gen) for split in ('train', 'val', 'test')}
+    return {split: tasks.generate_split(split, task[f'num_{split}'], **gen) for split in ('train', 'val', 'test')}
+  if task.name == 'numbers':  # no verifier: a hidden rater scores outputs, for reward-model labels and evaluation
+    return {split: numbers_task.generate_split(split, task[f'num_{split}'], seed=seed)
+            for split in ('train', 'val', 'test')}
   if task.name == 'jsonl':
     fields = dict(question_field=task.question_field, answer_field=task.answer_field,
                   solution_field=task.solution_field or None, answer_from_solution=task.answer_from_solution or None)
@@ -135,7 +139,7 @@ class Setup:
   init_params: nnx.State  # concrete, or shape/dtype structs (abstract=True)
   reward_fn: RewardFn  # config.rl.reward: what GRPO maximizes
   verifier: RewardFn  # config.task.verifier: what the reported accuracy counts
-  reference_forward: Callable | None  # log pi_ref of completions; None when rl.beta == 0 (no KL term)
+  reference_forward: Callable  # log pi_ref of completions: the KL penalty's, and the KL measured when beta = 0
   rng: jax.Array
   eos_ids: tuple[int, ...]  # tokens that end a completion (the samplers are built with them on first use)
   _policies: dict = dataclasses.field(default_factory=dict)
@@ -170,11 +174,14 @@ class Setup:
     return Policy(graphdef, lora_cfg, sharding.tree_shardings(params, self.mesh, self.rules), greedy_sampler,
                   sampler)
 
-  def evaluate(self, params, split: str, policy: Policy | None = None) -> dict[str, Any]:
-    """Greedy accuracy, mean reward and a sample completion of `split` (collective on several hosts)."""
+  def evaluate(self, params, split: str, policy: Policy | None = None, *, keep_scores: bool = False
+               ) -> dict[str, Any]:
+    """Greedy accuracy, mean reward and a sample completion of `split` (collective on several hosts); with
+    keep_scores, also each example's verifier score ('scores', for win rates)."""
     policy = policy or self.policy()
     return greedy_eval(policy.greedy_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
-                       batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier)
+                       batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier,
+                       keep_scores=keep_scores)
 
   def with_adapters(self, stage: str, params, policy: Policy, key: jax.Array) -> nnx.State:
     """params plus fresh adapters for a LoRA stage (A random, B zero: the model's function is unchanged)."""
@@ -231,13 +238,12 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
     graphdef, params = nnx.split(Transformer(model_cfg, nnx.Rngs(cfg.seed)), nnx.Param)
     param_shardings = sharding.tree_shardings(params, mesh, rules)
     params = jax.device_put(params, param_shardings)
-  reference_forward = None
-  if cfg.rl.beta > 0:  # the plain model: with LoRA, on the policy's own frozen base (adapters off), not a copy
-    rl = cfg.rl
-    reference_forward = make_sequence_logprobs_fn(
-        graphdef, param_shardings=param_shardings, mesh=mesh, rules=rules, chunk_size=cfg.model.logprob_chunk,
-        num_micro_batches=rl.num_minibatches * rl.grad_accum_steps)  # the train step's micro-batch size
-    reference_forward = distributed.host_io(reference_forward, batch_sharding, batch_argnums=(1, 2, 3, 4))
+  # Run also when beta = 0: the KL to the reference is measured every step (the paper's step 4). The plain model:
+  # with LoRA, on the policy's own frozen base (adapters off), not a copy.
+  reference_forward = make_sequence_logprobs_fn(
+      graphdef, param_shardings=param_shardings, mesh=mesh, rules=rules, chunk_size=cfg.model.logprob_chunk,
+      num_micro_batches=cfg.rl.num_minibatches * cfg.rl.grad_accum_steps)  # the train step's micro-batch size
+  reference_forward = distributed.host_io(reference_forward, batch_sharding, batch_argnums=(1, 2, 3, 4))
   return Setup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, splits=splits, mesh=mesh, rules=rules,
                sampler_rules=sampler_rules, batch_sharding=batch_sharding, graphdef=graphdef,
                param_shardings=param_shardings, init_params=params, reward_fn=get_reward_fn(cfg.rl.reward),

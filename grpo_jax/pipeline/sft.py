@@ -45,8 +45,9 @@ def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
     return {'policy': policy_state}, metrics
 
   def finish(state):
-    held_out = setup.evaluate(state['policy'].params, 'test', policy)
-    return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample']}
+    held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
+    return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample'],
+            'test_scores': held_out['scores']}
 
   def should_stop(metrics):
     return 'val_accuracy' in metrics and metrics['val_accuracy'] >= cfg.sft.target_accuracy

@@ -26,18 +26,27 @@ def make_optimizer(opt_cfg, total_steps: int, *, param_dtype='float32') -> optax
   copy of that dtype kept in the optimizer state (`with_master_weights`), so moments, clipping and the
   update all run in it.
   """
-  if opt_cfg.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps,
-                                            max(total_steps, opt_cfg.warmup_steps + 1), end_value=0.1 * opt_cfg.lr)
-  elif opt_cfg.schedule == 'constant':
-    lr = optax.warmup_constant_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps) if opt_cfg.warmup_steps else opt_cfg.lr
-  else:
-    raise ValueError(f"unknown schedule {opt_cfg.schedule!r}; known: 'cosine', 'constant'")
+  lr = _schedule(opt_cfg, total_steps)
   tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), optax.adamw(lr, weight_decay=opt_cfg.weight_decay))
   master = opt_cfg.master_dtype
   if master and jnp.dtype(param_dtype).itemsize < jnp.dtype(master).itemsize:
     tx = with_master_weights(tx, master)
   return tx
+
+
+def _schedule(opt_cfg, total_steps: int) -> optax.Schedule | float:
+  if opt_cfg.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps,
+                                              max(total_steps, opt_cfg.warmup_steps + 1), end_value=0.1 * opt_cfg.lr)
+  if opt_cfg.schedule == 'constant':
+    return optax.warmup_constant_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps) if opt_cfg.warmup_steps else opt_cfg.lr
+  raise ValueError(f"unknown schedule {opt_cfg.schedule!r}; known: 'cosine', 'constant'")
+
+
+def learning_rate(opt_cfg, total_steps: int) -> optax.Schedule:
+  """The schedule make_optimizer builds, as a function of the update count (for logging)."""
+  lr = _schedule(opt_cfg, total_steps)
+  return lr if callable(lr) else (lambda count: jnp.asarray(lr, jnp.float32))
 
 
 class MasterState(NamedTuple):

@@ -1,6 +1,7 @@
 """Experience for one GRPO step, in three parts: sample G outputs per prompt, score them, turn the scores
 into advantages. `collect_rollout` runs them in that order (with the reference forward in between) and returns
-the batch the loss reads.
+the batch the loss reads; `process_supervision` replaces its per-output advantages by per-token ones from step
+rewards.
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from grpo_jax.core.advantages import process_advantages
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import decode
 from grpo_jax.rewards.registry import RewardFn, score
+from grpo_jax.rewards.steps import StepVerifier
 from grpo_jax.rollout.sampling import Completions
+from grpo_jax.rollout.steps import step_boundaries, step_texts
+
+REWARD_SOURCES = ('verifier', 'reward_model', 'mix')
 
 
 class Rollout(NamedTuple):
@@ -25,7 +31,7 @@ class Rollout(NamedTuple):
   completion_mask: np.ndarray  # [N, c]
   old_logprobs: np.ndarray  # [N, c] log pi_old (the sampler's)
   ref_logprobs: np.ndarray  # [N, c] log pi_ref; when no reference runs, this is old_logprobs
-  advantages: np.ndarray  # [N]
+  advantages: np.ndarray  # [N] (outcome supervision) or [N, c] (process supervision)
 
 
 class Scores(NamedTuple):
@@ -58,14 +64,44 @@ def score_groups(texts: list[str], answers: list[str], reward_fn: RewardFn, veri
   return Scores(rewards, correct, failures)
 
 
+def combine_rewards(rule: np.ndarray, learned: np.ndarray | None, *, source: str, mix: float) -> np.ndarray:
+  """GRPO's reward [N] by config.rl.reward_source: the rule reward, the reward model's score, or
+  (1 - mix) * rule + mix * sigmoid(score) (the sigmoid puts the unbounded score on the rule reward's [0, 1])."""
+  if source == 'verifier':
+    return rule
+  if learned is None:
+    raise ValueError(f'reward_source={source!r} needs the reward model\'s scores')
+  if source == 'reward_model':
+    return learned.astype(np.float32)
+  if source == 'mix':
+    return ((1.0 - mix) * rule + mix / (1.0 + np.exp(-learned))).astype(np.float32)
+  raise ValueError(f'unknown reward source {source!r}; known: {REWARD_SOURCES}')
+
+
+def agreement(learned: np.ndarray, correct: np.ndarray, group_size: int) -> tuple[float, int]:
+  """How often the reward model ranks as the verifier does, on this rollout: over pairs of one group that the
+  verifier orders (correct [N] higher for one), the fraction where the reward model's score [N] is higher for
+  the same one; (nan, 0) when no group has such a pair. Reward hacking shows as this falling while reward rises."""
+  learned, correct = learned.reshape(-1, group_size), correct.reshape(-1, group_size)
+  ordered = correct[:, :, None] > correct[:, None, :]  # [P, G, G]: i preferred to j
+  n = int(ordered.sum())
+  if not n:
+    return float('nan'), 0
+  return float((ordered & (learned[:, :, None] > learned[:, None, :])).sum() / n), n
+
+
 def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params, ref_params,
                     prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
-                    advantage_fn: Callable, verifier: RewardFn | None = None) -> tuple[Rollout, dict[str, float]]:
+                    advantage_fn: Callable, verifier: RewardFn | None = None, learned_reward: Callable | None = None,
+                    reward_source: str = 'verifier', reward_mix: float = 0.5) -> tuple[Rollout, dict[str, float]]:
   """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages.
 
   ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N, c], or
   None (no KL term: the rollout's ref_logprobs are pi_old's). advantage_fn: rewards [P, G] -> [P, G].
-  Returns the Rollout and its statistics (reward, accuracy, group spread, lengths, sampling speed).
+  learned_reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N]: the reward model's
+  scores, combined with the rule reward as `reward_source` says (combine_rewards).
+  Returns the Rollout and its statistics (reward, accuracy, group spread, lengths, sampling speed; with a reward
+  model its mean score and its agreement with the verifier).
   """
   out, sample_time = sample_groups(sampler, params, prompts, rng, group_size=group_size)
   prompt_tokens = np.repeat(prompts.prompt_tokens, group_size, axis=0)  # [N, p], groups contiguous
@@ -79,11 +115,13 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
     ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, out.tokens, out.mask)
   answers = [a for a in prompts.answers for _ in range(group_size)]
   scores = score_groups(decode(tokenizer, tokens, mask), answers, reward_fn, verifier)
-  group_rewards = scores.rewards.reshape(-1, group_size)
+  learned = None if learned_reward is None else learned_reward(prompt_tokens, prompt_mask, tokens, mask)
+  rewards = combine_rewards(scores.rewards, learned, source=reward_source, mix=reward_mix)
+  group_rewards = rewards.reshape(-1, group_size)
   advantages = advantage_fn(group_rewards).reshape(-1)  # on device: queued after the reference
   rollout = Rollout(prompt_tokens, prompt_mask, tokens, mask, out.logprobs, ref_logprobs, advantages)
   stats = {
-      'reward': float(scores.rewards.mean()),
+      'reward': float(rewards.mean()),
       'accuracy': float((scores.correct >= 1).mean()),
       'reward_failures': scores.failures,  # verifier timeouts / errors, scored 0
       'reward_std_in_group': float(group_rewards.std(axis=-1).mean()),
@@ -92,4 +130,30 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
       'sample_time': sample_time,
       'sampled_tokens_per_s': float(mask.sum() / max(sample_time, 1e-9)),
   }
+  if learned is not None:
+    stats['rm_score'] = float(learned.mean())
+    stats['rm_agreement'], stats['rm_agreement_pairs'] = agreement(learned, scores.correct, group_size)
+    stats['rule_reward'] = float(scores.rewards.mean())
   return rollout, stats
+
+
+def process_supervision(rollout: Rollout, prompts: TokenizedSplit, tokenizer, *, group_size: int,
+                        step_verifier: StepVerifier, delimiter_ids: np.ndarray) -> tuple[Rollout, dict[str, float]]:
+  """The rollout with per-token process-supervision advantages [N, c] (DeepSeekMath 4.1.3) in place of the
+  outcome ones: each output is split into steps at tokens holding the delimiter (none: one step), the step
+  verifier scores each step, and core.advantages.process_advantages normalizes the step rewards over the group's
+  steps and sums, for each token, those of the steps ending at or after it. Also step statistics."""
+  tokens, mask = np.asarray(rollout.completion_tokens), np.asarray(rollout.completion_mask)
+  ends, step_mask = step_boundaries(tokens, mask, delimiter_ids)  # [N, S]
+  prompt_texts = decode(tokenizer, prompts.prompt_tokens, prompts.prompt_mask)
+  rewards = np.zeros(ends.shape, np.float32)
+  for n in range(tokens.shape[0]):
+    texts = step_texts(tokenizer, tokens[n], ends[n], step_mask[n])
+    rewards[n, :len(texts)] = step_verifier(prompt_texts[n // group_size], texts, prompts.answers[n // group_size])
+  shape = (-1, group_size, ends.shape[1])
+  advantages = process_advantages(rewards.reshape(shape), ends.reshape(shape), step_mask.reshape(shape),
+                                  num_tokens=tokens.shape[1]).reshape(tokens.shape[0], -1)
+  real = step_mask.astype(bool)
+  stats = {'steps_per_output': float(real.sum(1).mean()), 'step_reward': float(rewards[real].mean()),
+           'delimiters': int(np.isin(tokens, delimiter_ids)[mask.astype(bool)].sum())}
+  return rollout._replace(advantages=np.asarray(advantages)), stats
