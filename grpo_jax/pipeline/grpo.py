@@ -109,7 +109,10 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   lr_at = learning_rate(rl, rl.num_steps)
   trainable = None if policy.lora is None else lora.TRAINABLE
   if start is None:
-    roles = {'kl_controller': loss_hparams(cfg)}  # saved with the checkpoints: a resumed run continues its beta
+    # Saved with the checkpoints (a resumed run continues its beta), committed replicated on the mesh as the step's
+    # metrics are: a restored controller is committed, and mixing it with arrays on other devices is an error.
+    controller = jax.device_put(loss_hparams(cfg), jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
+    roles = {'kl_controller': controller}
     reference = params if reference is None else reference
     if policy.lora is not None:  # the reference is the frozen base inside the policy's params: no copy
       params = setup.with_adapters(NAME, params, policy, jax.random.fold_in(setup.rng, 1001))

@@ -61,6 +61,12 @@ def check_workdir(cfg, workdir: str, model_cfg) -> None:
           'full fine-tuning); use a fresh --workdir or the saved config')
 
 
+def _check_before_params(cfg, workdir: str, model_cfg) -> None:
+  check_workdir(cfg, workdir, model_cfg)
+  if cfg.rl.reward_source != 'verifier' and cfg.reward_model.path:
+    reward_model.check_path(cfg.reward_model.path, model_cfg)
+
+
 def newest_readable_meta(mngr) -> dict | None:
   """The meta of the newest checkpoint whose meta reads (the loop falls back past broken ones the same way); None
   without checkpoints. When there are checkpoints but none reads, the error names them."""
@@ -188,7 +194,7 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
     raise workdir_lib.WorkdirError(f'{workdir}: GRPO has started from the SFT policy, so changing {sorted(changes)} '
                                    'would need GRPO rerun from scratch; use a fresh --workdir')
   # Data and any existing checkpoint are validated before a param is created or a file written.
-  setup = build_setup(cfg, before_params=lambda tokenizer, model_cfg: check_workdir(cfg, workdir, model_cfg))
+  setup = build_setup(cfg, before_params=lambda tokenizer, model_cfg: _check_before_params(cfg, workdir, model_cfg))
   workdir_lib.record_config(workdir, config_json, changes, resumed=trained)
   is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files
   if is_main:

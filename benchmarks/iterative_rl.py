@@ -1,0 +1,121 @@
+"""The paper's whole algorithm on the embedded tasks: which of its parts change the result, over seeds.
+
+  python benchmarks/iterative_rl.py --seeds 0,1,2 --root /tmp/iterative_rl --out benchmarks/iterative_rl.jsonl
+
+Each seed trains SFT once (the 'I1' variant's run); every other arithmetic variant starts from a copy of that
+finished SFT stage (the stage loop skips a finished stage), so variants differ only in what they change. The
+variants (config overrides on configs/default.py, GRPO shortened to REPORT's steps):
+
+  I1          one iteration, verifier reward, beta 0.04 (the baseline)
+  I3          three outer iterations at the same total steps, reference reset each iteration (the paper)
+  I3_noreset  three iterations, the SFT reference throughout
+  rm          the learned reward model alone (trained on verifier-labelled comparisons), I = 1
+  mix         0.5 verifier + 0.5 sigmoid(reward model)
+  process     process supervision with the arithmetic step verifier
+  kl_adapt    beta moved toward rl.kl_target by the controller
+  numbers_I1 / numbers_I3   the non-verifiable task: GRPO on the reward model alone, the hidden rater's win rate
+
+Appends one JSON line per run to --out: the summary's numbers, wall time and the run's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+REPORT = ['--config.rl.num_steps=45', '--config.rl.beta=0.04', '--config.task.num_test=300']
+VARIANTS = {
+    'I1': [],
+    'I3': ['--config.rl.num_iterations=3'],
+    'I3_noreset': ['--config.rl.num_iterations=3', '--config.rl.reset_reference=False'],
+    'rm': ['--config.rl.reward_source=reward_model'],
+    'mix': ['--config.rl.reward_source=mix'],
+    'process': ['--config.rl.supervision=process'],
+    'kl_adapt': ['--config.rl.kl_target=0.0005'],
+}
+NUMBERS = ['--config.task.name=numbers', '--config.task.verifier=numbers_hidden', '--config.rl.reward=numbers_hidden',
+           '--config.rl.reward_source=reward_model', '--config.sft.max_steps=150', '--config.sft.target_accuracy=1.0',
+           '--config.rl.num_steps=45', '--config.rl.beta=0.04', '--config.task.num_test=300']
+NUMBERS_VARIANTS = {'numbers_I1': [], 'numbers_I3': ['--config.rl.num_iterations=3']}
+
+
+def train(workdir: str, args: list[str], log: str) -> tuple[int, float, float]:
+  """(exit status, wall seconds, peak RSS in MB) of one training process."""
+  cmd = [sys.executable, '-m', 'grpo_jax.train', '--config', os.path.join(ROOT, 'configs/default.py'),
+         '--workdir', workdir, *args]
+  start = time.perf_counter()
+  with open(log, 'w') as f:
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+  return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def copy_sft(src: str, dst: str) -> None:
+  """A workdir holding only src's finished SFT stage (and its initial evaluation, config record and metrics)."""
+  os.makedirs(os.path.join(dst, 'checkpoints'), exist_ok=True)
+  shutil.copytree(os.path.join(src, 'checkpoints', 'sft'), os.path.join(dst, 'checkpoints', 'sft'))
+  for name in ('init_eval.json', 'config.json', 'config_history.jsonl'):
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), dst)
+  with open(os.path.join(src, 'metrics.jsonl')) as f, open(os.path.join(dst, 'metrics.jsonl'), 'w') as g:
+    g.writelines(line for line in f if json.loads(line).get('stage') == 'sft')
+
+
+def record(out: str, row: dict) -> None:
+  with open(out, 'a') as f:
+    f.write(json.dumps(row) + '\n')
+  print(json.dumps({k: row[k] for k in ('variant', 'seed', 'status', 'sft_accuracy', 'grpo_accuracy',
+                                         'grpo_win_rate_vs_sft', 'wall_s', 'peak_rss_mb') if k in row}), flush=True)
+
+
+def run_one(root: str, out: str, variant: str, seed: int, args: list[str], sft_from: str | None) -> str:
+  workdir = os.path.join(root, f'seed{seed}', variant)
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  if sft_from:
+    copy_sft(sft_from, workdir)
+    args = [*args, '--allow_config_change=rl,reward_model']
+  status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log')
+  row = {'variant': variant, 'seed': seed, 'status': status, 'wall_s': wall, 'peak_rss_mb': rss}
+  summary_path = os.path.join(workdir, 'summary.json')
+  if status == 0 and os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    row.update({k: v for k, v in summary.items() if not k.endswith('_sample')})
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    grpo_rows = [r for r in rows if r['stage'].startswith('grpo')]
+    row['traces'] = {k: [r.get(k) for r in grpo_rows] for k in ('kl', 'kl_exact', 'beta', 'lr', 'reward',
+                                                               'rm_agreement')}
+  record(out, row)
+  return workdir
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--root', default='/tmp/iterative_rl')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'iterative_rl.jsonl'))
+  parser.add_argument('--variants', default=','.join([*VARIANTS, *NUMBERS_VARIANTS]))
+  a = parser.parse_args()
+  wanted = a.variants.split(',')
+  for seed in map(int, a.seeds.split(',')):
+    base = run_one(a.root, a.out, 'I1', seed, REPORT, None)
+    for name, args in VARIANTS.items():
+      if name != 'I1' and name in wanted:
+        run_one(a.root, a.out, name, seed, [*REPORT, *args], base)
+    numbers_base = None
+    for name, args in NUMBERS_VARIANTS.items():
+      if name in wanted:
+        workdir = run_one(a.root, a.out, name, seed, [*NUMBERS, *args], numbers_base)
+        numbers_base = numbers_base or workdir
+
+
+if __name__ == '__main__':
+  main()
