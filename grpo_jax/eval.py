@@ -35,7 +35,8 @@ from grpo_jax.data.batches import encode
 from grpo_jax.data.datasets import load_examples
 from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k
+from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k, policy_stages
 from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.registry import get_reward_fn
 from grpo_jax.rollout.sampling import make_sampler
@@ -47,7 +48,7 @@ BENCHMARKS = {'gsm8k': ('test', 'gsm8k', 'GSM8K'), 'math500': ('test', 'math', '
 FLAGS = flags.FLAGS
 SETTINGS = ('model', 'workdir', 'datasets', 'source_dir', 'limit', 'maj_k', 'temperature', 'top_p', 'batch_size',
             'max_prompt_len', 'max_new_tokens', 'prompt_template', 'chat', 'dtype', 'output', 'seed',
-            'save_completions', 'skip_long_prompts')  # in eval.json
+            'save_completions', 'skip_long_prompts', 'iteration')  # in eval.json
 
 
 def define_flags() -> None:
@@ -55,6 +56,8 @@ def define_flags() -> None:
   some of the same names (--workdir, --model, ...) with other meanings, and one process may import them all."""
   flags.DEFINE_string('model', None, 'Local Hugging Face model directory.')
   flags.DEFINE_string('workdir', None, "A training workdir: evaluates its latest checkpoint's policy.")
+  flags.DEFINE_integer('iteration', None, "With --workdir: the policy at the end of this outer iteration of iterative "
+                       'RL (checkpoints/grpo_<k>; 0 = the SFT policy) instead of the last one.')
   flags.DEFINE_list('datasets', ['gsm8k', 'math500', 'cmath'], f'Any of {sorted(BENCHMARKS)}.')
   flags.DEFINE_string('source_dir', None, 'Read one dataset from this directory instead of data/.')
   flags.DEFINE_integer('limit', None, 'Evaluate only the first N problems of each dataset.')
@@ -177,13 +180,21 @@ def main(argv):
     raise app.UsageError(f'unknown datasets {unknown}; known: {sorted(BENCHMARKS)}')
   if (FLAGS.model is None) == (FLAGS.workdir is None):
     raise app.UsageError('give exactly one of --model and --workdir')
+  if FLAGS.iteration is not None:
+    if FLAGS.workdir is None:
+      raise app.UsageError('--iteration needs --workdir')
+    try:
+      policy_stages(FLAGS.workdir, FLAGS.iteration)  # a missing iteration fails before anything is loaded
+    except checkpoint.CheckpointError as e:
+      raise app.UsageError(str(e)) from None
   if FLAGS.batch_size % jax.device_count():
     raise app.UsageError(f'--batch_size={FLAGS.batch_size} must divide by the {jax.device_count()} devices')
   if FLAGS.maj_k and max(1, FLAGS.batch_size // FLAGS.maj_k) % jax.device_count():
     raise app.UsageError(f'maj@k decodes --batch_size // --maj_k = {max(1, FLAGS.batch_size // FLAGS.maj_k)} '
                          f'prompts at a time, which must divide by the {jax.device_count()} devices')
   main_process = distributed.is_main_process()  # the one with progress bars, prints and files
-  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, 'eval.json')
+  name = 'eval.json' if FLAGS.iteration is None else f'eval_iteration{FLAGS.iteration}.json'
+  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, name)
   partial = output + '.partial.json'
   settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
   key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}
@@ -227,7 +238,7 @@ def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
               for name in names}
   tokenizer_dir = FLAGS.model or os.path.join(FLAGS.workdir, 'tokenizer')
   graphdef, params, _, tokenizer = load_policy(model_dir=FLAGS.model, workdir=FLAGS.workdir, dtype=FLAGS.dtype,
-                                               mesh=mesh)
+                                               mesh=mesh, iteration=FLAGS.iteration)
   common = dict(max_new_tokens=FLAGS.max_new_tokens, eos_id=stop_token_ids(tokenizer, tokenizer_dir),
                 pad_id=tokenizer.pad_token_id, mesh=mesh,
                 param_shardings=jax.tree.map(lambda x: x.sharding, params))

@@ -173,3 +173,19 @@ def test_iterations_without_reference_reset_equal_one_iteration(tmp_path):
   assert len(rows(one)) == 4 and rows(one) == rows(two)
   a, b = summary_without_wall(one), summary_without_wall(two)
   assert (a['grpo_accuracy'], a['grpo_reward']) == (b['grpo_accuracy'], b['grpo_reward'])
+
+
+def test_eval_loads_the_policy_of_a_chosen_iteration(iterative_run):
+  from grpo_jax.pipeline.evaluate import load_policy, policy_stages
+  workdir, _ = iterative_run
+  assert policy_stages(str(workdir)) == ('grpo_3', 'grpo_2', 'grpo_1', 'grpo', 'sft')
+  for k, stage in ((0, 'sft'), (2, 'grpo_2'), (None, 'grpo_3')):
+    _, params, _, _ = load_policy(workdir=str(workdir), iteration=k)
+    for a, b in zip(_leaves(params), _leaves(_restore(workdir, stage, 'policy')['params']), strict=True):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint of outer iteration 7; it has iterations '
+                     r'\[1, 2, 3\]'):
+    policy_stages(str(workdir), 7)
+  proc = subprocess.run(['python', '-m', 'grpo_jax.eval', f'--workdir={workdir}', '--iteration=7'], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and 'no checkpoint of outer iteration 7' in proc.stderr

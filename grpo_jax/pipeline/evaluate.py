@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -172,11 +173,35 @@ def _abstract_adapters(abstract_params, model_config: dict[str, Any], lora_cfg: 
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), adapters, shardings)
 
 
-def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dtype: str = 'float32', mesh=None):
+def policy_stages(workdir: str, iteration: int | None = None) -> tuple[str, ...]:
+  """The checkpoint folders to read a workdir's policy from, in order of preference.
+
+  Default: the last outer iteration's GRPO ('grpo_<I>', or 'grpo' for a single iteration), else SFT. With
+  `iteration` k: that iteration's end ('grpo_<k>'; 'grpo' is iteration 1 of a single-iteration run); 0 is SFT.
+  """
+  root = os.path.join(workdir, 'checkpoints')
+  present = set(os.listdir(root)) if os.path.isdir(root) else set()
+  numbered = sorted(int(s.split('_')[1]) for s in present if re.fullmatch(r'grpo_\d+', s))
+  if iteration is None:
+    return (*[f'grpo_{k}' for k in reversed(numbered)], 'grpo', 'sft')
+  if iteration == 0:
+    return ('sft',)
+  if f'grpo_{iteration}' in present:
+    return (f'grpo_{iteration}',)
+  if iteration == 1 and 'grpo' in present:
+    return ('grpo',)
+  have = numbered or ([1] if 'grpo' in present else [])
+  raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of outer iteration {iteration}; it has '
+                                   f'iterations {have} (0 = SFT)')
+
+
+def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dtype: str = 'float32', mesh=None,
+                iteration: int | None = None):
   """(graphdef, params, model_config, tokenizer) from a Hugging Face directory or a training workdir.
 
-  A workdir gives the params of its latest checkpoint (GRPO, else SFT), the model config saved with it and the
-  tokenizer the run saved in <workdir>/tokenizer.
+  A workdir gives the params of its latest checkpoint (the last iteration's GRPO, else SFT; or outer iteration
+  `iteration`'s, see policy_stages), the model config saved with it and the tokenizer the run saved in
+  <workdir>/tokenizer.
   """
   if (model_dir is None) == (workdir is None):
     raise ValueError('give exactly one of a model directory and a training workdir')
@@ -196,7 +221,7 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
   abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_params, shardings)
   if workdir is not None:
-    params, stage, step = restore_params(workdir, abstract_params, saved)
+    params, stage, step = restore_params(workdir, abstract_params, saved, stages=policy_stages(workdir, iteration))
     distributed.print0(f'loaded {workdir}: {stage} checkpoint, step {step}')
   else:
     params = hf.load_params(model_dir, model_cfg, dtype=model_cfg.param_dtype, shardings=shardings)
