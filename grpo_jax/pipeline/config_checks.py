@@ -157,9 +157,8 @@ def _check_iterations(cfg) -> None:
 
 
 def _check_reward_model(cfg) -> None:
-  """config.reward_model, read when rl.reward_source is 'reward_model' or 'mix'."""
-  if cfg.rl.reward_source == 'verifier':
-    return
+  """config.reward_model: its values always (a typo is caught before the run that reads them), its files and the
+  source of its comparisons when rl.reward_source is 'reward_model' or 'mix'."""
   rm = cfg.reward_model
   for key in ('num_prompts', 'pairs_per_prompt', 'num_steps', 'batch_size', 'replay_capacity', 'grad_accum_steps'):
     _int_at_least(cfg, f'reward_model.{key}', 1)
@@ -171,14 +170,16 @@ def _check_reward_model(cfg) -> None:
   if rm.batch_size % rm.grad_accum_steps:
     raise ValueError(f'config.reward_model.grad_accum_steps={rm.grad_accum_steps} must divide reward_model.batch_size='
                      f'{rm.batch_size}')
+  if rm.labeller and rm.labeller not in REWARDS:
+    raise ValueError(f'config.reward_model.labeller={rm.labeller!r} is unknown; known: {sorted(REWARDS)} or \'\'')
+  if cfg.rl.reward_source == 'verifier':
+    return
   if not rm.label_samples and not rm.preference_file:
     raise ValueError(f'config.rl.reward_source={cfg.rl.reward_source!r} needs comparisons to train the reward model '
                      'on: set config.reward_model.label_samples=True (task.verifier labels the policy\'s samples) or '
                      'config.reward_model.preference_file')
   if rm.preference_file:
     load_preference_jsonl(rm.preference_file)  # a missing, empty or malformed file fails here, file and line named
-  if rm.labeller and rm.labeller not in REWARDS:
-    raise ValueError(f'config.reward_model.labeller={rm.labeller!r} is unknown; known: {sorted(REWARDS)} or \'\'')
   _check_model_path(rm.path, 'config.reward_model.path')
 
 
