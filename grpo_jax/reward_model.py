@@ -15,43 +15,16 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline import reward_model, workdir as workdir_lib
-from grpo_jax.pipeline.config_checks import check_config, parse_flags
-from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
-from grpo_jax.pipeline.metrics import MetricWriter
-from grpo_jax.pipeline.setup import build_setup
+from grpo_jax.pipeline import reward_model
+from grpo_jax.pipeline.config_checks import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the result go.')
 _PREFERENCES = flags.DEFINE_string('preferences', None, 'Preference pairs, JSONL: {"prompt", "chosen", "rejected"}.')
-
-
-def train(cfg, workdir: str) -> dict:
-  """Train the reward model of `cfg` on cfg.reward_model.preference_file in `workdir`; returns the result."""
-  distributed.use_cpu_devices(cfg.cpu_devices)
-  check_config(cfg, jax.device_count())  # the preference file is read here: a bad line fails in a second
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir):
-    setup = build_setup(cfg, data=False, before_params=lambda tokenizer, model_cfg: (
-        reward_model.check_path(cfg.reward_model.path, model_cfg) if cfg.reward_model.path else None))
-    rm = reward_model.spec(setup)
-    buffer = reward_model.empty_buffer(setup)
-    stage, _ = reward_model.make_stage(setup, rm, 0, {
-        'reward_model': reward_model.init_params(setup, rm, setup.init_params), 'replay_buffer': buffer}, None)
-    sinks = Sinks(workdir, MetricWriter(workdir, active=distributed.is_main_process()), Interrupt(),
-                  log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, checkpoint_keep=cfg.checkpoint_keep,
-                  compute_dtype=cfg.model.dtype, max_nonfinite_steps=cfg.max_nonfinite_steps)
-    _, summary = run_stage(stage, sinks)
-    sinks.writer.close()
-    result = {'preference_file': cfg.reward_model.preference_file, **summary}
-    if distributed.is_main_process():
-      workdir_lib.write_json(os.path.join(workdir, 'reward_model.json'), result, indent=2)
-  return result
 
 
 def main(argv):
@@ -64,7 +37,7 @@ def main(argv):
   cfg.reward_model.label_samples = False  # pairs from the file only: there is no policy to sample
   cfg.rl.reward_source = 'reward_model'  # so the config checks read config.reward_model
   try:
-    result = train(cfg, _WORKDIR.value)
+    result = reward_model.train_alone(cfg, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f'grpo_jax.reward_model: {e}') from None
   distributed.print0(json.dumps({k: result[k] for k in ('heldout_accuracy_before', 'heldout_accuracy', 'train_pairs',

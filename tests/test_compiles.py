@@ -104,8 +104,8 @@ def test_the_kl_controller_moves_beta_toward_the_target_without_recompiling():
     (state, metrics), n = count_compiles(lambda: stage.step(state, i))  # noqa: B023
     per_step.append(n)
     rows.append((float(metrics['kl']), float(metrics['beta'])))
-  betas = [cfg.rl.beta] + [b for _, b in rows]
+  assert rows[0][1] == np.float32(cfg.rl.beta)  # each row logs the beta its step used (a float32 array)
+  betas = [b for _, b in rows] + [float(state['kl_controller']['beta'])]  # the checkpointed role: the next step's
   for (kl, _), before, after in zip(rows, betas[:-1], betas[1:], strict=True):
     assert (after > before) == (kl > cfg.rl.kl_target), (kl, before, after)  # up above the target, down below
   assert per_step[2:] == [0, 0, 0], per_step  # beta is an argument of the step, not a constant in it
-  assert float(state['kl_controller']['beta']) == rows[-1][1]  # the checkpointed role carries it

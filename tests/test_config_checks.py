@@ -179,7 +179,7 @@ def test_jsonl_task_files_must_exist(tmp_path):
 @pytest.mark.parametrize('overrides, match', [
     (dict(kl_target=-0.1), 'kl_target must be >= 0'),
     (dict(kl_horizon=0), 'kl_horizon > 0'),
-    (dict(kl_target=0.01, beta=0.0), r'kl_target=0.01 needs config.rl.beta > 0'),
+    (dict(kl_target=0.01, beta=0.0), r"kl_target=0.01 with rl.kl_adapt='beta' needs config.rl.beta > 0"),
 ])
 def test_kl_controller_settings_are_checked(overrides, match):
   cfg = _get('tiny')

@@ -56,11 +56,11 @@ def test_param_and_optimizer_bytes_are_the_arithmetic(tiny_plan):
   assert report['resident']['reference params'] == params
   # The compiled train step takes exactly that state (+ the int32 step), this device's share of the minibatch (8 rows
   # over data x fsdp = 4 -> 2 rows of 4 int32 token / mask arrays, 2 float32 logprob arrays, advantages) and the
-  # float32 beta, an argument so that a KL controller can change it without a recompile.
+  # float32 beta and lr_scale, arguments so that a KL controller can change them without a recompile.
   p, c = report['step']['prompt_len'], report['step']['completion_len']
   batch = 2 * (2 * p + 2 * c) * 4 + 2 * (2 * c) * 4 + 2 * 4
   step = report['phases']['train_step']
-  assert step['arguments'] == params + (2 * params + 4) + 4 + batch + 4
+  assert step['arguments'] == params + (2 * params + 4) + 4 + batch + 4 + 4
   assert step['aliased'] == params + 2 * params + 4 + 4  # the donated state comes back in place
   assert step['temporaries'] > 0 and report['phases']['sampler']['temporaries'] > 0
   assert report['fits'] and report['peak_bytes'] < 2**30
@@ -116,7 +116,8 @@ def test_unsharded_dims_and_unknown_logical_axis_without_devices():
 
 
 def test_deepseekmath_7b_totals():
-  # Compiled with 1 and 2 layers, extrapolated to 30; beta 0 skips the reference forward's compile (time).
+  # Compiled with 1 and 2 layers, extrapolated to 30. The reference forward runs also at beta 0 (the KL to the
+  # reference is measured every step), so it is a phase of its own.
   proc = run_plan(f'--config={REPO}/configs/deepseekmath_7b.py', '--num_devices=8', '--device_kind=TPU v5p',
                   '--num_layers=1', '--config.rl.beta=0', '--json')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,8 +127,9 @@ def test_deepseekmath_7b_totals():
   assert '6.910B params' in proc.stdout and 'extrapolated linearly to 30 layers' in proc.stdout
   norms = 61 * 4096
   assert report['resident']['policy params'] == ((params - norms) // 8 + norms) * 4  # fsdp=8, float32
-  assert set(report['phases']) == {'sampler', 'train_step'}
-  for phase in report['phases'].values():
+  assert set(report['phases']) == {'sampler', 'reference_forward', 'train_step'}
+  for name in ('sampler', 'train_step'):
+    phase = report['phases'][name]
     assert phase['temporaries_per_layer'] > 0 and phase['total'] > report['resident']['policy params']
   # 1024 rows x 1536 tokens, no remat or minibatches: the train step's activations cannot fit 95 GiB.
   assert not report['fits'] and report['peak_phase'] == 'train_step'

@@ -209,10 +209,10 @@ def check_config(cfg, num_devices: int) -> None:
   _check_memory_knobs(cfg)
   _check_runtime_knobs(cfg)
   _check_lora(cfg.lora)
-  _check_iterations(cfg)
-  _check_reward_model(cfg)
   if cfg.rl.group_size < 2:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
+  _check_iterations(cfg)
+  _check_reward_model(cfg)
   if not 0 < cfg.rl.clip_eps < 1:
     raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
   if cfg.rl.beta < 0:
@@ -257,7 +257,6 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   data_parallel = math.prod(sizes[a] for a in rules.mesh_axes('batch'))
   checked = {'eval.batch_size': cfg.eval.batch_size,
              'rl.num_prompts': cfg.rl.num_prompts,  # the sampler shards prompts before the group repeat
-             'rl.exact_kl_rows': cfg.rl.exact_kl_rows,
              'rl minibatch': batches['rl'], 'rl rollout': rollout_size, 'rl micro-batch': micro['rl']}
   if cfg.rl.reward_source != 'verifier':
     checked.update({'reward_model.num_prompts': cfg.reward_model.num_prompts,

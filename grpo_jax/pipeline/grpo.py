@@ -6,6 +6,7 @@ logprobs); experience collection in rollout/.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,9 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
   advantage_fn = get_advantage_fn(rl.advantage)
   exact_kl = None
+  # Rounded up to whole rows per data-parallel device, as every batch the mesh shards.
+  data_parallel = math.prod(setup.mesh.shape[a] for a in setup.rules.mesh_axes('batch'))
+  exact_kl_rows = min(-(-rl.exact_kl_rows // data_parallel) * data_parallel, rl.num_prompts * rl.group_size)
   if rl.exact_kl_rows:
     exact_kl = make_exact_kl_fn(setup.graphdef, mesh=setup.mesh, rules=setup.rules,
                                 param_shardings=setup.param_shardings)
@@ -159,10 +163,10 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
         logging.warning(msg)
         distributed.print0(f'WARNING: {msg}')
     if exact_kl is not None:  # pi_old against the reference over the whole vocabulary, on a few rows
-      rows = np.linspace(0, rollout.advantages.shape[0] - 1, rl.exact_kl_rows).astype(int)
-      stats['kl_exact'] = exact_kl(setup.merged(policy_state.params, policy), reference if policy.lora is None
-                                   else lora.base_params(policy_state.params),
-                                   *(np.asarray(x)[rows] for x in rollout[:4]))
+      rows = np.linspace(0, rollout.advantages.shape[0] - 1, exact_kl_rows).astype(int)
+      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
+                                                                                   policy.lora.scale)
+      stats['kl_exact'] = exact_kl(merged, reference, *(np.asarray(x)[rows] for x in rollout[:4]))
     controller = state['kl_controller']
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, controller,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)

@@ -12,6 +12,7 @@ State: {'reward_model': TrainState, 'replay_buffer': the buffer before this stag
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,8 +35,11 @@ from grpo_jax.models import hf
 from grpo_jax.models.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
 from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline.loop import Stage
-from grpo_jax.pipeline.setup import Setup
+from grpo_jax.pipeline import workdir as workdir_lib
+from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.loop import Interrupt, Sinks, Stage, run_stage
+from grpo_jax.pipeline.metrics import MetricWriter
+from grpo_jax.pipeline.setup import Setup, build_setup
 from grpo_jax.pipeline.train_state import TrainState, init_state, make_optimizer, make_train_step, state_shardings
 from grpo_jax.rewards.registry import get_reward_fn, score
 
@@ -216,3 +220,27 @@ def learned_reward(rm: RewardModelSpec, params) -> Callable:
     return np.asarray(rm.score(params, *as_rows(prompt_tokens, prompt_mask, completion_tokens, completion_mask)),
                       np.float32)
   return scores
+
+
+def train_alone(cfg, workdir: str) -> dict:
+  """`python -m grpo_jax.reward_model`: train the reward model of `cfg` on cfg.reward_model.preference_file alone
+  (no policy, no GRPO) in `workdir`, resumable; returns the stage summary (held-out accuracy before and after)."""
+  distributed.use_cpu_devices(cfg.cpu_devices)
+  check_config(cfg, jax.device_count())  # the preference file is read here: a bad line fails in a second
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir):
+    setup = build_setup(cfg, data=False, before_params=lambda tokenizer, model_cfg: (
+        check_path(cfg.reward_model.path, model_cfg) if cfg.reward_model.path else None))
+    rm = spec(setup)
+    buffer = empty_buffer(setup)
+    stage, _ = make_stage(setup, rm, 0, {
+        'reward_model': init_params(setup, rm, setup.init_params), 'replay_buffer': buffer}, None)
+    sinks = Sinks(workdir, MetricWriter(workdir, active=distributed.is_main_process()), Interrupt(),
+                  log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, checkpoint_keep=cfg.checkpoint_keep,
+                  compute_dtype=cfg.model.dtype, max_nonfinite_steps=cfg.max_nonfinite_steps)
+    _, summary = run_stage(stage, sinks)
+    sinks.writer.close()
+    result = {'preference_file': cfg.reward_model.preference_file, **summary}
+    if distributed.is_main_process():
+      workdir_lib.write_json(os.path.join(workdir, 'reward_model.json'), result, indent=2)
+  return result
