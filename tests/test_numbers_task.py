@@ -93,7 +93,8 @@ def test_bad_arguments_raise(kwargs, match):
   ('10 13 15 17', 0.25),
   ('10 99 11 98', 0.5),  # both bounds are inside the range
   ('  10 12 13 15\n', 0.5),  # surrounding whitespace is allowed
-  ('10 10 10 10', 1.0),  # repeats are not checked: the rater only asks for count, range and parity
+  ('10 10 10 10', 0.0),  # repeats: not well-formed (the SFT data's numbers are distinct; a repeated even number
+  ('10 12 10 14', 0.0),  # would otherwise score 1 with no preference learned)
   ('10 12 14', 0.0),  # too few
   ('10 12 14 16 18', 0.0),  # too many
   ('10 12 14 100', 0.0),  # above hi

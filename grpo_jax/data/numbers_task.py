@@ -106,7 +106,7 @@ def _score_one(completion: str, count: int, lo: int, hi: int) -> float:
   if not _WELL_FORMED.fullmatch(text):
     return 0.0
   numbers = [int(t) for t in text.split(' ')]
-  if len(numbers) != count or not all(lo <= n <= hi for n in numbers):
+  if len(numbers) != count or len(set(numbers)) != count or not all(lo <= n <= hi for n in numbers):
     return 0.0
   return sum(n % 2 == 0 for n in numbers) / count
 
@@ -114,8 +114,9 @@ def _score_one(completion: str, count: int, lo: int, hi: int) -> float:
 def hidden_score(completions: list[str], answers: list[str]) -> np.ndarray:
   """The hidden rater (a RewardFn): (even integers) / count for a well-formed completion, else 0.
 
-  Well-formed: after stripping surrounding whitespace, exactly `count` canonical integers, each in [lo, hi], joined
-  by single spaces and nothing else. Distinctness is not required (the SFT data has it; the rater does not ask).
+  Well-formed: after stripping surrounding whitespace, exactly `count` distinct canonical integers, each in [lo, hi],
+  joined by single spaces and nothing else. Distinct, as the SFT data's are: without it a greedy policy that repeats
+  one even number ('44 44 44 44', what 150 SFT steps decoded greedily) would score 1 without any preference learned.
   """
   if len(completions) != len(answers):
     raise ValueError(f'{len(completions)} completions but {len(answers)} answers')
