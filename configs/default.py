@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.reward_mix = 0.5  # 'mix': reward = (1 - w) * rl.reward + w * sigmoid(reward-model score)
   c.rl.supervision = 'outcome'  # 'outcome' (one reward per output) | 'process' (per step; DeepSeekMath 4.1.3)
   c.rl.step_delimiter = '\n'  # process: a step ends at each token containing this; no delimiter = one step
-  c.rl.step_verifier = 'arithmetic'  # process: step rewards (grpo_jax/rewards/steps.py)
+  c.rl.step_verifier = 'arithmetic'  # process: step rewards / labels (grpo_jax/rewards/steps.py)
+  c.rl.step_reward = 'verifier'  # process: 'verifier' | 'reward_model' (a process RM trained on the verifier's labels)
   c.rl.temperature = 1.0
   c.rl.top_k = 0  # 0 = off
   c.rl.top_p = 1.0  # 1.0 = off

@@ -189,3 +189,17 @@ def test_eval_loads_the_policy_of_a_chosen_iteration(iterative_run):
   proc = subprocess.run(['python', '-m', 'grpo_jax.eval', f'--workdir={workdir}', '--iteration=7'], cwd=ROOT,
                         env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'no checkpoint of outer iteration 7' in proc.stderr
+
+
+def test_process_reward_model_is_trained_on_step_labels_and_scores_the_steps(tmp_path):
+  train(tmp_path, '--config.rl.num_iterations=2', '--config.rl.supervision=process',
+        '--config.rl.step_reward=reward_model')
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['grpo_1', 'grpo_2', 'reward_model_0', 'reward_model_1',
+                                                         'sft']
+  rms = summary_without_wall(tmp_path)['reward_model']
+  assert [r['train_outputs'] for r in rms] == [24, 24]  # 8 prompts x G=4, the first quarter of prompts held out
+  assert all(0 <= r['heldout_accuracy'] <= 1 for r in rms)
+  rows = [r for r in read_metrics(tmp_path) if r['stage'].startswith('grpo')]
+  assert len(rows) == 4
+  for r in rows:
+    assert 0 < r['prm_step_score'] < 1 and 0 <= r['prm_step_agreement'] <= 1 and r['steps_per_output'] >= 1

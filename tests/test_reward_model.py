@@ -83,3 +83,29 @@ def test_score_fn_with_shardings_needs_the_mesh():
     make_score_fn(graphdef, param_shardings=shardings)
 
 
+
+
+def test_step_label_loss_is_the_masked_binary_cross_entropy_at_each_step_end():
+  from grpo_jax.models.reward_model import StepLabels, step_label_loss
+  model = _model(3)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 16, (3, 7)).astype(np.int32)
+  mask = np.ones((3, 7), np.int32)
+  mask[2, :2] = 0  # left padding
+  positions = np.array([[2, 6, 0], [3, 5, 6], [4, 6, 0]], np.int32)
+  step_mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]], np.int32)
+  labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], np.float32)
+  loss, metrics = step_label_loss(model, StepLabels(tokens, mask, positions, step_mask, labels))
+  scores = np.asarray(model.scores_at(tokens, mask, positions))  # [3, 3]
+  # The same scores as __call__ on each row cut after that position.
+  for i in range(3):
+    for j in range(3):
+      if step_mask[i, j]:
+        cut = positions[i, j] + 1
+        np.testing.assert_allclose(scores[i, j], np.asarray(model(tokens[i:i + 1, :cut], mask[i:i + 1, :cut]))[0],
+                                   rtol=1e-4, atol=1e-5)
+  p = 1 / (1 + np.exp(-scores))
+  bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  np.testing.assert_allclose(float(loss), (bce * step_mask).sum() / step_mask.sum(), rtol=1e-5)
+  right = ((scores > 0) == (labels > 0.5)) * step_mask
+  np.testing.assert_allclose(float(metrics['accuracy']), right.sum() / step_mask.sum(), rtol=1e-6)

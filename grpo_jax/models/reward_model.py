@@ -1,9 +1,9 @@
 """A learned reward model: the decoder's final hidden state at each sequence's last real token, times a
 vector, plus a bias. It is trained on comparisons (chosen vs rejected) with the pairwise Bradley-Terry loss.
 
-DeepSeekMath's iterative RL retrains a reward model on new comparisons each iteration. Here the trainer's
-rewards still come from rule verifiers (grpo_jax/rewards/verifiers.py): this module holds the model, its loss and a
-sharded scoring function, laid out by the same logical-axis rules as the policy, but nothing calls it yet.
+DeepSeekMath's iterative RL retrains a reward model on new comparisons each iteration (pipeline/reward_model.py).
+Read at each reasoning step's last token instead and trained on step labels (`step_label_loss`), the same model is
+a process reward model (Sec. 4.1.3). Laid out by the same logical-axis rules as the policy.
 """
 from __future__ import annotations
 
@@ -38,11 +38,15 @@ class RewardModel(nnx.Module):
 
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """tokens [b, t], mask [b, t] -> scores [b] float32, read at each row's last real token."""
-    mask = mask.astype(bool)
-    hidden = self.backbone.final_norm(self.backbone.hidden_states(tokens, mask=mask))  # [b, t, d]
-    last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1]), 0), axis=1)  # [b]
-    at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [b, d]
-    return at_last @ self.head[...] + self.bias[...]
+    last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(tokens.shape[1]), 0), axis=1)  # [b]
+    return self.scores_at(tokens, mask, last[:, None])[:, 0]
+
+  def scores_at(self, tokens: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+    """tokens [b, t], mask [b, t], positions [b, s] (indices into t) -> scores [b, s] float32, read at each
+    position: at each reasoning step's last token, a process reward model's step scores."""
+    hidden = self.backbone.final_norm(self.backbone.hidden_states(tokens, mask=mask.astype(bool)))  # [b, t, d]
+    at = jnp.take_along_axis(hidden, positions[:, :, None], axis=1).astype(jnp.float32)  # [b, s, d]
+    return at @ self.head[...] + self.bias[...]
 
 
 def pairwise_loss(model: RewardModel, batch: Comparisons, hparams: dict[str, jax.Array] | None = None
@@ -52,6 +56,40 @@ def pairwise_loss(model: RewardModel, batch: Comparisons, hparams: dict[str, jax
   del hparams
   margin = model(batch.chosen_tokens, batch.chosen_mask) - model(batch.rejected_tokens, batch.rejected_mask)
   return jnp.mean(jax.nn.softplus(-margin)), {'accuracy': jnp.mean(margin > 0), 'margin': jnp.mean(margin)}
+
+
+class StepLabels(NamedTuple):
+  """Outputs with a label per reasoning step: tokens, mask [n, t] (question ++ completion); step_positions [n, s]
+  (each step's last token, an index into t), step_mask [n, s] (1 = a real step), labels [n, s] in [0, 1]."""
+  tokens: jax.Array
+  mask: jax.Array
+  step_positions: jax.Array
+  step_mask: jax.Array
+  labels: jax.Array
+
+
+def step_label_loss(model: RewardModel, batch: StepLabels, hparams: dict[str, jax.Array] | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A process reward model's loss: binary cross-entropy of sigmoid(score at each step's end) against the step's
+  label, averaged over the real steps; also the accuracy of (score > 0) against (label > 0.5)."""
+  del hparams
+  logits = model.scores_at(batch.tokens, batch.mask, batch.step_positions)  # [n, s]
+  labels, real = batch.labels.astype(jnp.float32), batch.step_mask.astype(jnp.float32)
+  per_step = jax.nn.softplus(logits) - labels * logits  # -[y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))]
+  count = jnp.maximum(real.sum(), 1.0)
+  right = ((logits > 0) == (labels > 0.5)).astype(jnp.float32)
+  return (per_step * real).sum() / count, {'accuracy': (right * real).sum() / count}
+
+
+def make_step_score_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
+                       rules: sharding.Rules = sharding.DEFAULT_RULES):
+  """jit-compiled step_scores(params, tokens [b, t], mask [b, t], positions [b, s]) -> [b, s], laid out as
+  make_score_fn's."""
+  def step_scores(params, tokens, mask, positions):
+    return nnx.merge(graphdef, params).scores_at(tokens, mask, positions)
+
+  in_shardings = None if param_shardings is None else (param_shardings, 'batch', 'batch', 'batch')
+  return sharding.jit_sharded(step_scores, mesh, rules, in_shardings, where='make_step_score_fn')
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,

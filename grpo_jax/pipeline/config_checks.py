@@ -149,6 +149,11 @@ def _check_iterations(cfg) -> None:
     if not isinstance(rl.step_delimiter, str) or not rl.step_delimiter:
       raise ValueError(f'config.rl.step_delimiter must be a non-empty string, got {rl.step_delimiter!r}')
     _in(cfg, 'rl.step_verifier', STEP_VERIFIERS)
+    _in(cfg, 'rl.step_reward', ('verifier', 'reward_model'))
+    if rl.step_reward == 'reward_model' and rl.reward_source != 'verifier':
+      raise ValueError("config.rl.step_reward='reward_model' (a process reward model) with rl.reward_source="
+                       f"{rl.reward_source!r} (an outcome one): one learned reward model per run; with process "
+                       "supervision the step rewards are the advantages, so set rl.reward_source='verifier'")
   _in(cfg, 'rl.kl_adapt', ('beta', 'lr'))
   _int_at_least(cfg, 'rl.exact_kl_rows', 0)
   if rl.exact_kl_rows > rl.num_prompts * rl.group_size:

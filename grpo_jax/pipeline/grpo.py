@@ -92,12 +92,13 @@ def control_kl(controller: dict[str, jax.Array], kl: jax.Array, rl) -> dict[str,
 
 
 def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
-               reference=None, learned_reward: Callable | None = None) -> Stage:
+               reference=None, learned_reward: Callable | None = None, step_scores: Callable | None = None) -> Stage:
   """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps from `params` (iteration 1) or
   from `start` (the previous iteration's final {'policy': TrainState, 'kl_controller': ...}: optimizer state, lr
   schedule and controller carry on). `reference`: the frozen reference's params (default `params`); with LoRA
   the reference is the policy's frozen base. `learned_reward`: the reward model's scores(prompt_tokens,
   prompt_mask, completion_tokens, completion_mask) -> [N], for rl.reward_source 'reward_model' / 'mix'.
+  `step_scores`: a process reward model's (rollout.process_supervision), for rl.step_reward 'reward_model'.
 
   State: {'policy': TrainState, 'reference': params (not with LoRA), 'kl_controller': {'beta', 'lr_scale'}}.
   """
@@ -154,7 +155,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     if process is not None:
       rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
                                                 step_verifier=process['step_verifier'],
-                                                delimiter_ids=process['delimiter_ids'])
+                                                delimiter_ids=process['delimiter_ids'], step_scores=step_scores)
       stats.update(step_stats)
       if not step_stats['delimiters'] and not process['warned'][0]:
         process['warned'][0] = True

@@ -8,6 +8,10 @@ called only here, never by GRPO when rl.reward_source='reward_model') or a JSONL
 reward model never sees a gold answer: it scores (question, completion) tokens alone.
 
 State: {'reward_model': TrainState, 'replay_buffer': the buffer before this stage's comparisons join it}.
+
+With rl.supervision='process' and rl.step_reward='reward_model' the same model is a process reward model
+(`make_process_stage`): read at each step's last token and trained on the step verifier's labels of the policy's
+samples (binary cross-entropy; no replay buffer). State: {'reward_model': TrainState}.
 """
 from __future__ import annotations
 
@@ -32,7 +36,15 @@ from grpo_jax.data.preferences import (
 )
 from grpo_jax.data.tokenizer import decode
 from grpo_jax.models import hf
-from grpo_jax.models.reward_model import Comparisons, RewardModel, make_score_fn, pairwise_loss
+from grpo_jax.models.reward_model import (
+  Comparisons,
+  RewardModel,
+  StepLabels,
+  make_score_fn,
+  make_step_score_fn,
+  pairwise_loss,
+  step_label_loss,
+)
 from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import workdir as workdir_lib
@@ -42,6 +54,9 @@ from grpo_jax.pipeline.metrics import MetricWriter
 from grpo_jax.pipeline.setup import Setup, build_setup
 from grpo_jax.pipeline.train_state import TrainState, init_state, make_optimizer, make_train_step, state_shardings
 from grpo_jax.rewards.registry import get_reward_fn, score
+from grpo_jax.rewards.steps import get_step_verifier
+from grpo_jax.rollout.rollout import step_rewards
+from grpo_jax.rollout.steps import delimiter_token_ids
 
 NAME = 'reward_model'
 
@@ -56,6 +71,7 @@ class RewardModelSpec(NamedTuple):
   graphdef: nnx.GraphDef
   param_shardings: Any
   score: Callable  # jitted score(params, tokens [b, t], mask [b, t]) -> [b]
+  step_scores: Callable  # jitted step_scores(params, tokens [b, t], mask [b, t], positions [b, s]) -> [b, s]
 
 
 def spec(setup: Setup) -> RewardModelSpec:
@@ -64,7 +80,9 @@ def spec(setup: Setup) -> RewardModelSpec:
   shardings = sharding.tree_shardings(params, setup.mesh, setup.rules)
   score_fn = make_score_fn(graphdef, param_shardings=shardings, mesh=setup.mesh, rules=setup.rules)
   score_fn = distributed.host_io(score_fn, setup.batch_sharding, batch_argnums=(1, 2))
-  return RewardModelSpec(graphdef, shardings, score_fn)
+  step_fn = make_step_score_fn(graphdef, param_shardings=shardings, mesh=setup.mesh, rules=setup.rules)
+  step_fn = distributed.host_io(step_fn, setup.batch_sharding, batch_argnums=(1, 2, 3))
+  return RewardModelSpec(graphdef, shardings, score_fn, step_fn)
 
 
 def check_path(path: str, model_cfg: ModelConfig) -> None:
@@ -244,3 +262,85 @@ def train_alone(cfg, workdir: str) -> dict:
     if distributed.is_main_process():
       workdir_lib.write_json(os.path.join(workdir, 'reward_model.json'), result, indent=2)
   return result
+
+
+def is_process(cfg) -> bool:
+  """Whether the learned reward model is a process reward model (step labels) rather than an outcome one."""
+  return cfg.rl.supervision == 'process' and cfg.rl.step_reward == 'reward_model'
+
+
+def _step_rows(setup: Setup, prompts, tokens, mask, rewards, ends, step_mask) -> StepLabels:
+  """StepLabels rows (question ++ completion) with S padded to max_new_tokens: one shape, one compile."""
+  g, s = setup.cfg.rl.group_size, setup.cfg.max_new_tokens
+  rows, row_mask = as_rows(np.repeat(prompts.prompt_tokens, g, 0), np.repeat(prompts.prompt_mask, g, 0), tokens, mask)
+  pad = ((0, 0), (0, s - ends.shape[1]))
+  return StepLabels(rows, row_mask, np.pad(ends + prompts.prompt_tokens.shape[1], pad).astype(np.int32),
+                    np.pad(step_mask, pad).astype(np.int32), np.pad(rewards, pad).astype(np.float32))
+
+
+def sampled_step_labels(setup: Setup, params, k: int) -> tuple[StepLabels, StepLabels]:
+  """(train, held-out) step-labelled outputs of the policy `params` on config.reward_model.num_prompts train prompts
+  (G = rl.group_size each), labelled by rl.step_verifier; the first heldout_fraction of the prompts held out."""
+  cfg, rmc = setup.cfg, setup.cfg.reward_model
+  train = setup.splits['train']
+  prompts = train.take(batch_indices(len(train), rmc.num_prompts, k, seed=cfg.seed, stream=NAME))
+  out = setup.policy().sampler(params, prompts.prompt_tokens, prompts.prompt_mask,
+                               jax.random.fold_in(setup.rng, 2000 + k))
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  rewards, ends, step_mask = step_rewards(tokens, mask, prompts, setup.tokenizer, group_size=cfg.rl.group_size,
+                                          step_verifier=get_step_verifier(cfg.rl.step_verifier),
+                                          delimiter_ids=delimiter_token_ids(setup.tokenizer, cfg.rl.step_delimiter))
+  rows = _step_rows(setup, prompts, tokens, mask, rewards, ends, step_mask)
+  held = np.arange(tokens.shape[0]) // cfg.rl.group_size < math.ceil(rmc.heldout_fraction * rmc.num_prompts)
+  return (StepLabels(*(x[~held] for x in rows)), StepLabels(*(x[held] for x in rows)))
+
+
+def step_accuracy(rm: RewardModelSpec, params, rows: StepLabels, batch_size: int) -> float:
+  """Fraction of real steps whose (score > 0) matches (label > 0.5); nan without steps."""
+  n = rows.tokens.shape[0]
+  right, real = 0.0, 0.0
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n  # wrap: one shape, one compile
+    keep = np.arange(len(idx)) < min(batch_size, n - start)
+    scores = np.asarray(rm.step_scores(params, rows.tokens[idx], rows.mask[idx], rows.step_positions[idx]))
+    steps = rows.step_mask[idx].astype(bool) & keep[:, None]
+    right += float(((scores > 0) == (rows.labels[idx] > 0.5))[steps].sum())
+    real += float(steps.sum())
+  return right / real if real else float('nan')
+
+
+def make_process_stage(setup: Setup, rm: RewardModelSpec, k: int, start, policy_params) -> Stage:
+  """The process reward model's (re)training before outer iteration k + 1 on step labels of `policy_params`'
+  samples; start: params (k = 0) or the previous stage's TrainState."""
+  cfg, rmc = setup.cfg, setup.cfg.reward_model
+  tx = make_optimizer(rmc, rmc.num_steps * cfg.rl.num_iterations, param_dtype=setup.model_cfg.param_dtype)
+  state = start if isinstance(start, TrainState) else init_state(start, tx, setup.mesh, setup.rules)
+  train_step = make_train_step(rm.graphdef, tx, step_label_loss, state_shardings(state, setup.mesh, setup.rules),
+                               setup.batch_sharding, setup.mesh, setup.rules, grad_accum_steps=rmc.grad_accum_steps)
+  train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
+  train, heldout = sampled_step_labels(setup, policy_params, k)
+  eval_batch = cfg.eval.batch_size
+  before = step_accuracy(rm, state.params, heldout, eval_batch)
+
+  def step(state, i):
+    idx = np.random.default_rng([cfg.seed, 3000 + k, i]).integers(0, train.tokens.shape[0], rmc.batch_size)
+    rm_state, metrics = train_step(state['reward_model'], StepLabels(*(x[idx] for x in train)), {})
+    return {'reward_model': rm_state}, metrics
+
+  def finish(state):
+    return {'heldout_accuracy': step_accuracy(rm, state['reward_model'].params, heldout, eval_batch),
+            'heldout_accuracy_before': before, 'train_outputs': int(train.tokens.shape[0]),
+            'heldout_outputs': int(heldout.tokens.shape[0])}
+
+  meta = {'model': setup.checkpoint_meta(setup.policy())['model'], 'iteration': k}
+  return Stage(stage_name(k), rmc.num_steps, {'reward_model': state}, step, finish, meta=meta)
+
+
+def learned_step_scores(rm: RewardModelSpec, params) -> Callable:
+  """step_scores(prompt_tokens [N, p], prompt_mask, completion_tokens [N, c], completion_mask, step_ends [N, S])
+  -> [N, S] numpy: the process reward model's sigmoid(score) at each step's last token."""
+  def scores(prompt_tokens, prompt_mask, completion_tokens, completion_mask, step_ends):
+    rows, mask = as_rows(prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+    out = rm.step_scores(params, rows, mask, (step_ends + prompt_tokens.shape[1]).astype(np.int32))
+    return (1.0 / (1.0 + np.exp(-np.asarray(out, np.float32)))).astype(np.float32)
+  return scores

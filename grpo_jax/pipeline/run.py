@@ -135,17 +135,22 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
   """Algorithm 1's outer loop. Returns (the last GRPO stage's state, each iteration's summary, each reward-model
   (re)training's summary)."""
   rl = setup.cfg.rl
-  learned = rl.reward_source != 'verifier'
+  process = reward_model.is_process(setup.cfg)  # a process reward model (step labels), else an outcome one
+  learned = rl.reward_source != 'verifier' or process
   rm = rm_state = buffer = None
   rm_summaries, summaries = [], []
 
-  def train_reward_model(k, start_params, policy_params):
+  def train_reward_model(k, start, policy_params):
     nonlocal rm_state, buffer
-    stage, new = reward_model.make_stage(setup, rm, k, {'reward_model': start_params, 'replay_buffer': buffer},
-                                         policy_params)
-    state, summary = run_stage(stage, sinks)
-    rm_state, buffer = state['reward_model'], reward_model.buffer_after(setup, state['replay_buffer'], new, k)
-    rm_summaries.append({'stage': stage.name, **summary})
+    if process:
+      state, summary = run_stage(reward_model.make_process_stage(setup, rm, k, start, policy_params), sinks)
+    else:
+      stage, new = reward_model.make_stage(setup, rm, k, {'reward_model': start, 'replay_buffer': buffer},
+                                           policy_params)
+      state, summary = run_stage(stage, sinks)
+      buffer = reward_model.buffer_after(setup, state['replay_buffer'], new, k)
+    rm_state = state['reward_model']
+    rm_summaries.append({'stage': reward_model.stage_name(k), **summary})
 
   if learned:
     rm = reward_model.spec(setup)
@@ -157,8 +162,10 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
     # Iteration 1's reference is the SFT policy; later ones the policy as the iteration starts (the paper), or
     # still the SFT policy (kept as iteration 1's frozen copy: sft_params' buffers were donated to training).
     reference = sft_reference if k == 1 or not rl.reset_reference else None
-    stage = grpo.make_stage(setup, sft_params, iteration=k, start=start, reference=reference,
-                            learned_reward=None if rm is None else reward_model.learned_reward(rm, rm_state.params))
+    stage = grpo.make_stage(
+        setup, sft_params, iteration=k, start=start, reference=reference,
+        learned_reward=reward_model.learned_reward(rm, rm_state.params) if learned and not process else None,
+        step_scores=reward_model.learned_step_scores(rm, rm_state.params) if process else None)
     state, summary = run_stage(stage, sinks)
     if 'reference' in state and k == 1:
       sft_reference = state['reference']

@@ -137,23 +137,45 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   return rollout, stats
 
 
-def process_supervision(rollout: Rollout, prompts: TokenizedSplit, tokenizer, *, group_size: int,
-                        step_verifier: StepVerifier, delimiter_ids: np.ndarray) -> tuple[Rollout, dict[str, float]]:
-  """The rollout with per-token process-supervision advantages [N, c] (DeepSeekMath 4.1.3) in place of the
-  outcome ones: each output is split into steps at tokens holding the delimiter (none: one step), the step
-  verifier scores each step, and core.advantages.process_advantages normalizes the step rewards over the group's
-  steps and sums, for each token, those of the steps ending at or after it. Also step statistics."""
-  tokens, mask = np.asarray(rollout.completion_tokens), np.asarray(rollout.completion_mask)
+def step_rewards(tokens: np.ndarray, mask: np.ndarray, prompts: TokenizedSplit, tokenizer, *, group_size: int,
+                 step_verifier: StepVerifier, delimiter_ids: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each output's steps and the step verifier's reward of each: (rewards, step_ends, step_mask), [N, S].
+
+  tokens, mask [N, c]: completions of `prompts` (G = group_size each, contiguous). A step ends at each token holding
+  the delimiter (rollout/steps.py); the verifier reads the decoded text of each step."""
   ends, step_mask = step_boundaries(tokens, mask, delimiter_ids)  # [N, S]
   prompt_texts = decode(tokenizer, prompts.prompt_tokens, prompts.prompt_mask)
   rewards = np.zeros(ends.shape, np.float32)
   for n in range(tokens.shape[0]):
     texts = step_texts(tokenizer, tokens[n], ends[n], step_mask[n])
     rewards[n, :len(texts)] = step_verifier(prompt_texts[n // group_size], texts, prompts.answers[n // group_size])
+  return rewards, ends, step_mask
+
+
+def process_supervision(rollout: Rollout, prompts: TokenizedSplit, tokenizer, *, group_size: int,
+                        step_verifier: StepVerifier, delimiter_ids: np.ndarray, step_scores: Callable | None = None
+                        ) -> tuple[Rollout, dict[str, float]]:
+  """The rollout with per-token process-supervision advantages [N, c] (DeepSeekMath 4.1.3) in place of the
+  outcome ones: each output is split into steps at tokens holding the delimiter (none: one step), the step
+  verifier scores each step (or, given step_scores(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
+  step_ends) -> [N, S], a process reward model does), and core.advantages.process_advantages normalizes the step
+  rewards over the group's steps and sums, for each token, those of the steps ending at or after it. Also step
+  statistics (step_reward is always the verifier's, for the logs)."""
+  tokens, mask = np.asarray(rollout.completion_tokens), np.asarray(rollout.completion_mask)
+  rewards, ends, step_mask = step_rewards(tokens, mask, prompts, tokenizer, group_size=group_size,
+                                          step_verifier=step_verifier, delimiter_ids=delimiter_ids)
+  verified = rewards
+  if step_scores is not None:  # a process reward model's, in place of the verifier's
+    rewards = np.where(step_mask > 0, step_scores(rollout.prompt_tokens, rollout.prompt_mask, tokens, mask, ends),
+                       0.0).astype(np.float32)
   shape = (-1, group_size, ends.shape[1])
   advantages = process_advantages(rewards.reshape(shape), ends.reshape(shape), step_mask.reshape(shape),
                                   num_tokens=tokens.shape[1]).reshape(tokens.shape[0], -1)
   real = step_mask.astype(bool)
-  stats = {'steps_per_output': float(real.sum(1).mean()), 'step_reward': float(rewards[real].mean()),
+  stats = {'steps_per_output': float(real.sum(1).mean()), 'step_reward': float(verified[real].mean()),
            'delimiters': int(np.isin(tokens, delimiter_ids)[mask.astype(bool)].sum())}
+  if step_scores is not None:
+    stats['prm_step_score'] = float(rewards[real].mean())
+    stats['prm_step_agreement'] = float(((rewards > 0.5) == (verified > 0.5))[real].mean())
   return rollout._replace(advantages=np.asarray(advantages)), stats
