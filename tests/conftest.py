@@ -2,6 +2,7 @@ import importlib.util
 import os
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,3 +27,18 @@ def tiny_config():
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long runs (the full default job, benchmarks); CI skips them')
+
+
+BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+def count_compiles(fn):
+  """fn() -> (its result, the number of XLA compilations it triggered)."""
+  compiles = []
+  listener = lambda name, *args, **kwargs: compiles.append(name) if name == BACKEND_COMPILE else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    out = jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return out, len(compiles)

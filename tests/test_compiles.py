@@ -4,7 +4,7 @@ import functools
 
 import jax
 import numpy as np
-from conftest import load_config
+from conftest import count_compiles, load_config
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import ConfigDict
@@ -17,20 +17,6 @@ from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.setup import build_setup
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 from grpo_jax.rollout.rollout import Rollout
-
-BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
-
-
-def count_compiles(fn):
-  """fn() -> (its result, the number of XLA compilations it triggered)."""
-  compiles = []
-  listener = lambda name, *args, **kwargs: compiles.append(name) if name == BACKEND_COMPILE else None  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    out = jax.block_until_ready(fn())
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  return out, len(compiles)
 
 
 def test_second_and_third_grpo_steps_compile_nothing():

@@ -8,6 +8,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from conftest import count_compiles
 from ml_collections import ConfigDict
 from test_memory import MESH, grpo_batch, host_params
 
@@ -18,20 +19,6 @@ from grpo_jax.pipeline.train_state import MasterState, init_state, make_optimize
 # Weight decay nonzero: the decoupled decay term must scale with the lr too.
 OPT = dict(lr=1e-2, warmup_steps=0, schedule='constant', weight_decay=0.1, grad_clip=1.0, master_dtype='float32')
 BETA = np.float32(0.04)
-BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
-
-
-def count_compiles(fn):
-  """fn() -> (its result, the number of XLA compilations it triggered), as in test_compiles (not imported from
-  there: that module imports the whole GRPO stage, which this test does not need)."""
-  compiles = []
-  listener = lambda name, *args, **kwargs: compiles.append(name) if name == BACKEND_COMPILE else None  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    out = jax.block_until_ready(fn())
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  return out, len(compiles)
 
 
 def _step(graphdef, params, lr, param_dtype, seen_keys=None):

@@ -120,16 +120,23 @@ def as_rows(prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> t
           np.concatenate([prompt_mask, completion_mask], 1).astype(np.int32))
 
 
+def _policy_samples(setup: Setup, params, k: int):
+  """(prompts, completion tokens [P * G, c], mask): G = rl.group_size samples of the policy `params` for each of
+  config.reward_model.num_prompts train prompts, the k-th (re)training's; deterministic in (seed, k)."""
+  train = setup.splits['train']
+  prompts = train.take(batch_indices(len(train), setup.cfg.reward_model.num_prompts, k, seed=setup.cfg.seed,
+                                     stream=NAME))
+  out = setup.policy().sampler(params, prompts.prompt_tokens, prompts.prompt_mask,
+                               jax.random.fold_in(setup.rng, 2000 + k))
+  return prompts, np.asarray(out.tokens), np.asarray(out.mask)
+
+
 def sampled_comparisons(setup: Setup, params, k: int) -> tuple[Comparisons, Comparisons]:
   """(train, held-out) comparisons of the policy `params`' samples on config.reward_model.num_prompts train
   prompts (G = rl.group_size each), labelled by reward_model.labeller (default task.verifier); the first
   heldout_fraction of the prompts are held out. Deterministic in (seed, k)."""
   cfg, rmc = setup.cfg, setup.cfg.reward_model
-  train = setup.splits['train']
-  prompts = train.take(batch_indices(len(train), rmc.num_prompts, k, seed=cfg.seed, stream=NAME))
-  out = setup.policy().sampler(params, prompts.prompt_tokens, prompts.prompt_mask,
-                               jax.random.fold_in(setup.rng, 2000 + k))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  prompts, tokens, mask = _policy_samples(setup, params, k)
   answers = [a for a in prompts.answers for _ in range(cfg.rl.group_size)]
   labeller = get_reward_fn(rmc.labeller) if rmc.labeller else setup.verifier
   labels = score(labeller, decode(setup.tokenizer, tokens, mask), answers)[0]
@@ -282,11 +289,7 @@ def sampled_step_labels(setup: Setup, params, k: int) -> tuple[StepLabels, StepL
   """(train, held-out) step-labelled outputs of the policy `params` on config.reward_model.num_prompts train prompts
   (G = rl.group_size each), labelled by rl.step_verifier; the first heldout_fraction of the prompts held out."""
   cfg, rmc = setup.cfg, setup.cfg.reward_model
-  train = setup.splits['train']
-  prompts = train.take(batch_indices(len(train), rmc.num_prompts, k, seed=cfg.seed, stream=NAME))
-  out = setup.policy().sampler(params, prompts.prompt_tokens, prompts.prompt_mask,
-                               jax.random.fold_in(setup.rng, 2000 + k))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  prompts, tokens, mask = _policy_samples(setup, params, k)
   rewards, ends, step_mask = step_rewards(tokens, mask, prompts, setup.tokenizer, group_size=cfg.rl.group_size,
                                           step_verifier=get_step_verifier(cfg.rl.step_verifier),
                                           delimiter_ids=delimiter_token_ids(setup.tokenizer, cfg.rl.step_delimiter))
