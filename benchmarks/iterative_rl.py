@@ -13,7 +13,8 @@ variants (config overrides on configs/default.py, GRPO shortened to REPORT's ste
   mix         0.5 verifier + 0.5 sigmoid(reward model)
   process     process supervision with the arithmetic step verifier
   kl_adapt    beta moved toward rl.kl_target by the controller
-  numbers_I1 / numbers_I3   the non-verifiable task: GRPO on the reward model alone, the hidden rater's win rate
+  numbers_I1 / numbers_I3   the non-verifiable task (configs/default.py:numbers): GRPO on the reward model alone,
+                            the hidden rater's win rate over SFT on held-out prompts (one paired sample each)
 
 Appends one JSON line per run to --out: the summary's numbers, wall time and the run's peak RSS.
 """
@@ -39,16 +40,14 @@ VARIANTS = {
     'process': ['--config.rl.supervision=process'],
     'kl_adapt': ['--config.rl.kl_target=0.0005'],
 }
-NUMBERS = ['--config.task.name=numbers', '--config.task.verifier=numbers_hidden', '--config.rl.reward=numbers_hidden',
-           '--config.rl.reward_source=reward_model', '--config.sft.max_steps=150', '--config.sft.target_accuracy=1.0',
-           '--config.rl.num_steps=45', '--config.rl.beta=0.04', '--config.task.num_test=300']
+NUMBERS = ['--config.rl.num_steps=60', '--config.rl.beta=0.04', '--config.task.num_test=300']  # on the :numbers preset
 NUMBERS_VARIANTS = {'numbers_I1': [], 'numbers_I3': ['--config.rl.num_iterations=3']}
 
 
-def train(workdir: str, args: list[str], log: str) -> tuple[int, float, float]:
+def train(workdir: str, args: list[str], log: str, preset: str = '') -> tuple[int, float, float]:
   """(exit status, wall seconds, peak RSS in MB) of one training process."""
-  cmd = [sys.executable, '-m', 'grpo_jax.train', '--config', os.path.join(ROOT, 'configs/default.py'),
-         '--workdir', workdir, *args]
+  config = os.path.join(ROOT, 'configs/default.py') + (f':{preset}' if preset else '')
+  cmd = [sys.executable, '-m', 'grpo_jax.train', '--config', config, '--workdir', workdir, *args]
   start = time.perf_counter()
   with open(log, 'w') as f:
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -74,14 +73,15 @@ def record(out: str, row: dict) -> None:
                                          'grpo_win_rate_vs_sft', 'wall_s', 'peak_rss_mb') if k in row}), flush=True)
 
 
-def run_one(root: str, out: str, variant: str, seed: int, args: list[str], sft_from: str | None) -> str:
+def run_one(root: str, out: str, variant: str, seed: int, args: list[str], sft_from: str | None,
+            preset: str = '') -> str:
   workdir = os.path.join(root, f'seed{seed}', variant)
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   if sft_from:
     copy_sft(sft_from, workdir)
     args = [*args, '--allow_config_change=rl,reward_model']
-  status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log')
+  status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log', preset)
   row = {'variant': variant, 'seed': seed, 'status': status, 'wall_s': wall, 'peak_rss_mb': rss}
   summary_path = os.path.join(workdir, 'summary.json')
   if status == 0 and os.path.exists(summary_path):
@@ -106,14 +106,14 @@ def main() -> None:
   a = parser.parse_args()
   wanted = a.variants.split(',')
   for seed in map(int, a.seeds.split(',')):
-    base = run_one(a.root, a.out, 'I1', seed, REPORT, None)
+    base = run_one(a.root, a.out, 'I1', seed, REPORT, None) if set(VARIANTS) & set(wanted) else None
     for name, args in VARIANTS.items():
       if name != 'I1' and name in wanted:
         run_one(a.root, a.out, name, seed, [*REPORT, *args], base)
     numbers_base = None
     for name, args in NUMBERS_VARIANTS.items():
       if name in wanted:
-        workdir = run_one(a.root, a.out, name, seed, [*NUMBERS, *args], numbers_base)
+        workdir = run_one(a.root, a.out, name, seed, [*NUMBERS, *args], numbers_base, 'numbers')
         numbers_base = numbers_base or workdir
 
 

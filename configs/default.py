@@ -138,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250  # greedy decoding batch for val/test evals
+  c.eval.sample = False  # True: score one sample per prompt (rl.temperature) instead of the greedy output
 
   # CPU only: split the host into this many XLA devices, one core each, so the mesh's data axis spreads every batch
   # over the cores (XLA:CPU runs small ops on one core per device); 0 = one device. Sized for the 2-core default.
@@ -173,6 +174,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward_model.labeller = 'gsm8k_partial'  # as rl.reward: exact answers never occur after 6 SFT steps
     c.eval.batch_size = 16
     c.checkpoint_every = 2
+  elif arg == 'numbers':  # the non-verifiable task (data/numbers_task.py): GRPO on a learned reward model alone
+    c.task.name, c.task.verifier, c.rl.reward = 'numbers', 'numbers_hidden', 'numbers_hidden'  # the hidden rater
+    c.rl.reward_source = 'reward_model'  # the rater only labels comparisons and scores the evaluation
+    c.sft.max_steps, c.sft.target_accuracy = 400, 1.0  # no verifier to stop on: a fixed SFT length
+    c.rl.lr = 2e-4
+    c.reward_model.num_prompts, c.reward_model.num_steps = 256, 150  # comparisons are cheap; the 64-prompt default
+    c.eval.sample = True  # greedy decoding of this task's SFT policy repeats one number, which the rater scores 0
   elif arg:
-    raise ValueError(f'unknown preset {arg!r}; known: tiny')
+    raise ValueError(f'unknown preset {arg!r}; known: tiny, numbers')
   return c

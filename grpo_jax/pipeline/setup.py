@@ -119,7 +119,7 @@ class Policy(NamedTuple):
   graphdef: nnx.GraphDef
   lora: lora.LoraConfig | None
   param_shardings: Any  # its params' training layout
-  greedy_sampler: Callable  # evaluation
+  eval_sampler: Callable  # evaluation: greedy, or one sample per prompt (config.eval.sample)
   sampler: Callable  # rollouts: rl.temperature / top_k / top_p, G per prompt
 
 
@@ -168,18 +168,22 @@ class Setup:
     # On several hosts: prompts in as global arrays from each host's rows, completions out as numpy everywhere.
     host_io = functools.partial(distributed.host_io, batch_sharding=self.batch_sharding, batch_argnums=(1, 2))
     # A LoRA policy samples with its adapters unmerged (models/lora.py): no merged copy of the weights per rollout.
-    greedy_sampler = host_io(make_sampler(graphdef, greedy=True, **tok))
+    if cfg.eval.sample:  # same rng for every policy evaluated: paired samples, so win rates compare like with like
+      eval_sampler = host_io(make_sampler(graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
+                                          top_p=cfg.rl.top_p, group_size=1, **tok))
+    else:
+      eval_sampler = host_io(make_sampler(graphdef, greedy=True, **tok))
     sampler = host_io(make_sampler(graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
                                    top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok))
-    return Policy(graphdef, lora_cfg, sharding.tree_shardings(params, self.mesh, self.rules), greedy_sampler,
+    return Policy(graphdef, lora_cfg, sharding.tree_shardings(params, self.mesh, self.rules), eval_sampler,
                   sampler)
 
   def evaluate(self, params, split: str, policy: Policy | None = None, *, keep_scores: bool = False
                ) -> dict[str, Any]:
-    """Greedy accuracy, mean reward and a sample completion of `split` (collective on several hosts); with
-    keep_scores, also each example's verifier score ('scores', for win rates)."""
+    """Greedy (or, config.eval.sample, sampled) accuracy, mean reward and a sample completion of `split`
+    (collective on several hosts); with keep_scores, also each example's verifier score ('scores', win rates)."""
     policy = policy or self.policy()
-    return greedy_eval(policy.greedy_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
+    return greedy_eval(policy.eval_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
                        batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier,
                        keep_scores=keep_scores)
 
