@@ -203,3 +203,10 @@ def test_process_reward_model_is_trained_on_step_labels_and_scores_the_steps(tmp
   assert len(rows) == 4
   for r in rows:
     assert 0 < r['prm_step_score'] < 1 and 0 <= r['prm_step_agreement'] <= 1 and r['steps_per_output'] >= 1
+
+
+def test_a_delimiter_absent_from_every_output_warns_once_and_each_output_is_one_step(tmp_path):
+  stdout = train(tmp_path, '--config.rl.supervision=process', '--config.rl.step_delimiter=@')
+  assert stdout.count("contains rl.step_delimiter='@'") == 1
+  rows = [r for r in read_metrics(tmp_path) if r['stage'] == 'grpo']
+  assert len(rows) == 4 and all(r['steps_per_output'] == 1 and r['delimiters'] == 0 for r in rows)
