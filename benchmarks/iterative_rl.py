@@ -97,13 +97,46 @@ def run_one(root: str, out: str, variant: str, seed: int, args: list[str], sft_f
   return workdir
 
 
+def table(paths: list[str]) -> str:
+  """A markdown table of the runs in the JSON-lines files: per variant, min / mean / max over seeds."""
+  rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+  rows = list({(r['variant'], r['seed']): r for r in rows if r['status'] == 0}.values())  # a rerun replaces
+
+  def stats(values, scale=1.0, fmt='{:.1f}'):
+    values = [v * scale for v in values if v is not None]
+    if not values:
+      return '-'
+    return '/'.join(fmt.format(x) for x in (min(values), sum(values) / len(values), max(values)))
+
+  head = ('| variant | seeds | SFT acc % | GRPO acc % | gain (pts) | win rate vs SFT % | reward-model held-out acc % | '
+          'rm agreement % | held-out reward, SFT -> GRPO | wall (s) | peak RSS (MB) |\n' + '|---' * 11 + '|')
+  lines = [head]
+  for variant in dict.fromkeys(r['variant'] for r in rows):
+    rs = [r for r in rows if r['variant'] == variant]
+    rm = [r['reward_model'][-1]['heldout_accuracy'] for r in rs if r.get('reward_model')]
+    agree = [sum(x for x in r['traces']['rm_agreement'] if x is not None and x == x) /
+             max(1, sum(1 for x in r['traces']['rm_agreement'] if x is not None and x == x)) for r in rs
+             if any(x is not None and x == x for x in r['traces']['rm_agreement'])]
+    lines.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | "
+                 f"{stats([r['sft_accuracy'] for r in rs], 100)} | {stats([r['grpo_accuracy'] for r in rs], 100)} | "
+                 f"{stats([r['grpo_accuracy'] - r['sft_accuracy'] for r in rs], 100)} | "
+                 f"{stats([r['grpo_win_rate_vs_sft'] for r in rs], 100)} | {stats(rm, 100)} | {stats(agree, 100)} | "
+                 f"{stats([r['sft_reward'] for r in rs], fmt='{:.3f}')} -> {stats([r['grpo_reward'] for r in rs], fmt='{:.3f}')} | "
+                 f"{stats([r['wall_s'] for r in rs], fmt='{:.0f}')} | {stats([r['peak_rss_mb'] for r in rs], fmt='{:.0f}')} |")
+  return '\n'.join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--root', default='/tmp/iterative_rl')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'iterative_rl.jsonl'))
   parser.add_argument('--variants', default=','.join([*VARIANTS, *NUMBERS_VARIANTS]))
+  parser.add_argument('--table', nargs='*', help='print the table of these result files and exit')
   a = parser.parse_args()
+  if a.table is not None:
+    print(table(a.table or [a.out]))
+    return
   wanted = a.variants.split(',')
   for seed in map(int, a.seeds.split(',')):
     base = run_one(a.root, a.out, 'I1', seed, REPORT, None) if set(VARIANTS) & set(wanted) else None
