@@ -110,7 +110,7 @@ def table(paths: list[str]) -> str:
 
   head = ('| variant | seeds | SFT acc % | GRPO acc % | gain (pts) | win rate vs SFT % | reward-model held-out acc % | '
           'rm agreement % | held-out reward, SFT -> GRPO | wall (s) | peak RSS (MB) |\n' + '|---' * 11 + '|')
-  lines = [head]
+  lines, three, whole = [head], '{:.3f}', '{:.0f}'
   for variant in dict.fromkeys(r['variant'] for r in rows):
     rs = [r for r in rows if r['variant'] == variant]
     rm = [r['reward_model'][-1]['heldout_accuracy'] for r in rs if r.get('reward_model')]
@@ -121,8 +121,8 @@ def table(paths: list[str]) -> str:
                  f"{stats([r['sft_accuracy'] for r in rs], 100)} | {stats([r['grpo_accuracy'] for r in rs], 100)} | "
                  f"{stats([r['grpo_accuracy'] - r['sft_accuracy'] for r in rs], 100)} | "
                  f"{stats([r['grpo_win_rate_vs_sft'] for r in rs], 100)} | {stats(rm, 100)} | {stats(agree, 100)} | "
-                 f"{stats([r['sft_reward'] for r in rs], fmt='{:.3f}')} -> {stats([r['grpo_reward'] for r in rs], fmt='{:.3f}')} | "
-                 f"{stats([r['wall_s'] for r in rs], fmt='{:.0f}')} | {stats([r['peak_rss_mb'] for r in rs], fmt='{:.0f}')} |")
+                 f"{stats([r['sft_reward'] for r in rs], fmt=three)} -> {stats([r['grpo_reward'] for r in rs], fmt=three)} | "
+                 f"{stats([r['wall_s'] for r in rs], fmt=whole)} | {stats([r['peak_rss_mb'] for r in rs], fmt=whole)} |")
   return '\n'.join(lines)
 
 
