@@ -123,7 +123,8 @@ def table(paths: list[str]) -> str:
                  f"{stats([r['grpo_win_rate_vs_sft'] for r in rs], 100)} | {stats(rm, 100)} | {stats(agree, 100)} | "
                  f"{stats([r['sft_reward'] for r in rs], fmt=three)} -> "
                  f"{stats([r['grpo_reward'] for r in rs], fmt=three)} | "
-                 f"{stats([r['wall_s'] for r in rs], fmt=whole)} | {stats([r['peak_rss_mb'] for r in rs], fmt=whole)} |")
+                 f"{stats([r['wall_s'] for r in rs], fmt=whole)} | "
+                 f"{stats([r['peak_rss_mb'] for r in rs], fmt=whole)} |")
   return '\n'.join(lines)
 
 
