@@ -238,10 +238,13 @@ def test_global_batch_from_host_rows_equals_device_put(two_processes, mesh, rows
 
 
 @pytest.mark.slow
-def test_two_process_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize('extra', [(), ('--config.rl.num_iterations=2', '--config.rl.reward_source=mix',
+                                        '--config.reward_model.num_steps=2')], ids=['grpo', 'iterative'])
+def test_two_process_training_matches_one_process(tmp_path, extra):
   """The tiny job on 2 processes x 2 devices gives the metrics of 1 process x 4 devices (same mesh); only
-  process 0 writes metrics, summary and prints."""
-  cmd = ['-m', 'grpo_jax.train', f'--config={REPO}/configs/default.py:tiny', '--config.rl.num_steps=2']
+  process 0 writes metrics, summary and prints. Also with outer iterations and a reward model retrained between
+  them (its comparisons are sampled and labelled on every host alike)."""
+  cmd = ['-m', 'grpo_jax.train', f'--config={REPO}/configs/default.py:tiny', '--config.rl.num_steps=2', *extra]
   multi = run_processes([*cmd, f'--workdir={tmp_path / "multi"}'], num_processes=2, devices_per_process=2,
                         timeout=300)
   for p in multi:
@@ -255,7 +258,7 @@ def test_two_process_training_matches_one_process(tmp_path):
   rows_multi, rows_one = read_metrics(str(tmp_path / 'multi')), read_metrics(str(tmp_path / 'one'))
   assert [(r['stage'], r['step']) for r in rows_multi] == [(r['stage'], r['step']) for r in rows_one]
   for a, b in zip(rows_multi, rows_one, strict=True):
-    for key in ('nll', 'reward', 'completion_len', 'entropy'):  # cross-process sums differ only in float order
+    for key in ('nll', 'reward', 'completion_len', 'entropy', 'rm_score'):  # sums differ only in float order
       if key in b:
         assert a[key] == pytest.approx(b[key], rel=1e-5), (a['stage'], a['step'], key)
   summary = json.loads((tmp_path / 'multi' / 'summary.json').read_text())
