@@ -65,6 +65,10 @@ def test_stages_of_algorithm_1_in_order_with_their_checkpoints(iterative_run):
   for stage in order[1:]:
     meta = checkpoint.read_meta(checkpoint.manager(str(workdir), stage, max_to_keep=2))
     assert meta['finished'] and meta['step'] == (6 if stage.startswith('reward') else 2)
+    k = int(stage.split('_')[-1])
+    assert meta['iteration'] == k
+    if stage.startswith('grpo'):  # the boundary's RNG and data position
+      assert meta['data_offset'] == 2 * (k - 1) and meta['data_position'] == 2 and len(meta['rng']) == 2
   summary = summary_without_wall(workdir)
   assert [it['stage'] for it in summary['iterations']] == ['grpo_1', 'grpo_2', 'grpo_3']
   assert summary['grpo_steps'] == 6

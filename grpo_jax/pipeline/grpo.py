@@ -184,5 +184,6 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample'],
             'test_scores': held_out['scores'], 'iteration': iteration}
 
-  return Stage(name, steps_per_iteration, {'policy': state, **roles}, step, finish,
-               meta=setup.checkpoint_meta(policy))
+  # The loop's data_position counts this stage's steps; the prompt stream's position is data_offset + that.
+  meta = {**setup.checkpoint_meta(policy), 'iteration': iteration, 'data_offset': offset}
+  return Stage(name, steps_per_iteration, {'policy': state, **roles}, step, finish, meta=meta)
