@@ -37,6 +37,7 @@ from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
 from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k, policy_stages
+from grpo_jax.pipeline.workdir import write_json
 from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.registry import get_reward_fn
 from grpo_jax.rollout.sampling import make_sampler
@@ -129,13 +130,6 @@ def policy_fingerprint(model: str | None, workdir: str | None) -> dict[str, Any]
   files = [os.path.join(model, 'config.json'), *glob.glob(os.path.join(model, '*.safetensors*'))]
   return {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files)
           if os.path.isfile(f)}
-
-
-def write_json(path: str, obj: Any, indent: int | None = None) -> None:
-  """Write atomically: a kill at any moment leaves the old file or the new one, never a truncated one."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=indent)
-  os.replace(path + '.tmp', path)
 
 
 def read_partial(path: str, key: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -24,7 +24,7 @@ class LossConfig:
   clip_eps: epsilon of the ratio clip, min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
   kl_estimator: 'k1' | 'k2' | 'k3' (core/kl.py), the per-token estimate of KL(pi_theta || pi_ref).
   kl_penalty: subtract beta * KL in the loss. False (beta = 0 in the config) drops the term from the compiled
-    step, so no reference is needed; the logged 'kl' then measures the drift from pi_old.
+    step; the logged 'kl' still measures the KL to the reference logprobs it is given.
   logprob_chunk: > 0: the LM head and logprobs run over this many completion positions at a time
     (core/logprobs.sequence_logprobs chunk_size); memory only, same values.
   remat: what each block keeps for the backward pass (models/transformer.REMAT_POLICIES); memory only.

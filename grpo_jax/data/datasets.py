@@ -53,7 +53,7 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {'gsm8k': gsm8k_answer, 'bo
 
 # --- reading sources (all validation happens here, before tfds writes anything) ---
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
   """(1-based line number, record) for every non-blank line; ValueError naming file and line on bad input."""
   if not path.is_file():
     raise FileNotFoundError(f'{path} not found')
@@ -165,7 +165,7 @@ class _MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def read_split(self, split: str) -> list[MathExample]:
     (path,) = self.split_files[split]
-    return [self.parse(record, f'{path}:{lineno}') for lineno, record in _read_jsonl(path)]
+    return [self.parse(record, f'{path}:{lineno}') for lineno, record in read_jsonl(path)]
 
   def examples(self, split: str) -> list[MathExample]:
     """Parsed source of one split in file order (memoized: validated first, then generated from)."""
@@ -315,7 +315,7 @@ def load_jsonl(path: str | os.PathLike, *, question_field: str, answer_field: st
     raise ValueError(f'answer_from_solution must be None or one of {sorted(EXTRACTORS)}, got {answer_from_solution!r}')
   path = Path(path).expanduser()
   out = []
-  for lineno, record in _read_jsonl(path):
+  for lineno, record in read_jsonl(path):
     where = f'{path}:{lineno}'
     question, answer = _field(record, question_field, where), _field(record, answer_field, where)
     solution = _field(record, solution_field, where) if solution_field else ''

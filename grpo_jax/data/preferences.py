@@ -12,13 +12,13 @@ human-written pairs and sampled ones alike. Masks are 1 on real tokens, 0 on pad
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from grpo_jax.data.datasets import read_jsonl
 from grpo_jax.data.prompts import format_prompt, tokenize_prompts, uses_chat_template
 from grpo_jax.models.reward_model import Comparisons
 
@@ -40,31 +40,18 @@ def load_preference_jsonl(path: str | Path) -> list[PreferencePair]:
   under the pairwise loss, only pulls the margin towards 0); ValueError for a file without any pair.
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path} not found')
   pairs = []
-  with path.open(encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: broken JSON ({e.msg}, column {e.colno})') from None
-      if not isinstance(record, dict):
-        raise ValueError(f'{where}: expected a JSON object, got {type(record).__name__}')
-      for name in FIELDS:
-        if name not in record:
-          raise ValueError(f'{where}: record has no field {name!r} (it has {sorted(record)})')
-        # No str() coercion (unlike datasets.load_jsonl's answers): a number or null here is a broken file.
-        if not isinstance(record[name], str):
-          raise ValueError(f'{where}: field {name!r} must be a string, got {type(record[name]).__name__}')
-      if record['chosen'] == record['rejected']:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text")
-      pairs.append(PreferencePair(*(record[name] for name in FIELDS)))
-  if not pairs:
-    raise ValueError(f'{path} is empty: no preference pairs')
+  for lineno, record in read_jsonl(path):  # missing / empty file, broken JSON, non-objects: named there
+    where = f'{path}:{lineno}'
+    for name in FIELDS:
+      if name not in record:
+        raise ValueError(f'{where}: record has no field {name!r} (it has {sorted(record)})')
+      # No str() coercion (unlike datasets.load_jsonl's answers): a number or null here is a broken file.
+      if not isinstance(record[name], str):
+        raise ValueError(f'{where}: field {name!r} must be a string, got {type(record[name]).__name__}')
+    if record['chosen'] == record['rejected']:
+      raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text")
+    pairs.append(PreferencePair(*(record[name] for name in FIELDS)))
   return pairs
 
 

@@ -131,6 +131,16 @@ def _fraction(cfg, path: str, *, below_one: bool = False) -> None:
     raise ValueError(f'config.{path} must be in [0, {"1)" if below_one else "1]"}, got {value}')
 
 
+def process_reward_model(cfg) -> bool:
+  """Whether the run's learned reward model is a process reward model (trained on step labels)."""
+  return cfg.rl.supervision == 'process' and cfg.rl.step_reward == 'reward_model'
+
+
+def uses_reward_model(cfg) -> bool:
+  """Whether the run trains a reward model: an outcome one for rl.reward_source, or a process one."""
+  return cfg.rl.reward_source != 'verifier' or process_reward_model(cfg)
+
+
 def _check_iterations(cfg) -> None:
   """The outer loop (rl.num_iterations, rl.reset_reference) and where the rewards come from."""
   rl = cfg.rl
@@ -162,8 +172,8 @@ def _check_iterations(cfg) -> None:
 
 
 def _check_reward_model(cfg) -> None:
-  """config.reward_model: its values always (a typo is caught before the run that reads them), its files and the
-  source of its comparisons when rl.reward_source is 'reward_model' or 'mix'."""
+  """config.reward_model: its values always (a typo is caught before the run that reads them), its path when a
+  reward model is trained, and the source of its comparisons for an outcome reward model."""
   rm = cfg.reward_model
   for key in ('num_prompts', 'pairs_per_prompt', 'num_steps', 'batch_size', 'replay_capacity', 'grad_accum_steps'):
     _int_at_least(cfg, f'reward_model.{key}', 1)
@@ -177,7 +187,10 @@ def _check_reward_model(cfg) -> None:
                      f'{rm.batch_size}')
   if rm.labeller and rm.labeller not in REWARDS:
     raise ValueError(f'config.reward_model.labeller={rm.labeller!r} is unknown; known: {sorted(REWARDS)} or \'\'')
-  if cfg.rl.reward_source == 'verifier':
+  if not uses_reward_model(cfg):
+    return
+  _check_model_path(rm.path, 'config.reward_model.path')
+  if process_reward_model(cfg):  # trained on the step verifier's labels: no comparisons, no preference file
     return
   if not rm.label_samples and not rm.preference_file:
     raise ValueError(f'config.rl.reward_source={cfg.rl.reward_source!r} needs comparisons to train the reward model '
@@ -185,7 +198,6 @@ def _check_reward_model(cfg) -> None:
                      'config.reward_model.preference_file')
   if rm.preference_file:
     load_preference_jsonl(rm.preference_file)  # a missing, empty or malformed file fails here, file and line named
-  _check_model_path(rm.path, 'config.reward_model.path')
 
 
 def _check_finite(tree, path: str = 'config') -> None:
@@ -263,7 +275,7 @@ def check_batch_layout(cfg, num_devices: int) -> None:
   checked = {'eval.batch_size': cfg.eval.batch_size,
              'rl.num_prompts': cfg.rl.num_prompts,  # the sampler shards prompts before the group repeat
              'rl minibatch': batches['rl'], 'rl rollout': rollout_size, 'rl micro-batch': micro['rl']}
-  if cfg.rl.reward_source != 'verifier':
+  if uses_reward_model(cfg):
     checked.update({'reward_model.num_prompts': cfg.reward_model.num_prompts,
                     'reward_model.batch_size': cfg.reward_model.batch_size,
                     'reward_model micro-batch': cfg.reward_model.batch_size // cfg.reward_model.grad_accum_steps})

@@ -138,10 +138,12 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   process = None
   if rl.supervision == 'process':
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
-                   delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter), warned=[False])
+                   delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
+  warned_no_delimiter = False
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
+    nonlocal warned_no_delimiter
     i = offset + i
     policy_state = state['policy']
     reference = state['reference'] if policy.lora is None else lora.base_params(policy_state.params)
@@ -157,8 +159,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
                                                 step_verifier=process['step_verifier'],
                                                 delimiter_ids=process['delimiter_ids'], step_scores=step_scores)
       stats.update(step_stats)
-      if not step_stats['delimiters'] and not process['warned'][0]:
-        process['warned'][0] = True
+      if not step_stats['delimiters'] and not warned_no_delimiter:
+        warned_no_delimiter = True
         msg = (f'{name}: step {i}: no output of the batch contains rl.step_delimiter={rl.step_delimiter!r}: every '
                'output is one step (process supervision reduces to outcome supervision); warned once')
         logging.warning(msg)
@@ -172,7 +174,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, controller,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
-                                group_size=rl.group_size, reference=setup.reference_forward is not None,
+                                group_size=rl.group_size, reference=True,  # it runs also at beta 0
                                 num_epochs=rl.num_epochs)
     logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
               'iteration': iteration}

@@ -97,7 +97,7 @@ def _lower(fn, args: tuple, in_shardings):
 
 def compile_phases(cfg, tokenizer, model_cfg: ModelConfig, mesh) -> dict[str, dict[str, float]]:
   """Per-device compiled memory (bytes) and compile time of the trainer's jitted GRPO functions on abstract inputs:
-  the sampler, the reference forward (beta > 0) and one train step on a minibatch. Built through the trainer's
+  the sampler, the reference forward (run also at beta 0) and one train step on a minibatch. Built through the trainer's
   own setup (pipeline/setup.py) and GRPO stage (pipeline/grpo.py), so the plan compiles what the run would."""
   rl = cfg.rl
   p, c, rows = cfg.max_prompt_len, cfg.max_new_tokens, rl.num_prompts * rl.group_size
@@ -110,10 +110,9 @@ def compile_phases(cfg, tokenizer, model_cfg: ModelConfig, mesh) -> dict[str, di
   key = jax.eval_shape(lambda: jax.random.key(0))
   lowered = {'sampler': lambda: _lower(policy.sampler, (params, prompts, prompts, key),
                                        (setup.param_shardings, batch_sharding, batch_sharding, replicated))}
-  if setup.reference_forward is not None:
-    ref_args = (params, arr(rows, p), arr(rows, p), arr(rows, c), arr(rows, c))
-    lowered['reference_forward'] = lambda: _lower(setup.reference_forward, ref_args,
-                                                  (setup.param_shardings, *[batch_sharding] * 4))
+  ref_args = (params, arr(rows, p), arr(rows, p), arr(rows, c), arr(rows, c))
+  lowered['reference_forward'] = lambda: _lower(setup.reference_forward, ref_args,
+                                                (setup.param_shardings, *[batch_sharding] * 4))
   tx = make_optimizer(rl, rl.num_steps, param_dtype=model_cfg.param_dtype)
   state = TrainState(arr(dtype=jnp.int32), params, jax.eval_shape(tx.init, params))
   mb = rows // rl.num_minibatches

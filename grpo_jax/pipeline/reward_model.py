@@ -176,6 +176,13 @@ def new_comparisons(setup: Setup, policy_params, k: int) -> tuple[Comparisons, C
   return train, heldout
 
 
+def _wrapped_batches(n: int, batch_size: int):
+  """(row indices, how many of them are real) of each batch over n rows; the last batch wraps around to the first
+  rows, so every batch has one shape (one compile)."""
+  for start in range(0, n, batch_size):
+    yield np.arange(start, start + batch_size) % n, min(batch_size, n - start)
+
+
 def pairwise_accuracy(rm: RewardModelSpec, params, pairs: Comparisons, batch_size: int) -> float:
   """Fraction of `pairs` the reward model ranks right (chosen above rejected, a tie counting half, so an untrained
   head's constant score is 0.5); nan without pairs."""
@@ -183,13 +190,27 @@ def pairwise_accuracy(rm: RewardModelSpec, params, pairs: Comparisons, batch_siz
   if n == 0:
     return float('nan')
   right = []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n  # wrap: one shape, one compile
-    chosen = rm.score(params, pairs.chosen_tokens[idx], pairs.chosen_mask[idx])
-    rejected = rm.score(params, pairs.rejected_tokens[idx], pairs.rejected_mask[idx])
-    chosen, rejected = np.asarray(chosen), np.asarray(rejected)
-    right.append(((chosen > rejected) + 0.5 * (chosen == rejected))[:min(batch_size, n - start)])
+  for idx, real in _wrapped_batches(n, batch_size):
+    chosen = np.asarray(rm.score(params, pairs.chosen_tokens[idx], pairs.chosen_mask[idx]))
+    rejected = np.asarray(rm.score(params, pairs.rejected_tokens[idx], pairs.rejected_mask[idx]))
+    right.append(((chosen > rejected) + 0.5 * (chosen == rejected))[:real])
   return float(np.concatenate(right).mean())
+
+
+def _trainer(setup: Setup, rm: RewardModelSpec, start, loss_fn) -> tuple[TrainState, Callable]:
+  """The reward model's TrainState (from params, k = 0, or the previous stage's TrainState, whose optimizer state
+  and schedule carry on) and its jitted train step on `loss_fn`, with config.reward_model's optimizer."""
+  cfg, rmc = setup.cfg, setup.cfg.reward_model
+  tx = make_optimizer(rmc, rmc.num_steps * cfg.rl.num_iterations, param_dtype=setup.model_cfg.param_dtype)
+  state = start if isinstance(start, TrainState) else init_state(start, tx, setup.mesh, setup.rules)
+  train_step = make_train_step(rm.graphdef, tx, loss_fn, state_shardings(state, setup.mesh, setup.rules),
+                               setup.batch_sharding, setup.mesh, setup.rules, grad_accum_steps=rmc.grad_accum_steps)
+  return state, distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
+
+
+def _meta(setup: Setup, k: int) -> dict[str, Any]:
+  """A reward-model stage's checkpoint meta: the policy's model config (it reads the policy's tokens) and k."""
+  return {'model': setup.checkpoint_meta(setup.policy())['model'], 'iteration': k}
 
 
 def make_stage(setup: Setup, rm: RewardModelSpec, k: int, start: dict[str, Any], policy_params
@@ -200,32 +221,28 @@ def make_stage(setup: Setup, rm: RewardModelSpec, k: int, start: dict[str, Any],
   Returns the stage and its new train comparisons (the caller adds them to the buffer once the stage is done).
   """
   cfg, rmc = setup.cfg, setup.cfg.reward_model
-  tx = make_optimizer(rmc, rmc.num_steps * cfg.rl.num_iterations, param_dtype=setup.model_cfg.param_dtype)
-  state = start['reward_model']
-  if not isinstance(state, TrainState):
-    state = init_state(state, tx, setup.mesh, setup.rules)
-  train_step = make_train_step(rm.graphdef, tx, pairwise_loss, state_shardings(state, setup.mesh, setup.rules),
-                               setup.batch_sharding, setup.mesh, setup.rules, grad_accum_steps=rmc.grad_accum_steps)
-  train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
+  state, train_step = _trainer(setup, rm, start['reward_model'], pairwise_loss)
   train, heldout = new_comparisons(setup, policy_params, k)
   eval_batch = setup.cfg.eval.batch_size
   before = pairwise_accuracy(rm, state.params, heldout, eval_batch)  # the last model on the new distribution
   buffer = start['replay_buffer']
+  # The buffer is constant through the stage (the new comparisons join it after): one host copy for every step's
+  # replay draws. A restored checkpoint holds the same buffer, so the restored state's copy is not read.
+  old = jax.device_get(buffer)
 
   def step(state, i):
     rng = np.random.default_rng([cfg.seed, 3000 + k, i])
-    batch = replay.mix_batch(train, jax.device_get(state['replay_buffer']), rmc.batch_size, rmc.replay_fraction, rng)
+    batch = replay.mix_batch(train, old, rmc.batch_size, rmc.replay_fraction, rng)
     rm_state, metrics = train_step(state['reward_model'], batch, {})
     return {**state, 'reward_model': rm_state}, metrics
 
   def finish(state):
     return {'heldout_accuracy': pairwise_accuracy(rm, state['reward_model'].params, heldout, eval_batch),
             'heldout_accuracy_before': before, 'train_pairs': int(train.chosen_tokens.shape[0]),
-            'heldout_pairs': int(heldout.chosen_tokens.shape[0]), 'replay_size': replay.size(jax.device_get(buffer))}
+            'heldout_pairs': int(heldout.chosen_tokens.shape[0]), 'replay_size': replay.size(old)}
 
-  meta = {'model': setup.checkpoint_meta(setup.policy())['model'], 'iteration': k}
   return Stage(stage_name(k), rmc.num_steps, {'reward_model': state, 'replay_buffer': buffer}, step, finish,
-               meta=meta), train
+               meta=_meta(setup, k)), train
 
 
 def buffer_after(setup: Setup, buffer: dict, train: Comparisons, k: int) -> dict:
@@ -271,11 +288,6 @@ def train_alone(cfg, workdir: str) -> dict:
   return result
 
 
-def is_process(cfg) -> bool:
-  """Whether the learned reward model is a process reward model (step labels) rather than an outcome one."""
-  return cfg.rl.supervision == 'process' and cfg.rl.step_reward == 'reward_model'
-
-
 def _step_rows(setup: Setup, prompts, tokens, mask, rewards, ends, step_mask) -> StepLabels:
   """StepLabels rows (question ++ completion) with S padded to max_new_tokens: one shape, one compile."""
   g, s = setup.cfg.rl.group_size, setup.cfg.max_new_tokens
@@ -300,13 +312,10 @@ def sampled_step_labels(setup: Setup, params, k: int) -> tuple[StepLabels, StepL
 
 def step_accuracy(rm: RewardModelSpec, params, rows: StepLabels, batch_size: int) -> float:
   """Fraction of real steps whose (score > 0) matches (label > 0.5); nan without steps."""
-  n = rows.tokens.shape[0]
   right, real = 0.0, 0.0
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n  # wrap: one shape, one compile
-    keep = np.arange(len(idx)) < min(batch_size, n - start)
+  for idx, count in _wrapped_batches(rows.tokens.shape[0], batch_size):
     scores = np.asarray(rm.step_scores(params, rows.tokens[idx], rows.mask[idx], rows.step_positions[idx]))
-    steps = rows.step_mask[idx].astype(bool) & keep[:, None]
+    steps = rows.step_mask[idx].astype(bool) & (np.arange(len(idx)) < count)[:, None]
     right += float(((scores > 0) == (rows.labels[idx] > 0.5))[steps].sum())
     real += float(steps.sum())
   return right / real if real else float('nan')
@@ -316,11 +325,7 @@ def make_process_stage(setup: Setup, rm: RewardModelSpec, k: int, start, policy_
   """The process reward model's (re)training before outer iteration k + 1 on step labels of `policy_params`'
   samples; start: params (k = 0) or the previous stage's TrainState."""
   cfg, rmc = setup.cfg, setup.cfg.reward_model
-  tx = make_optimizer(rmc, rmc.num_steps * cfg.rl.num_iterations, param_dtype=setup.model_cfg.param_dtype)
-  state = start if isinstance(start, TrainState) else init_state(start, tx, setup.mesh, setup.rules)
-  train_step = make_train_step(rm.graphdef, tx, step_label_loss, state_shardings(state, setup.mesh, setup.rules),
-                               setup.batch_sharding, setup.mesh, setup.rules, grad_accum_steps=rmc.grad_accum_steps)
-  train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
+  state, train_step = _trainer(setup, rm, start, step_label_loss)
   train, heldout = sampled_step_labels(setup, policy_params, k)
   eval_batch = cfg.eval.batch_size
   before = step_accuracy(rm, state.params, heldout, eval_batch)
@@ -335,8 +340,7 @@ def make_process_stage(setup: Setup, rm: RewardModelSpec, k: int, start, policy_
             'heldout_accuracy_before': before, 'train_outputs': int(train.tokens.shape[0]),
             'heldout_outputs': int(heldout.tokens.shape[0])}
 
-  meta = {'model': setup.checkpoint_meta(setup.policy())['model'], 'iteration': k}
-  return Stage(stage_name(k), rmc.num_steps, {'reward_model': state}, step, finish, meta=meta)
+  return Stage(stage_name(k), rmc.num_steps, {'reward_model': state}, step, finish, meta=_meta(setup, k))
 
 
 def learned_step_scores(rm: RewardModelSpec, params) -> Callable:
@@ -344,6 +348,9 @@ def learned_step_scores(rm: RewardModelSpec, params) -> Callable:
   -> [N, S] numpy: the process reward model's sigmoid(score) at each step's last token."""
   def scores(prompt_tokens, prompt_mask, completion_tokens, completion_mask, step_ends):
     rows, mask = as_rows(prompt_tokens, prompt_mask, completion_tokens, completion_mask)
-    out = rm.step_scores(params, rows, mask, (step_ends + prompt_tokens.shape[1]).astype(np.int32))
-    return (1.0 / (1.0 + np.exp(-np.asarray(out, np.float32)))).astype(np.float32)
+    # S (the most steps of any output) differs from batch to batch: padded to the completion length, one shape.
+    num_steps = step_ends.shape[1]
+    positions = np.pad(step_ends, ((0, 0), (0, completion_tokens.shape[1] - num_steps))) + prompt_tokens.shape[1]
+    out = np.asarray(rm.step_scores(params, rows, mask, positions.astype(np.int32)), np.float32)[:, :num_steps]
+    return (1.0 / (1.0 + np.exp(-out))).astype(np.float32)
   return scores

@@ -29,7 +29,7 @@ from grpo_jax.data.numbers_task import win_rate
 from grpo_jax.models import hf
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import checkpoint, grpo, reward_model, sft, workdir as workdir_lib
-from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.config_checks import check_config, process_reward_model, uses_reward_model
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
 from grpo_jax.pipeline.setup import Setup, build_setup, stage_lora
@@ -63,7 +63,7 @@ def check_workdir(cfg, workdir: str, model_cfg) -> None:
 
 def _check_before_params(cfg, workdir: str, model_cfg) -> None:
   check_workdir(cfg, workdir, model_cfg)
-  if cfg.rl.reward_source != 'verifier' and cfg.reward_model.path:
+  if uses_reward_model(cfg) and cfg.reward_model.path:
     reward_model.check_path(cfg.reward_model.path, model_cfg)
 
 
@@ -135,8 +135,8 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
   """Algorithm 1's outer loop. Returns (the last GRPO stage's state, each iteration's summary, each reward-model
   (re)training's summary)."""
   rl = setup.cfg.rl
-  process = reward_model.is_process(setup.cfg)  # a process reward model (step labels), else an outcome one
-  learned = rl.reward_source != 'verifier' or process
+  process = process_reward_model(setup.cfg)  # a process reward model (step labels), else an outcome one
+  learned = uses_reward_model(setup.cfg)
   rm = rm_state = buffer = None
   rm_summaries, summaries = [], []
 
