@@ -440,3 +440,48 @@ def test_first_integer_reward():
   assert out.dtype == np.float32
   with pytest.raises(ValueError):
     fn(['1'], [])
+
+
+def _teacher_lines(ex):
+  """(a, op, b, written result) of each step line of a solution."""
+  for line in ex.solution.split('\n')[:-1]:
+    lhs, result = line.split('=')
+    op = '+' if '+' in lhs else '-'
+    a, b = lhs.split(op)
+    yield int(a), op, int(b), int(result)
+
+
+@pytest.mark.parametrize('slip', [0.0, 0.5, 1.0])
+def test_teacher_slip_forgets_borrows_only(slip):
+  exact = generate_split('train', 400, seed=2)
+  taught = generate_split('train', 400, seed=2, teacher_slip=slip)
+  # The questions and the (true) answers never depend on the teacher.
+  assert [(e.question, e.answer) for e in taught] == [(e.question, e.answer) for e in exact]
+  slips = borrows = 0
+  for ex in taught:
+    running = None
+    for a, op, b, result in _teacher_lines(ex):
+      assert running is None or a == running  # the teacher carries its own (possibly wrong) value on
+      true = a + b if op == '+' else a - b
+      borrow = op == '-' and a % 10 < b
+      borrows += borrow
+      if result != true:  # the only error: the tens digit kept where a borrow was needed
+        assert borrow and result == true + 10, (ex.solution, a, op, b, result)
+        slips += 1
+      running = result
+    assert ex.solution.split('\n')[-1] == f'#### {running}'
+  assert borrows > 100
+  if slip == 0.0:
+    assert taught == exact
+  elif slip == 1.0:
+    assert slips == borrows
+  else:
+    assert 0.4 < slips / borrows < 0.6
+  wrong = sum(ex.solution.split('#### ')[1] != ex.answer for ex in taught)
+  assert (wrong == 0) == (slip == 0.0)
+
+
+@pytest.mark.parametrize('slip', [-0.1, 1.5])
+def test_teacher_slip_out_of_range_raises(slip):
+  with pytest.raises(ValueError, match='teacher_slip'):
+    generate_split('train', 10, seed=0, teacher_slip=slip)

@@ -9,7 +9,7 @@ from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tasks import generate_split, vocabulary
 from grpo_jax.data.tokenizer import build_tokenizer
 from grpo_jax.rewards.steps import arithmetic_steps
-from grpo_jax.rollout.rollout import Rollout, agreement, combine_rewards, process_supervision
+from grpo_jax.rollout.rollout import Rollout, agreement, combine_rewards, group_signal, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
 
 
@@ -21,6 +21,24 @@ def test_combine_rewards_by_source():
   np.testing.assert_allclose(combine_rewards(rule, learned, source='mix', mix=0.3), expected, rtol=1e-6)
   with pytest.raises(ValueError, match='needs the reward model'):
     combine_rewards(rule, None, source='mix', mix=0.3)
+
+
+def test_group_signal_against_a_loop():
+  rng = np.random.default_rng(0)
+  correct = (rng.random((50, 4)) < 0.3).astype(np.float32)
+  rewards = correct + 0.5 * (rng.random((50, 4)) < 0.1)  # a shaping bonus on some outputs
+  rewards[:5] = 0.25  # tied groups
+  correct[:5] = 0.0
+  stats = group_signal(rewards, correct)
+  stds, tied, solved = [], 0, 0
+  for r, c in zip(rewards.tolist(), correct.tolist(), strict=True):
+    mean = sum(r) / len(r)
+    stds.append((sum((x - mean) ** 2 for x in r) / len(r)) ** 0.5)
+    tied += len(set(r)) == 1
+    solved += any(x >= 1 for x in c)
+  assert stats['reward_std_in_group'] == pytest.approx(sum(stds) / 50, rel=1e-6)
+  assert stats['frac_groups_no_signal'] == tied / 50 and tied >= 5
+  assert stats['pass_at_g'] == solved / 50 and 0 < solved < 45
 
 
 def test_agreement_counts_the_verifier_ordered_pairs_of_each_group():

@@ -192,3 +192,28 @@ def test_workdir_of_the_old_checkpoint_layout_is_refused_in_one_line(tiny_config
   (step_dir / 'meta' / 'metadata').write_text(json.dumps({'stage': 'grpo', 'step': 4, 'model': {}}))
   with pytest.raises(checkpoint.CheckpointError, match=r"layout of grpo_jax before 2026-12-04 .*git checkout"):
     runner.run(tiny_config, str(tmp_path))
+
+
+def test_sft_only_run_is_the_sft_stage_of_the_full_run(finished_run, tmp_path):
+  """rl.num_steps=0 (the compute-matched control's form): the same SFT stage, no GRPO, summary says so."""
+  reference, _ = finished_run
+  proc = subprocess.run(train_command(tmp_path, '--config.rl.num_steps=0', '--config.checkpoint_every=3'), cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['sft']
+  sft_rows = lambda w: [r for r in read_metrics(w) if r['stage'] == 'sft']  # noqa: E731
+  assert sft_rows(tmp_path) == sft_rows(reference) and sft_rows(tmp_path)
+  with open(tmp_path / 'summary.json') as f, open(reference / 'summary.json') as g:
+    ours, full = json.load(f), json.load(g)
+  assert ours['sft_accuracy'] == full['sft_accuracy']
+  assert ours['grpo_accuracy'] is None and ours['grpo_steps'] == 0
+
+
+def test_sft_matched_preset_is_the_default_with_sft_in_place_of_grpo():
+  from conftest import load_config
+  default, matched = load_config(), load_config('sft_matched')
+  assert matched.rl.num_steps == 0 and matched.sft.max_steps > default.sft.max_steps
+  differ = {k for k, v in matched.to_dict().items() if v != default.to_dict()[k]}
+  assert differ == {'rl', 'sft'}
+  assert {k for k, v in matched.sft.items() if v != default.sft[k]} == {'max_steps'}
+  assert {k for k, v in matched.rl.items() if v != default.rl[k]} == {'num_steps'}

@@ -216,11 +216,15 @@ def check_config(cfg, num_devices: int) -> None:
   if isinstance(cfg.max_nonfinite_steps, bool) or not isinstance(cfg.max_nonfinite_steps, int) or \
      cfg.max_nonfinite_steps < 1:
     raise ValueError(f'config.max_nonfinite_steps must be an int >= 1, got {cfg.max_nonfinite_steps!r}')
-  _positive(cfg, 'max_prompt_len', 'max_new_tokens', 'sft.batch_size', 'sft.eval_every', 'sft.lr', 'rl.num_steps',
+  _positive(cfg, 'max_prompt_len', 'max_new_tokens', 'sft.batch_size', 'sft.eval_every', 'sft.lr',
             'rl.num_prompts', 'rl.num_epochs', 'rl.num_minibatches', 'rl.lr', 'rl.temperature', 'eval.batch_size',
             'checkpoint_every', 'checkpoint_keep', 'log_every')
   if cfg.sft.max_steps < 0:
     raise ValueError(f'config.sft.max_steps must be >= 0 (0 skips SFT), got {cfg.sft.max_steps}')
+  if cfg.rl.num_steps < 0:
+    raise ValueError(f'config.rl.num_steps must be >= 0 (0 skips GRPO: SFT only), got {cfg.rl.num_steps}')
+  if cfg.sft.max_steps == 0 and cfg.rl.num_steps == 0:
+    raise ValueError('config.sft.max_steps and config.rl.num_steps are both 0: nothing to train')
   _check_task(cfg)
   _check_model_path(cfg.model.path)
   _check_memory_knobs(cfg)

@@ -91,6 +91,18 @@ def control_kl(controller: dict[str, jax.Array], kl: jax.Array, rl) -> dict[str,
   return {**controller, 'lr_scale': controller['lr_scale'] / adaptive_kl_beta(1.0, kl, **kw)}
 
 
+def weak_signal_warning(stage: str, frac_groups_no_signal: float | None, pass_at_g: float | None) -> str | None:
+  """One line when most of a GRPO stage's groups carried no signal (all G rewards equal: zero advantage), saying
+  which way: none of the G outputs solved the prompt, or all did. None when most groups had signal."""
+  if frac_groups_no_signal is None or frac_groups_no_signal <= 0.5:
+    return None
+  why = ('most prompts were solved by none of the G outputs: more exploration (rl.temperature, rl.group_size) or '
+         'a stronger SFT start' if pass_at_g < 0.5 else 'most prompts were solved by all G outputs: too easy for '
+         'this policy')
+  return (f'{stage}: {frac_groups_no_signal:.0%} of groups had no reward variance (no advantage, no gradient); '
+          f'{why}. See frac_groups_no_signal, pass_at_g and entropy in metrics.jsonl')
+
+
 def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
                reference=None, learned_reward: Callable | None = None, step_scores: Callable | None = None) -> Stage:
   """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps from `params` (iteration 1) or
@@ -140,6 +152,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
   warned_no_delimiter = False
+  signal = []  # each step's (fraction of groups with no reward variance, pass@G), steps run by this process
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
@@ -154,6 +167,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
         group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
         verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
         reward_mix=rl.reward_mix)
+    signal.append((stats['frac_groups_no_signal'], stats['pass_at_g']))
     if process is not None:
       rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
                                                 step_verifier=process['step_verifier'],
@@ -184,7 +198,9 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   def finish(state):
     held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
     return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample'],
-            'test_scores': held_out['scores'], 'iteration': iteration}
+            'test_scores': held_out['scores'], 'iteration': iteration,
+            'frac_groups_no_signal': float(np.mean([s[0] for s in signal])) if signal else None,
+            'pass_at_g': float(np.mean([s[1] for s in signal])) if signal else None}
 
   # The loop's data_position counts this stage's steps; the prompt stream's position is data_offset + that.
   meta = {**setup.checkpoint_meta(policy), 'iteration': iteration, 'data_offset': offset}

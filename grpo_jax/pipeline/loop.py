@@ -21,7 +21,10 @@ from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import checkpoint
 from grpo_jax.pipeline.metrics import MetricWriter
 
-PROGRESS_KEYS = ('nll', 'val_accuracy', 'reward', 'kl', 'clip_frac')  # shown on the progress bar
+# metrics.jsonl key -> its label on the progress bar. The last three say why a GRPO run is weak: groups with no
+# reward variance, a policy that no longer explores, batches that none of the G samples solves.
+PROGRESS_KEYS = {'nll': 'nll', 'val_accuracy': 'val_acc', 'reward': 'reward', 'kl': 'kl', 'clip_frac': 'clip',
+                 'frac_groups_no_signal': 'no_signal', 'entropy': 'entropy', 'pass_at_g': 'pass@G'}
 
 
 class Interrupt:
@@ -192,7 +195,7 @@ def run_stage(stage: Stage, sinks: Sinks) -> tuple[dict[str, Any], dict[str, Any
         metrics.update(flops.throughput(metrics, metrics['step_time'], num_devices=jax.device_count(),
                                         device_kind=jax.devices()[0].device_kind, dtype=sinks.compute_dtype))
       sinks.writer.write(stage.name, step, metrics)
-      bar.set_postfix({k: f'{v:.3g}' for k, v in metrics.items() if k in PROGRESS_KEYS})
+      bar.set_postfix({PROGRESS_KEYS[k]: f'{v:.3g}' for k, v in metrics.items() if k in PROGRESS_KEYS})
     bar.update(1)
     if distributed.any_process(bool(sinks.interrupt)):  # the save is collective: all hosts stop together
       save()

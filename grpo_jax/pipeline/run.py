@@ -224,12 +224,16 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
     sft_params = setup.init_params
     sft_summary = {'test_accuracy': init_eval['accuracy'], 'test_reward': init_eval['reward'], 'steps': 0,
                    'wall_time': 0.0, 'sample': init_eval['sample'], 'test_scores': init_eval.get('scores')}
-  state, iterations, rm_summaries = _iterations(setup, sft_params, sinks)
-  grpo_summary = iterations[-1]
-  grpo_params = setup.merged(state['policy'].params, setup.policy(grpo.NAME))
+  if cfg.rl.num_steps:
+    state, iterations, rm_summaries = _iterations(setup, sft_params, sinks)
+    final_params = setup.merged(state['policy'].params, setup.policy(grpo.NAME))
+  else:  # SFT only (e.g. the compute-matched control, configs/default.py:sft_matched)
+    iterations, rm_summaries, final_params = [], [], sft_params
+  grpo_summary = iterations[-1] if iterations else dict.fromkeys(
+      ('test_accuracy', 'test_reward', 'sample', 'win_rate_vs_sft', 'frac_groups_no_signal', 'pass_at_g'))
   sinks.writer.close()
   if cfg.export_hf:
-    _export(setup, grpo_params, workdir, is_main)
+    _export(setup, final_params, workdir, is_main)
 
   for it in iterations:  # the hidden rater's (or verifier's) head-to-head of each iteration's policy against SFT's
     it['win_rate_vs_sft'] = (None if sft_summary.get('test_scores') is None else
@@ -240,7 +244,9 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
              'grpo_reward': grpo_summary['test_reward'], 'sft_steps': sft_summary['steps'],
              'grpo_steps': sum(it['steps'] for it in iterations), 'sft_wall_time': sft_summary['wall_time'],
              'grpo_wall_time': sum(it['wall_time'] for it in iterations), 'sft_sample': sft_summary['sample'],
-             'grpo_sample': grpo_summary['sample'], 'grpo_win_rate_vs_sft': grpo_summary['win_rate_vs_sft']}
+             'grpo_sample': grpo_summary['sample'], 'grpo_win_rate_vs_sft': grpo_summary['win_rate_vs_sft'],
+             'grpo_frac_groups_no_signal': grpo_summary.get('frac_groups_no_signal'),
+             'grpo_pass_at_g': grpo_summary.get('pass_at_g')}
   if len(iterations) > 1 or rm_summaries:
     summary.update(iterations=iterations, reward_model=rm_summaries,
                    reward_model_wall_time=sum(r['wall_time'] for r in rm_summaries))
@@ -250,5 +256,9 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
       ('init', init_eval['accuracy'], init_eval['reward'], 0.0),
       ('sft', sft_summary['test_accuracy'], sft_summary['test_reward'], sft_summary['wall_time']),
       *[(it['stage'], it['test_accuracy'], it['test_reward'], it['wall_time']) for it in iterations]]))
+  for it in iterations:
+    warning = grpo.weak_signal_warning(it['stage'], it['frac_groups_no_signal'], it['pass_at_g'])
+    if warning:
+      distributed.print0(f'WARNING: {warning}')
   distributed.print0(f'summary: {os.path.join(workdir, "summary.json")}')
   return summary

@@ -67,7 +67,8 @@ def task_splits(task, seed: int) -> dict[str, list]:
   """
   if task.name == 'arithmetic':
     gen = dict(seed=seed, min_steps=task.min_steps, max_steps=task.max_steps,
-               start_range=tuple(task.start_range), change_range=tuple(task.change_range))
+               start_range=tuple(task.start_range), change_range=tuple(task.change_range),
+               teacher_slip=task.teacher_slip)
     return {split: tasks.generate_split(split, task[f'num_{split}'], **gen) for split in ('train', 'val', 'test')}
   if task.name == 'numbers':  # no verifier: a hidden rater scores outputs, for reward-model labels and evaluation
     return {split: numbers_task.generate_split(split, task[f'num_{split}'], seed=seed)

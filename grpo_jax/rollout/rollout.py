@@ -124,8 +124,7 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
       'reward': float(rewards.mean()),
       'accuracy': float((scores.correct >= 1).mean()),
       'reward_failures': scores.failures,  # verifier timeouts / errors, scored 0
-      'reward_std_in_group': float(group_rewards.std(axis=-1).mean()),
-      'frac_groups_no_signal': float((group_rewards.std(axis=-1) == 0).mean()),  # zero advantage everywhere
+      **group_signal(group_rewards, scores.correct.reshape(-1, group_size)),
       'completion_len': float(mask.sum(axis=-1).mean()),
       'sample_time': sample_time,
       'sampled_tokens_per_s': float(mask.sum() / max(sample_time, 1e-9)),
@@ -135,6 +134,15 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
     stats['rm_agreement'], stats['rm_agreement_pairs'] = agreement(learned, scores.correct, group_size)
     stats['rule_reward'] = float(scores.rewards.mean())
   return rollout, stats
+
+
+def group_signal(rewards: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+  """How much learning signal a batch's groups carry. rewards, correct [P, G] (correct: the verifier's score, >= 1
+  solved). reward_std_in_group: the mean within-group (population) std; frac_groups_no_signal: groups whose G
+  rewards are all equal (zero advantage for every token); pass_at_g: groups where any of the G outputs is correct."""
+  spread = rewards.std(axis=-1)
+  return {'reward_std_in_group': float(spread.mean()), 'frac_groups_no_signal': float((spread == 0).mean()),
+          'pass_at_g': float((correct >= 1).any(axis=-1).mean())}
 
 
 def step_rewards(tokens: np.ndarray, mask: np.ndarray, prompts: TokenizedSplit, tokenizer, *, group_size: int,
