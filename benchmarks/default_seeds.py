@@ -46,28 +46,38 @@ def run_one(root: str, out: str, variant: str, seed: int) -> None:
 
 
 def table(paths: list[str]) -> str:
-  """A markdown table: per variant, each seed's held-out accuracies, then min / mean / max."""
+  """Markdown: per seed, SFT -> GRPO held-out accuracy and the compute-matched SFT control; then min / mean / max.
+  One table for the default (with sft_matched joined by seed) and one for one_device, where run."""
   rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-  rows = list({(r['variant'], r['seed']): r for r in rows if r['status'] == 0}.values())  # a rerun replaces
+  runs = {(r['variant'], r['seed']): r for r in rows if r['status'] == 0}  # a rerun replaces
   pct = lambda v: '-' if v is None else f'{100 * v:.1f}'  # noqa: E731
-  lines = ['| variant | seed | SFT acc % | after GRPO % | gain (pts) | no-signal groups | pass@G | wall (min) |',
-           '|---' * 8 + '|']
-  for variant in dict.fromkeys(r['variant'] for r in rows):
-    rs = sorted((r for r in rows if r['variant'] == variant), key=lambda r: r['seed'])
-    for r in rs:
-      gain = None if r['grpo_accuracy'] is None else r['grpo_accuracy'] - r['sft_accuracy']
-      lines.append(f"| {variant} | {r['seed']} | {pct(r['sft_accuracy'])} | {pct(r['grpo_accuracy'])} | "
-                   f"{'-' if gain is None else f'{100 * gain:+.1f}'} | {pct(r.get('mean_frac_groups_no_signal'))} | "
-                   f"{pct(r.get('mean_pass_at_g'))} | {r['wall_s'] / 60:.1f} |")
+  signed = lambda v: '-' if v is None else f'{100 * v:+.1f}'  # noqa: E731
+  out = []
+  for variant in ('default', 'one_device'):
+    seeds = sorted(seed for v, seed in runs if v == variant)
+    if not seeds:
+      continue
+    cols = {'SFT %': [], 'SFT + GRPO %': [], 'gain (pts)': [], 'compute-matched SFT %': [],
+            'GRPO - matched (pts)': [], 'no-signal groups %': [], 'pass@G %': [], 'wall (min)': []}
+    for seed in seeds:
+      r, m = runs[variant, seed], runs.get(('sft_matched', seed)) if variant == 'default' else None
+      matched = None if m is None else m['sft_accuracy']
+      values = [r['sft_accuracy'], r['grpo_accuracy'], r['grpo_accuracy'] - r['sft_accuracy'], matched,
+                None if matched is None else r['grpo_accuracy'] - matched, r.get('mean_frac_groups_no_signal'),
+                r.get('mean_pass_at_g'), r['wall_s'] / 60]
+      for col, v in zip(cols.values(), values, strict=True):
+        col.append(v)
+    fmt = [pct, pct, signed, pct, signed, pct, pct, lambda v: '-' if v is None else f'{v:.1f}']
+    out += [f'{variant} (seeds {",".join(map(str, seeds))})', '',
+            '| seed | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
+    for i, seed in enumerate(seeds):
+      out.append(f'| {seed} | ' + ' | '.join(f(c[i]) for f, c in zip(fmt, cols.values(), strict=True)) + ' |')
     for name, pick in (('min', min), ('mean', lambda v: sum(v) / len(v)), ('max', max)):
-      cells = []
-      for key in ('sft_accuracy', 'grpo_accuracy', 'gain'):
-        values = [r['grpo_accuracy'] - r['sft_accuracy'] if key == 'gain' and r['grpo_accuracy'] is not None
-                  else r.get(key) for r in rs]
-        values = [v for v in values if v is not None]
-        cells.append('-' if not values else (f'{100 * pick(values):+.1f}' if key == 'gain' else pct(pick(values))))
-      lines.append(f"| {variant} | **{name}** | {' | '.join(cells)} | | | {pick([r['wall_s'] for r in rs]) / 60:.1f} |")
-  return '\n'.join(lines)
+      cells = [f(pick(vs)) if vs else '-' for f, vs in
+               zip(fmt, ([v for v in c if v is not None] for c in cols.values()), strict=True)]
+      out.append(f'| **{name}** | ' + ' | '.join(cells) + ' |')
+    out.append('')
+  return '\n'.join(out)
 
 
 def main() -> None:

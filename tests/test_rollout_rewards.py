@@ -41,6 +41,14 @@ def test_group_signal_against_a_loop():
   assert stats['pass_at_g'] == solved / 50 and 0 < solved < 45
 
 
+def test_weak_signal_warning_says_which_way():
+  from grpo_jax.pipeline.grpo import weak_signal_warning
+  assert weak_signal_warning('grpo', 0.5, 0.1) is None and weak_signal_warning('grpo', None, None) is None
+  unsolved = weak_signal_warning('grpo', 0.8, 0.2)
+  assert unsolved.startswith('grpo: 80% of groups had no reward variance') and 'none of the G outputs' in unsolved
+  assert 'all G outputs' in weak_signal_warning('grpo_2', 0.7, 0.9)
+
+
 def test_agreement_counts_the_verifier_ordered_pairs_of_each_group():
   # Group 1: correct [1, 0, 0], scores [3, 1, 5]: pairs (0>1) right, (0>2) wrong -> 1 of 2.
   # Group 2: all correct: no ordered pair. Group 3: correct [0, 1, 0], scores [0, 2, 1]: (1>0), (1>2) right -> 2 of 2.

@@ -217,3 +217,17 @@ def test_sft_matched_preset_is_the_default_with_sft_in_place_of_grpo():
   assert differ == {'rl', 'sft'}
   assert {k for k, v in matched.sft.items() if v != default.sft[k]} == {'max_steps'}
   assert {k for k, v in matched.rl.items() if v != default.rl[k]} == {'num_steps'}
+
+
+def test_sft_only_config_checks():
+  from conftest import load_config
+
+  from grpo_jax.pipeline.config_checks import check_config
+  check_config(load_config('sft_matched'), 1)
+  cfg = load_config()
+  cfg.rl.num_steps = -1
+  with pytest.raises(ValueError, match=r'config\.rl\.num_steps must be >= 0'):
+    check_config(cfg, 1)
+  cfg.rl.num_steps, cfg.sft.max_steps = 0, 0
+  with pytest.raises(ValueError, match='nothing to train'):
+    check_config(cfg, 1)
