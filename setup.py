@@ -23,6 +23,7 @@ setup(
         'array-record>=0.5',
         'math-verify>=0.7',  # MATH answer equivalence
         'jinja2>=3.1',  # chat templates
+        'scipy',  # accuracy intervals and paired tests (grpo_jax/pipeline/stats.py)
     ],
     extras_require={
         # torch (CPU build when pinned) is only the reference in the transformers parity tests.
