@@ -86,14 +86,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.group_size = 8  # G, outputs per question (the paper: 64)
   c.rl.num_epochs = 1  # mu, passes over each rollout batch (pi_old fixed during them)
   c.rl.num_minibatches = 1  # gradient steps per pass
-  c.rl.clip_eps = 0.2  # epsilon
+  c.rl.clip_eps = 0.2  # epsilon (the lower one when clip_eps_high is set)
+  c.rl.clip_eps_high = 0.0  # upper epsilon of the ratio clip (clip-higher, DAPO: 0.28); 0 = clip_eps
+  c.rl.dual_clip = 0.0  # c > 1: for A < 0 the objective is floored at c * A (Ye et al. 2020); 0 = off
+  c.rl.importance_ratio = 'token'  # 'token' (the paper) | 'sequence' (GSPO: one length-normalized ratio per output)
+  c.rl.loss_aggregation = 'sequence_mean'  # the paper | 'token_mean' (DAPO) | 'constant' (Dr. GRPO) | 'sequence_sum'
+  c.rl.entropy_coef = 0.0  # + coef * token entropy in the objective (an entropy bonus); 0 = off
   c.rl.beta = 0.0  # KL weight (the paper: 0.04); > 0 runs the frozen reference each step
-  c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's)
+  c.rl.kl_estimator = 'k3'  # 'k1' | 'k2' | 'k3' (the paper's) | 'k3_k2grad' (k3's value, k2's unbiased gradient)
+  c.rl.kl_in_reward = False  # False: -beta * KL in the loss (GRPO); True: folded into per-token advantages (PPO-style)
   c.rl.kl_target = 0.0  # > 0: a controller moves beta toward this per-token KL (Ziegler et al. 2019); 0 = fixed beta
   c.rl.kl_horizon = 10000  # the controller's horizon in samples: larger moves beta more slowly
   c.rl.kl_adapt = 'beta'  # what the controller moves: 'beta' | 'lr' (a scale on rl.lr's schedule)
   c.rl.exact_kl_rows = 4  # rows per step whose KL to the reference is also computed exactly (full vocabulary); 0 = off
-  c.rl.advantage = 'grpo'  # 'grpo' (std-scaled) | 'group_mean'
+  c.rl.advantage = 'grpo'  # 'grpo' (group std-scaled) | 'group_mean' (no std) | 'batch_std' (group mean, batch std)
   c.rl.reward = 'gsm8k_exact'  # the rule reward: registry name in grpo_jax/rewards/registry.py
   c.rl.reward_source = 'verifier'  # 'verifier' (rl.reward) | 'reward_model' (learned, config.reward_model) | 'mix'
   c.rl.reward_mix = 0.5  # 'mix': reward = (1 - w) * rl.reward + w * sigmoid(reward-model score)

@@ -19,7 +19,7 @@ def _np_kl(name, lp, ref):
     return -log_r
   if name == 'k2':
     return 0.5 * log_r**2
-  if name == 'k3':
+  if name in ('k3', 'k3_k2grad'):  # k3_k2grad: k3's value (its gradient is k2's)
     return np.exp(log_r) - log_r - 1.0
   raise AssertionError(name)
 
@@ -39,8 +39,12 @@ def _np_grpo(lp, old, ref, adv, mask, clip_eps, beta, kl_estimator='k3'):
     objective.append(per_token[i][keep].mean() if keep.any() else 0.0)
   loss = -np.mean(objective)
   keep = mask > 0
-  clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
-  metrics = {'loss': loss, 'kl': kl[keep].mean(), 'ratio': ratio[keep].mean(), 'clip_frac': clipped[keep].mean()}
+  clipped_high = (adv > 0) & (ratio > 1 + clip_eps)
+  clipped_low = (adv < 0) & (ratio < 1 - clip_eps)
+  clipped = clipped_high | clipped_low
+  metrics = {'loss': loss, 'kl': kl[keep].mean(), 'ratio': ratio[keep].mean(), 'clip_frac': clipped[keep].mean(),
+             'clip_frac_low': clipped_low[keep].mean(), 'clip_frac_high': clipped_high[keep].mean(),
+             'clip_frac_dual': 0.0, 'ratio_min': ratio[keep].min(), 'ratio_max': ratio[keep].max()}
   return loss, metrics
 
 
@@ -83,9 +87,13 @@ def _call(lp, old, ref, adv, mask, **kw):
   return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
+METRICS = {'loss', 'kl', 'ratio', 'ratio_min', 'ratio_max', 'clip_frac', 'clip_frac_low', 'clip_frac_high',
+           'clip_frac_dual'}
+
+
 def _assert_metrics_close(got, want, rtol=1e-5, atol=1e-6):
-  assert set(got) == {'loss', 'kl', 'ratio', 'clip_frac'}
-  for key in ('loss', 'kl', 'ratio', 'clip_frac'):
+  assert set(got) == METRICS
+  for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=key)
 
 
@@ -274,7 +282,10 @@ def test_kl_estimators_match_numpy():
     np.testing.assert_allclose(got, _np_kl(name, lp.astype(np.float64), ref.astype(np.float64)), rtol=1e-5,
                                atol=1e-6, err_msg=name)
     assert get_kl_fn(name) is fn
-  assert set(KL_ESTIMATORS) == {'k1', 'k2', 'k3'}
+  assert set(KL_ESTIMATORS) == {'k1', 'k2', 'k3', 'k3_k2grad'}
+  # The straight-through estimator's value is k3's.
+  np.testing.assert_allclose(np.asarray(get_kl_fn('k3_k2grad')(jnp.asarray(lp), jnp.asarray(ref))),
+                             _np_kl('k3', lp.astype(np.float64), ref.astype(np.float64)), rtol=1e-5, atol=1e-6)
 
 
 def test_kl_hand_values():

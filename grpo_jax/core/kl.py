@@ -4,6 +4,18 @@ With r = pi_ref / pi_theta = exp(ref_logprobs - logprobs):
   k1 = -log r                  unbiased, high variance, can be negative
   k2 = (log r)^2 / 2           biased, low variance
   k3 = r - log r - 1           unbiased, low variance, always >= 0 (DeepSeekMath eq. 4; the default)
+  k3_k2grad                    straight-through: k3's value, k2's gradient
+
+"Unbiased" above is about the value. A loss differentiates the estimator through log pi_theta of the sampled
+tokens only (the sampling distribution is not differentiated), so the gradient it follows in expectation over
+tokens drawn from pi_theta is E_x[d k / d log pi(x) * grad log pi(x)], and with pi = pi_theta, q = pi_ref:
+  k1: d k1 / d log pi = 1, and E_pi[grad log pi] = 0: the expected gradient is zero. The penalty does nothing
+      on average; it only adds noise.
+  k2: d k2 / d log pi = log(pi / q): E_pi[log(pi / q) grad log pi] = grad KL(pi || q). The unbiased gradient.
+  k3: d k3 / d log pi = 1 - q / pi: E_pi[(1 - q / pi) grad log pi] = -E_q[grad log pi] = grad KL(q || pi), the
+      gradient of the reverse KL: biased for KL(pi || q) (the two agree only to first order near pi = q).
+  k3_k2grad: k3's value (unbiased, >= 0: what is logged and, in the reward, what is penalized) with k2's
+      gradient (unbiased). tests/test_kl_exact.py checks all four on a tiny vocabulary.
 
 exact_kl is the full-vocabulary value these estimate, for measuring rather than training.
 """
@@ -28,7 +40,14 @@ def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
   return jnp.exp(log_ratio) - log_ratio - 1.0
 
 
-KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {'k1': kl_k1, 'k2': kl_k2, 'k3': kl_k3}
+def kl_k3_k2grad(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+  """k3's value with k2's gradient (straight-through): k2 + stop_gradient(k3 - k2). [...] -> [...]."""
+  k2 = kl_k2(logprobs, ref_logprobs)
+  return k2 + jax.lax.stop_gradient(kl_k3(logprobs, ref_logprobs) - k2)
+
+
+KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    'k1': kl_k1, 'k2': kl_k2, 'k3': kl_k3, 'k3_k2grad': kl_k3_k2grad}
 
 
 def get_kl_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:

@@ -8,6 +8,8 @@ frozen `LossConfig`; values that change during training (beta, for a KL controll
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,40 +17,87 @@ import jax.numpy as jnp
 from grpo_jax.core.kl import KL_ESTIMATORS, get_kl_fn
 from grpo_jax.core.logprobs import sequence_logprobs
 
+LOSS_AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant', 'sequence_sum')
+IMPORTANCE_RATIOS = ('token', 'sequence')
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """What the GRPO loss computes; every field is static under jit. Built from config.rl in one place
-  (pipeline/grpo.py: loss_config).
+  (pipeline/grpo.py: loss_config). The defaults are the paper's objective (DeepSeekMath eq. 3).
 
-  clip_eps: epsilon of the ratio clip, min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
-  kl_estimator: 'k1' | 'k2' | 'k3' (core/kl.py), the per-token estimate of KL(pi_theta || pi_ref).
-  kl_penalty: subtract beta * KL in the loss. False (beta = 0 in the config) drops the term from the compiled
-    step; the logged 'kl' still measures the KL to the reference logprobs it is given.
+  clip_eps: epsilon of the ratio clip, min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A); the lower one.
+  clip_eps_high: the upper epsilon (clip-higher, DAPO); 0 = clip_eps (a symmetric clip).
+  dual_clip: c > 1: for A < 0 the per-token objective is max(min(ratio * A, clip(ratio) * A), c * A) (Ye et al.
+    2020), which bounds what one token with a huge ratio can contribute; 0 = off.
+  kl_estimator: 'k1' | 'k2' | 'k3' | 'k3_k2grad' (core/kl.py), the per-token estimate of KL(pi_theta || pi_ref).
+  kl_penalty: apply beta * KL. False (beta = 0 in the config) drops the term from the compiled step; the logged
+    'kl' still measures the KL to the reference logprobs it is given.
+  kl_in_reward: False: subtract beta * KL(pi_theta || pi_ref) in the loss (GRPO). True: fold the KL of pi_old into
+    the per-token advantages instead (PPO-style; see grpo_loss), with no gradient through it.
+  loss_aggregation: how per-token terms become one number (LOSS_AGGREGATIONS; see grpo_loss).
+  importance_ratio: 'token' (per-token ratios, the paper) | 'sequence' (GSPO: one length-normalized ratio per
+    output, clipped as a whole).
+  entropy_coef: adds entropy_coef * the token entropy of pi_theta to the objective (an entropy bonus); 0 = off.
   logprob_chunk: > 0: the LM head and logprobs run over this many completion positions at a time
     (core/logprobs.sequence_logprobs chunk_size); memory only, same values.
   remat: what each block keeps for the backward pass (models/transformer.REMAT_POLICIES); memory only.
   """
   clip_eps: float = 0.2
+  clip_eps_high: float = 0.0
+  dual_clip: float = 0.0
   kl_estimator: str = 'k3'
   kl_penalty: bool = True
+  kl_in_reward: bool = False
+  loss_aggregation: str = 'sequence_mean'
+  importance_ratio: str = 'token'
+  entropy_coef: float = 0.0
   logprob_chunk: int = 0
   remat: str = 'none'
 
   def __post_init__(self):
     if not 0 < self.clip_eps < 1:
       raise ValueError(f'clip_eps must be in (0, 1), got {self.clip_eps}')
+    if self.clip_eps_high and self.clip_eps_high < self.clip_eps:
+      raise ValueError(f'clip_eps_high must be 0 (= clip_eps) or >= clip_eps={self.clip_eps}, got '
+                       f'{self.clip_eps_high}')
+    if self.dual_clip and not self.dual_clip > 1:
+      raise ValueError(f'dual_clip must be 0 (off) or > 1, got {self.dual_clip}')
     if self.kl_estimator not in KL_ESTIMATORS:
       raise ValueError(f'unknown KL estimator {self.kl_estimator!r}; known: {sorted(KL_ESTIMATORS)}')
+    if self.loss_aggregation not in LOSS_AGGREGATIONS:
+      raise ValueError(f'unknown loss aggregation {self.loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
+    if self.importance_ratio not in IMPORTANCE_RATIOS:
+      raise ValueError(f'unknown importance ratio {self.importance_ratio!r}; known: {list(IMPORTANCE_RATIOS)}')
+
+  @property
+  def upper_clip_eps(self) -> float:
+    return self.clip_eps_high or self.clip_eps
 
 
 def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Array, advantages: jax.Array,
-              mask: jax.Array, *, clip_eps: float = 0.2, beta: float | jax.Array = 0.04, kl_estimator: str = 'k3'
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Negative clipped surrogate with a KL penalty, averaged per output then over outputs.
+              mask: jax.Array, *, clip_eps: float = 0.2, beta: float | jax.Array = 0.04, kl_estimator: str = 'k3',
+              clip_eps_high: float | None = None, dual_clip: float = 0.0, loss_aggregation: str = 'sequence_mean',
+              importance_ratio: str = 'token', kl_in_reward: bool = False, entropy: jax.Array | None = None,
+              entropy_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Negative clipped surrogate with a KL penalty; by default averaged per output, then over outputs.
 
-  Per token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - beta * KL, ratio = exp(logprobs - old).
-  The objective is (1/N) sum_i (1/|o_i|) sum_t [that], N = num_prompts * G; the loss is its negative.
+  Per token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) - beta * KL (+ entropy_coef * entropy),
+  ratio = exp(logprobs - old); with dual_clip = c > 0 and A < 0 the min is floored at c * A.
+  With importance_ratio 'sequence' (GSPO) ratio is exp(mean over the output's tokens of (logprobs - old)), one value
+  for all its tokens: with one advantage per output and 'sequence_mean' the objective is GSPO's
+  (1/N) sum_i min(s_i A_i, clip(s_i) A_i).
+  With kl_in_reward the loss has no KL term; token t's advantage is A_t - beta * sum_{t' >= t} KL_t', the KL of
+  the sampled tokens of pi_old to the reference (a constant: pi_old is fixed, like the reward), as a per-token
+  reward -beta * KL_t' credited with gamma = lambda = 1 in RLHF PPO.
+
+  With x_it the per-token objective, m_it the mask, N outputs, T = the mask's time dimension (the completion budget),
+  the objective by loss_aggregation is:
+    'sequence_mean'  (1/N) sum_i (1/|o_i|) sum_t m_it x_it   (the paper; a token of a long output counts less)
+    'token_mean'     sum_it m_it x_it / sum_it m_it          (DAPO: every token of the batch counts the same)
+    'constant'       sum_it m_it x_it / (N * T)              (Dr. GRPO: no length-dependent normalizer)
+    'sequence_sum'   (1/N) sum_i sum_t m_it x_it
+  and the loss is its negative. An empty output (|o_i| = 0) contributes 0 and still counts in N.
 
   Args:
     logprobs: [N, T] log pi_theta of the sampled tokens (differentiated).
@@ -56,13 +105,28 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     ref_logprobs: [N, T] log pi_ref (the frozen reference; constant).
     advantages: [N] one per output (outcome supervision) or [N, T] per token (process supervision).
     mask: [N, T] 1 on completion tokens, 0 on padding.
-    clip_eps: epsilon of the ratio clip.
+    clip_eps: the lower epsilon of the ratio clip (a Python number or a traced scalar).
     beta: weight of the KL penalty, a Python number or a scalar array (traced: one compile for every value);
       a Python 0 leaves the term out.
-    kl_estimator: 'k1', 'k2' or 'k3' (see kl.py).
+    kl_estimator: 'k1', 'k2', 'k3' or 'k3_k2grad' (see kl.py).
+    clip_eps_high: the upper epsilon; None = clip_eps.
+    dual_clip: a Python number, c > 1, or 0 (off).
+    loss_aggregation: see above (static).
+    importance_ratio: 'token' | 'sequence' (static).
+    kl_in_reward: static; see above.
+    entropy: [N, T] token entropy of pi_theta (differentiated), needed when entropy_coef != 0.
+    entropy_coef: a Python number; 0 leaves the term out.
   Returns:
-    (scalar loss, metrics dict of scalars).
+    (scalar loss, metrics dict of scalars): loss; kl (to the reference, token mean); ratio, ratio_min, ratio_max
+    (over real tokens; 1 when there is none); clip_frac_low / clip_frac_high, the tokens whose gradient the lower /
+    upper clip zeroed (A < 0 with ratio < 1 - eps, A > 0 with ratio > 1 + eps_high), clip_frac their sum;
+    clip_frac_dual, the tokens the dual clip floored (A < 0, ratio > c; 0 when off).
   """
+  if loss_aggregation not in LOSS_AGGREGATIONS:
+    raise ValueError(f'unknown loss aggregation {loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
+  if importance_ratio not in IMPORTANCE_RATIOS:
+    raise ValueError(f'unknown importance ratio {importance_ratio!r}; known: {list(IMPORTANCE_RATIOS)}')
+  kl_fn = get_kl_fn(kl_estimator)
   valid = mask.astype(bool)
   mask = mask.astype(jnp.float32)
   if advantages.ndim == 1:
@@ -72,27 +136,60 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
   old_logprobs = jnp.where(valid, jax.lax.stop_gradient(old_logprobs), 0.0)
   ref_logprobs = jnp.where(valid, jax.lax.stop_gradient(ref_logprobs), 0.0)
   advantages = jax.lax.stop_gradient(advantages)
-
-  ratio = jnp.exp(logprobs - old_logprobs)
-  unclipped = ratio * advantages
-  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-  per_token = jnp.minimum(unclipped, clipped)
-  kl = get_kl_fn(kl_estimator)(logprobs, ref_logprobs)
-  if not (isinstance(beta, (int, float)) and beta == 0):
-    per_token = per_token - beta * kl
+  penalize = not (isinstance(beta, (int, float)) and beta == 0)
+  if kl_in_reward and penalize:
+    kl_old = jnp.where(valid, kl_fn(old_logprobs, ref_logprobs), 0.0)
+    kl_to_go = jnp.flip(jnp.cumsum(jnp.flip(kl_old, axis=-1), axis=-1), axis=-1)  # sum over t' >= t
+    advantages = advantages - jax.lax.stop_gradient(beta * kl_to_go)
 
   lengths = jnp.maximum(mask.sum(axis=-1), 1.0)  # |o_i|; an empty output contributes 0
-  per_output = (per_token * mask).sum(axis=-1) / lengths
-  loss = -per_output.mean()
+  log_ratio = logprobs - old_logprobs
+  if importance_ratio == 'sequence':
+    log_ratio = jnp.broadcast_to(((log_ratio * mask).sum(axis=-1) / lengths)[:, None], log_ratio.shape)
+  ratio = jnp.exp(log_ratio)
+  upper = clip_eps if clip_eps_high is None else clip_eps_high
+  unclipped = ratio * advantages
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + upper) * advantages
+  per_token = jnp.minimum(unclipped, clipped)
+  clip_won = clipped < unclipped  # the clipped term won the min: that token's gradient is zero
+  dual_floored = jnp.zeros_like(valid)
+  if dual_clip:
+    # For A < 0 the min picks ratio * A once ratio > 1 + eps, unbounded below as the ratio grows.
+    floor = dual_clip * advantages
+    dual_floored = (advantages < 0) & (per_token < floor)
+    per_token = jnp.where(advantages < 0, jnp.maximum(per_token, floor), per_token)
+  kl = kl_fn(logprobs, ref_logprobs)
+  if penalize and not kl_in_reward:
+    per_token = per_token - beta * kl
+  if entropy_coef:
+    per_token = per_token + entropy_coef * jnp.where(valid, entropy, 0.0)
+
+  if loss_aggregation == 'sequence_mean':
+    objective = ((per_token * mask).sum(axis=-1) / lengths).mean()
+  elif loss_aggregation == 'token_mean':
+    objective = (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  elif loss_aggregation == 'constant':
+    objective = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+  else:  # 'sequence_sum'
+    objective = (per_token * mask).sum(axis=-1).mean()
+  loss = -objective
 
   num_tokens = jnp.maximum(mask.sum(), 1.0)
   token_mean = lambda x: (x * mask).sum() / num_tokens  # noqa: E731
+  fraction = lambda x: token_mean(x.astype(jnp.float32))  # noqa: E731
+  any_token = valid.any()
   metrics = {
       'loss': loss,
       'kl': token_mean(kl),
       'ratio': token_mean(ratio),
-      # Tokens whose gradient the clip zeroed: the clipped term won the min.
-      'clip_frac': token_mean((clipped < unclipped).astype(jnp.float32)),
+      'ratio_min': jnp.where(any_token, jnp.min(jnp.where(valid, ratio, jnp.inf)), 1.0),
+      'ratio_max': jnp.where(any_token, jnp.max(jnp.where(valid, ratio, -jnp.inf)), 1.0),
+      # clip_won with ratio above 1 is the upper clip (A > 0), below 1 the lower one (A < 0); at ratio 1 the clip
+      # is inactive. clip_frac is computed as before, and equals their sum.
+      'clip_frac': fraction(clip_won),
+      'clip_frac_low': fraction(clip_won & (ratio < 1.0)),
+      'clip_frac_high': fraction(clip_won & (ratio > 1.0)),
+      'clip_frac_dual': fraction(dual_floored),
   }
   return loss, metrics
 
@@ -111,10 +208,26 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
   beta = hparams['beta'] if config.kl_penalty else 0
   loss, metrics = grpo_loss(logprobs, batch.old_logprobs, batch.ref_logprobs, batch.advantages,
                             batch.completion_mask, clip_eps=config.clip_eps, beta=beta,
-                            kl_estimator=config.kl_estimator)
+                            kl_estimator=config.kl_estimator, clip_eps_high=config.upper_clip_eps,
+                            dual_clip=config.dual_clip, loss_aggregation=config.loss_aggregation,
+                            importance_ratio=config.importance_ratio, kl_in_reward=config.kl_in_reward,
+                            entropy=entropy, entropy_coef=config.entropy_coef)
   mask = batch.completion_mask.astype(jnp.float32)
   metrics['entropy'] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, metrics
+
+
+def grpo_micro_weight(config: LossConfig) -> Callable[[Any], jax.Array] | None:
+  """The micro-batch weight that makes gradient accumulation equal one big step for this loss
+  (pipeline/train_state.make_train_step's micro_weight): a batch token mean ('token_mean') weighs micro-batches by
+  their tokens; every other aggregation is a mean over outputs (or a sum over N * T for 'constant'), which equal
+  micro-batches weigh equally (None)."""
+  return grpo_token_count if config.loss_aggregation == 'token_mean' else None
+
+
+def grpo_token_count(batch) -> jax.Array:
+  """Completion tokens in a rollout (mini/micro)batch."""
+  return batch.completion_mask.sum().astype(jnp.float32)
 
 
 def sft_loss(model, batch, hparams: dict[str, jax.Array] | None = None, *, logprob_chunk: int = 0,

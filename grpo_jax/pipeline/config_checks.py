@@ -8,6 +8,7 @@ from absl import app
 
 from grpo_jax.core.advantages import ADVANTAGES
 from grpo_jax.core.kl import KL_ESTIMATORS
+from grpo_jax.core.losses import IMPORTANCE_RATIOS, LOSS_AGGREGATIONS
 from grpo_jax.data.datasets import DATASETS
 from grpo_jax.data.preferences import load_preference_jsonl
 from grpo_jax.data.prompts import CHAT_MODES, resolve_template
@@ -171,6 +172,32 @@ def _check_iterations(cfg) -> None:
                      f'{rl.num_prompts * rl.group_size} rows')
 
 
+def _check_loss_switches(cfg) -> None:
+  """The GRPO loss's switches (core/losses.LossConfig): names from their lists, the clip epsilons ordered, and
+  combinations that would silently do nothing or something else than asked."""
+  rl = cfg.rl
+  _in(cfg, 'rl.loss_aggregation', LOSS_AGGREGATIONS)
+  _in(cfg, 'rl.importance_ratio', IMPORTANCE_RATIOS)
+  high = rl.clip_eps_high
+  if isinstance(high, bool) or not isinstance(high, (int, float)) or high < 0 or (high and high < rl.clip_eps):
+    raise ValueError(f'config.rl.clip_eps_high={high!r} must be 0 (= rl.clip_eps, a symmetric clip) or >= '
+                     f'rl.clip_eps={rl.clip_eps} (the lower epsilon)')
+  dual = rl.dual_clip
+  if isinstance(dual, bool) or not isinstance(dual, (int, float)) or not (dual == 0 or dual > 1):
+    raise ValueError(f'config.rl.dual_clip={dual!r} must be 0 (off) or > 1: the floor c * A (A < 0) zeroes the '
+                     'gradient of every token whose ratio is above c, on-policy tokens (ratio 1) too when c <= 1')
+  if not isinstance(rl.kl_in_reward, bool):
+    raise ValueError(f'config.rl.kl_in_reward must be True or False, got {rl.kl_in_reward!r}')
+  if rl.kl_in_reward and not rl.beta > 0:
+    raise ValueError('config.rl.kl_in_reward=True with rl.beta=0 folds no KL into the reward: set rl.beta > 0')
+  if isinstance(rl.entropy_coef, bool) or not isinstance(rl.entropy_coef, (int, float)):
+    raise ValueError(f'config.rl.entropy_coef must be a number (0 = off), got {rl.entropy_coef!r}')
+  if rl.importance_ratio == 'sequence' and rl.supervision == 'process':
+    raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.supervision='process' is unsupported: one "
+                     "ratio for all of an output's tokens collapses the per-token advantages into their sum; use "
+                     "rl.importance_ratio='token' or rl.supervision='outcome'")
+
+
 def _check_reward_model(cfg) -> None:
   """config.reward_model: its values always (a typo is caught before the run that reads them), its path when a
   reward model is trained, and the source of its comparisons for an outcome reward model."""
@@ -236,6 +263,7 @@ def check_config(cfg, num_devices: int) -> None:
   _check_reward_model(cfg)
   if not 0 < cfg.rl.clip_eps < 1:
     raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
+  _check_loss_switches(cfg)
   if cfg.rl.beta < 0:
     raise ValueError(f'config.rl.beta must be >= 0, got {cfg.rl.beta}')
   if cfg.rl.kl_target < 0 or not cfg.rl.kl_horizon > 0:

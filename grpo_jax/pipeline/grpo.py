@@ -17,7 +17,7 @@ from absl import logging
 
 from grpo_jax.core.advantages import get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
-from grpo_jax.core.losses import LossConfig, grpo_objective
+from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
 from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
@@ -25,6 +25,7 @@ from grpo_jax.pipeline.loop import Stage
 from grpo_jax.pipeline.setup import Policy, Setup
 from grpo_jax.pipeline.train_state import (
   TrainState,
+  combine_metrics,
   init_state,
   learning_rate,
   make_optimizer,
@@ -46,8 +47,11 @@ def stage_name(iteration: int, num_iterations: int) -> str:
 
 def loss_config(cfg) -> LossConfig:
   """The GRPO loss's static choices, from config.rl (and the forward's memory knobs from config.model)."""
-  return LossConfig(clip_eps=cfg.rl.clip_eps, kl_estimator=cfg.rl.kl_estimator, kl_penalty=cfg.rl.beta > 0,
-                    logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat)
+  rl = cfg.rl
+  return LossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, dual_clip=rl.dual_clip,
+                    kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
+                    loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
+                    entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat)
 
 
 def loss_hparams(cfg) -> dict[str, jax.Array]:
@@ -59,9 +63,10 @@ def loss_hparams(cfg) -> dict[str, jax.Array]:
 def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
   """The jitted, donated GRPO update on one minibatch: train_step(state, Rollout, hparams) -> (state, metrics)."""
   cfg = setup.cfg
-  return make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=loss_config(cfg)),
+  config = loss_config(cfg)
+  return make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=config),
                          state_shardings(state, setup.mesh, setup.rules), setup.batch_sharding, setup.mesh,
-                         setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps,
+                         setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
                          trainable=None if policy.lora is None else lora.TRAINABLE)
 
 
@@ -75,8 +80,7 @@ def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.A
     for idx in np.split(order, num_minibatches):
       state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)), hparams)
       all_metrics.append(metrics)
-  mean = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
-  return state, mean
+  return state, combine_metrics(all_metrics)  # means, but ratio_min / ratio_max a min / max
 
 
 def control_kl(controller: dict[str, jax.Array], kl: jax.Array, rl) -> dict[str, jax.Array]:

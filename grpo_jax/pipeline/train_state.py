@@ -129,6 +129,19 @@ def state_shardings(state: TrainState, mesh: Mesh, rules: sharding.Rules = shard
   return sharding.tree_shardings(state, mesh, rules)
 
 
+def metric_reduction(name: str) -> str:
+  """How a step's metric combines over micro-batches and minibatches: 'min' for names ending in '_min' (e.g.
+  ratio_min), 'max' for '_max', else 'mean' (the losses' token means, the loss itself)."""
+  return 'min' if name.endswith('_min') else 'max' if name.endswith('_max') else 'mean'
+
+
+def combine_metrics(metrics: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """One dict from several updates' metrics (a GRPO step's minibatches and epochs): equal-weight means, except
+  that '_min' / '_max' metrics are the min / max of their values (metric_reduction)."""
+  ops = {'min': jnp.min, 'max': jnp.max, 'mean': jnp.mean}
+  return {k: ops[metric_reduction(k)](jnp.stack([m[k] for m in metrics])) for k in metrics[0]}
+
+
 # loss_fn(model, batch, hparams) -> (scalar loss, metrics): hparams are scalar arrays a controller may change
 # between steps (beta), so new values need no recompile.
 LossFn = Callable[[nnx.Module, Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -149,7 +162,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   one optimizer update is applied. That equals the k = 1 step when loss_fn is a weighted mean over the
   micro-batches with those weights: equal weights for GRPO (a mean over outputs), token counts for SFT (a
   mean over tokens). Metrics that are token means of GRPO (kl, ratio, clip_frac, entropy) become means of the
-  micro-batch values.
+  micro-batch values with those weights; metrics named '*_min' / '*_max' (ratio_min, ratio_max) become the min / max
+  over the micro-batches (metric_reduction).
 
   trainable: an nnx filter as in init_state: only those params get gradients and updates; the rest pass through
   the step unchanged and, being constants of the differentiated function, have no weight gradient computed.
@@ -171,11 +185,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
     def add_micro_batch(acc, xs):
       batch, weight = xs
-      out = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding), hparams, frozen)
-      return jax.tree.map(lambda a, x: a + weight * x.astype(jnp.float32), acc, out), None
+      (loss, metrics), grads = grads_of(params, jax.lax.with_sharding_constraint(batch, batch_sharding), hparams,
+                                        frozen)
+      (acc_loss, acc_metrics), acc_grads = acc
+      add = lambda a, x: a + weight * x.astype(jnp.float32)  # noqa: E731
+      combine = {'min': lambda a, x: jnp.minimum(a, x.astype(jnp.float32)),
+                 'max': lambda a, x: jnp.maximum(a, x.astype(jnp.float32)), 'mean': add}
+      metrics = {k: combine[metric_reduction(k)](acc_metrics[k], v) for k, v in metrics.items()}
+      return ((add(acc_loss, loss), metrics), jax.tree.map(add, acc_grads, grads)), None
 
     shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), hparams, frozen)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    initial = {'min': jnp.inf, 'max': -jnp.inf, 'mean': 0.0}
+    (loss_shape, metric_shapes), grad_shapes = shapes
+    zeros = ((jnp.zeros(loss_shape.shape, jnp.float32),
+              {k: jnp.full(v.shape, initial[metric_reduction(k)], jnp.float32) for k, v in metric_shapes.items()}),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), grad_shapes))
     (loss, metrics), grads = jax.lax.scan(add_micro_batch, zeros, (micro, weights))[0]
     return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
