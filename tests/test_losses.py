@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from grpo_jax.core.kl import KL_ESTIMATORS, adaptive_kl_beta, get_kl_fn, kl_k1, kl_k2, kl_k3
-from grpo_jax.core.losses import grpo_loss
+from grpo_jax.core.losses import LOSS_AGGREGATIONS, grpo_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # numpy references, written from the formulas (float64)
@@ -344,3 +344,315 @@ def test_adaptive_kl_beta_is_ziegler_et_al_proportional_controller(kl, target, w
   want = beta * (1.0 + want_error * batch / horizon)
   got = adaptive_kl_beta(np.float32(beta), np.float32(kl), target=target, horizon=horizon, batch_size=batch)
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the switches (LossConfig / config.rl), each against a loop-by-loop numpy transcription of its formula
+
+
+def _np_loss_loops(lp, old, ref, adv, mask, *, clip_eps=0.2, beta=0.0, kl_estimator='k3', clip_eps_high=None,
+                   dual_clip=0.0, loss_aggregation='sequence_mean', importance_ratio='token', kl_in_reward=False,
+                   entropy=None, entropy_coef=0.0):
+  """The objective token by token, float64: (loss, metrics)."""
+  lp, old, ref, adv = (np.asarray(x, np.float64) for x in (lp, old, ref, adv))
+  n, t = lp.shape
+  high = clip_eps if clip_eps_high is None else clip_eps_high
+  kl_of = lambda a, b: float(_np_kl(kl_estimator, np.float64(a), np.float64(b)))  # noqa: E731
+  sums, counts = [], []
+  ratios, kls, low_flags, high_flags, dual_flags = [], [], [], [], []
+  for i in range(n):
+    tokens = [j for j in range(t) if mask[i, j]]
+    if importance_ratio == 'sequence':
+      seq_ratio = np.exp(np.mean([lp[i, j] - old[i, j] for j in tokens])) if tokens else 1.0
+    total = 0.0
+    for j in tokens:
+      a = adv[i] if adv.ndim == 1 else adv[i, j]
+      if kl_in_reward:
+        a = a - beta * sum(kl_of(old[i, k], ref[i, k]) for k in tokens if k >= j)
+      r = seq_ratio if importance_ratio == 'sequence' else np.exp(lp[i, j] - old[i, j])
+      clipped_r = min(max(r, 1 - clip_eps), 1 + high)
+      x = min(r * a, clipped_r * a)
+      if dual_clip and a < 0:
+        dual_flags.append(max(r, clipped_r) > dual_clip)
+        x = max(x, dual_clip * a)
+      else:
+        dual_flags.append(False)
+      kl = kl_of(lp[i, j], ref[i, j])
+      if not kl_in_reward:
+        x -= beta * kl
+      if entropy_coef:
+        x += entropy_coef * entropy[i, j]
+      total += x
+      ratios.append(r)
+      kls.append(kl)
+      low_flags.append(a < 0 and r < 1 - clip_eps)
+      high_flags.append(a > 0 and r > 1 + high)
+    sums.append(total)
+    counts.append(len(tokens))
+  if loss_aggregation == 'sequence_mean':
+    objective = np.mean([s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)])
+  elif loss_aggregation == 'token_mean':
+    objective = sum(sums) / max(sum(counts), 1)
+  elif loss_aggregation == 'constant':
+    objective = sum(sums) / (n * t)
+  else:
+    objective = np.mean(sums)
+  metrics = {'loss': -objective, 'kl': np.mean(kls), 'ratio': np.mean(ratios), 'ratio_min': min(ratios),
+             'ratio_max': max(ratios), 'clip_frac_low': np.mean(low_flags), 'clip_frac_high': np.mean(high_flags),
+             'clip_frac': np.mean(low_flags) + np.mean(high_flags), 'clip_frac_dual': np.mean(dual_flags)}
+  return -objective, metrics
+
+
+_STATIC = ('beta', 'kl_estimator', 'dual_clip', 'loss_aggregation', 'importance_ratio', 'kl_in_reward', 'entropy_coef')
+_jit_switch_loss = jax.jit(grpo_loss, static_argnames=_STATIC)
+
+
+def _switch_call(lp, old, ref, adv, mask, **kw):
+  entropy = kw.pop('entropy', None)
+  loss, metrics = _jit_switch_loss(*map(jnp.asarray, (lp, old, ref, adv, mask)),
+                                   entropy=None if entropy is None else jnp.asarray(entropy), **kw)
+  return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def _entropy(seed, shape):
+  return np.random.default_rng(seed).uniform(0.0, 3.0, size=shape).astype(np.float32)
+
+
+# Each switch alone, then some together; beta > 0 wherever the KL matters.
+SWITCHES = [
+    dict(loss_aggregation='token_mean'),
+    dict(loss_aggregation='constant'),
+    dict(loss_aggregation='sequence_sum'),
+    dict(clip_eps_high=0.28),
+    dict(dual_clip=1.3),
+    dict(importance_ratio='sequence'),
+    dict(kl_in_reward=True, beta=0.1),
+    dict(kl_in_reward=True, beta=0.1, kl_estimator='k1'),
+    dict(kl_estimator='k3_k2grad', beta=0.1),
+    dict(entropy_coef=0.01),
+    dict(loss_aggregation='token_mean', clip_eps_high=0.28, dual_clip=1.3, beta=0.04),
+    dict(importance_ratio='sequence', loss_aggregation='constant', kl_in_reward=True, beta=0.1, entropy_coef=0.02),
+]
+_IDS = ['-'.join(f'{k}={v}' for k, v in kw.items()) for kw in SWITCHES]
+
+
+@pytest.mark.parametrize('per_token_adv', [False, True])
+@pytest.mark.parametrize('switches', SWITCHES, ids=_IDS)
+def test_switches_match_numpy_loops(switches, per_token_adv):
+  lp, old, ref, adv, mask = _random_batch(51 + per_token_adv, n=8, t=9, per_token_adv=per_token_adv)
+  kw = dict(clip_eps=0.2, beta=0.0, **{k: v for k, v in switches.items() if k != 'beta'})
+  kw['beta'] = switches.get('beta', 0.0)
+  if kw.get('entropy_coef'):
+    kw['entropy'] = _entropy(7, lp.shape)
+  loss, metrics = _switch_call(lp, old, ref, adv, mask, **kw)
+  want_loss, want_metrics = _np_loss_loops(lp, old, ref, adv, mask, **kw)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+  _assert_metrics_close(metrics, want_metrics)
+  np.testing.assert_allclose(metrics['clip_frac'], metrics['clip_frac_low'] + metrics['clip_frac_high'], atol=1e-7)
+  if kw.get('dual_clip'):
+    assert want_metrics['clip_frac_dual'] > 0  # the batch reaches the dual clip's floor
+
+
+def test_default_switches_are_the_paper_objective():
+  """The defaults are the paper's choices spelled out, value for value, and the loop reference with every switch at
+  its default is the original reference (so the new reference is checked against the old one too)."""
+  batch = _random_batch(61)
+  explicit = dict(clip_eps_high=0.2, dual_clip=0.0, loss_aggregation='sequence_mean', importance_ratio='token',
+                  kl_in_reward=False, entropy_coef=0.0)
+  base = _switch_call(*batch, clip_eps=0.2, beta=0.04)
+  spelled = _switch_call(*batch, clip_eps=0.2, beta=0.04, **explicit)
+  assert base == spelled
+  np.testing.assert_allclose(_np_loss_loops(*batch, clip_eps=0.2, beta=0.04)[0], _np_grpo(*batch, 0.2, 0.04)[0],
+                             rtol=1e-12)
+
+
+def _np_numeric_grad(f, x, h=1e-6):
+  """Central differences of a float64 scalar function, element by element."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    up, down = x.copy(), x.copy()
+    up[idx] += h
+    down[idx] -= h
+    grad[idx] = (f(up) - f(down)) / (2 * h)
+  return grad
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _jit_switch_grads(lp, old, ref, adv, mask, entropy, **kw):
+  return jax.grad(lambda x, e: grpo_loss(x, old, ref, adv, mask, entropy=e, **kw)[0], argnums=(0, 1))(lp, entropy)
+
+
+@pytest.mark.parametrize('switches', SWITCHES, ids=_IDS)
+def test_switch_gradients_match_finite_differences_of_numpy(switches):
+  """d loss / d logprobs (and / d entropy) against central differences of the loop reference: the sequence ratio's
+  gradient reaches every token of its output, the dual clip and kl_in_reward's KL pass none, k3_k2grad follows k2."""
+  lp, old, ref, adv, mask = _random_batch(71, n=6, t=7, per_token_adv=True)
+  kw = dict(clip_eps=0.2, **switches)
+  kw.setdefault('beta', 0.0)
+  entropy = _entropy(8, lp.shape)
+  grad_lp, grad_entropy = _jit_switch_grads(*map(jnp.asarray, (lp, old, ref, adv, mask, entropy)), **kw)
+  np_kw = dict(kw, entropy=entropy)
+  if kw.get('kl_estimator') == 'k3_k2grad':
+    # The loss's value is k3's, its gradient is k2's: differentiate the reference with k2 in the KL term.
+    np_kw['kl_estimator'] = 'k2'
+  want_lp = _np_numeric_grad(lambda x: _np_loss_loops(x, old, ref, adv, mask, **np_kw)[0], lp)
+  np.testing.assert_allclose(np.asarray(grad_lp), want_lp, rtol=2e-4, atol=2e-6)
+  want_entropy = _np_numeric_grad(lambda e: _np_loss_loops(lp, old, ref, adv, mask, **dict(np_kw, entropy=e))[0],
+                                  entropy)
+  np.testing.assert_allclose(np.asarray(grad_entropy), want_entropy, rtol=2e-4, atol=2e-6)
+  assert np.any(np.asarray(grad_lp) != 0)
+
+
+def test_aggregations_weigh_tokens_as_documented():
+  """Each aggregation is a weighted sum of the masked per-token objective x_it: weights 1 / (N |o_i|), 1 / sum |o_i|,
+  1 / (N T) and 1 / N; so the gradient of each w.r.t. the advantage-weighted token terms (on-policy, no clip active)
+  is that weight times A."""
+  lp, _, ref, _, mask = _random_batch(81, n=5, t=6)
+  adv = np.random.default_rng(0).normal(size=lp.shape).astype(np.float32)
+  n, t = mask.shape
+  lengths = mask.sum(-1, keepdims=True)
+  weights = {'sequence_mean': mask / (n * np.maximum(lengths, 1)), 'token_mean': mask / mask.sum(),
+             'constant': mask / (n * t), 'sequence_sum': mask / n}
+  for aggregation, weight in weights.items():
+    # On-policy, d ratio / d logprob = 1 and no clip binds: d loss / d logprob_it = -weight_it * A_it.
+    grad = _jit_switch_grads(*map(jnp.asarray, (lp, lp, ref, adv, mask, np.zeros_like(lp))), clip_eps=0.2,
+                             beta=0.0, loss_aggregation=aggregation)[0]
+    np.testing.assert_allclose(np.asarray(grad), -weight * adv, rtol=1e-5, atol=1e-7, err_msg=aggregation)
+
+
+@pytest.mark.parametrize('aggregation', ['sequence_mean', 'token_mean', 'constant', 'sequence_sum'])
+def test_padding_columns_change_only_the_constant_normalizer(aggregation):
+  lp, old, ref, adv, mask = _random_batch(91)
+  n, t, extra = *lp.shape, 3
+  pad = lambda x: np.concatenate([x, np.full((n, extra), -1.0, x.dtype)], axis=1)  # noqa: E731
+  padded_mask = np.concatenate([mask, np.zeros((n, extra), mask.dtype)], axis=1)
+  base, _ = _switch_call(lp, old, ref, adv, mask, clip_eps=0.2, beta=0.04, loss_aggregation=aggregation)
+  padded, _ = _switch_call(pad(lp), pad(old), pad(ref), adv, padded_mask, clip_eps=0.2, beta=0.04,
+                           loss_aggregation=aggregation)
+  # 'constant' divides by the completion budget T, which the extra columns raise; the others never see padding.
+  scale = t / (t + extra) if aggregation == 'constant' else 1.0
+  np.testing.assert_allclose(padded, base * scale, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_higher_lets_positive_advantages_through_up_to_eps_high():
+  lp, old, ref, adv, mask = _random_batch(101, n=16, t=16, per_token_adv=True)
+  ratio = np.exp(lp.astype(np.float64) - old)
+  grad = lambda **kw: np.asarray(_jit_switch_grads(  # noqa: E731
+      *map(jnp.asarray, (lp, old, ref, adv, mask, np.zeros_like(lp))), clip_eps=0.2, beta=0.0, **kw)[0])
+  symmetric, higher = grad(), grad(clip_eps_high=0.3)
+  between = (mask > 0) & (adv > 0) & (ratio > 1.2) & (ratio < 1.3)
+  above = (mask > 0) & (adv > 0) & (ratio > 1.3)
+  assert between.any() and above.any()
+  np.testing.assert_array_equal(symmetric[between], 0.0)  # clipped at 1 + clip_eps
+  assert np.all(higher[between] != 0)  # not any more
+  np.testing.assert_array_equal(higher[above], 0.0)
+  # The lower side is clip_eps's either way.
+  lower = (mask > 0) & (adv < 0)
+  np.testing.assert_array_equal(symmetric[lower], higher[lower])
+
+
+def test_dual_clip_floors_negative_advantages_and_zeroes_their_gradient():
+  lp, old, ref, adv, mask = _random_batch(111, n=8, t=9, per_token_adv=True)
+  lp = lp + 0.4 * (adv < 0)  # push some ratios of negative-advantage tokens far above 1
+  ratio = np.exp(lp.astype(np.float64) - old)
+  args = map(jnp.asarray, (lp, old, ref, adv, mask, np.zeros_like(lp)))
+  grad = np.asarray(_jit_switch_grads(*args, clip_eps=0.2, beta=0.0, dual_clip=1.5)[0])
+  floored = (mask > 0) & (adv < 0) & (ratio > 1.5)
+  flowing = (mask > 0) & (adv < 0) & (ratio > 1.2) & (ratio < 1.5)
+  assert floored.any() and flowing.any()
+  np.testing.assert_array_equal(grad[floored], 0.0)
+  assert np.all(grad[flowing] != 0)
+  # The floor only raises the objective.
+  with_floor, metrics = _switch_call(lp, old, ref, adv, mask, clip_eps=0.2, beta=0.0, dual_clip=1.5)
+  without, _ = _switch_call(lp, old, ref, adv, mask, clip_eps=0.2, beta=0.0)
+  assert with_floor < without
+  np.testing.assert_allclose(metrics['clip_frac_dual'], floored.sum() / mask.sum(), rtol=1e-6)
+
+
+def test_sequence_ratio_is_one_value_per_output_and_equals_gspo():
+  """With outcome advantages and the default aggregation the objective is GSPO's (1/N) sum_i min(s_i A_i,
+  clip(s_i) A_i), s_i = exp(mean_t (logp - old)) over output i's tokens."""
+  lp, old, ref, adv, mask = _random_batch(121, n=8, t=9)
+  loss, metrics = _switch_call(lp, old, ref, adv, mask, clip_eps=0.2, beta=0.0, importance_ratio='sequence')
+  gspo = []
+  for i in range(lp.shape[0]):
+    keep = mask[i] > 0
+    s = np.exp(np.mean(lp[i][keep].astype(np.float64) - old[i][keep]))
+    gspo.append(min(s * adv[i], np.clip(s, 0.8, 1.2) * adv[i]))
+  np.testing.assert_allclose(loss, -np.mean(gspo), rtol=1e-5, atol=1e-7)
+  # On-policy the sequence and token ratios are both 1: the same loss.
+  on_policy = [_switch_call(lp, lp, ref, adv, mask, clip_eps=0.2, beta=0.0, importance_ratio=r)[0]
+               for r in ('token', 'sequence')]
+  np.testing.assert_allclose(*on_policy, rtol=1e-6)
+
+
+def test_kl_in_reward_moves_the_kl_out_of_the_gradient():
+  """kl_in_reward: the loss's gradient w.r.t. logprobs is the surrogate's alone, with the advantages shifted by
+  -beta * (KL of pi_old to go); nothing flows to old or reference logprobs."""
+  lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(131, n=6, t=7))
+  in_reward = lambda x, o, r: grpo_loss(x, o, r, adv, mask, clip_eps=0.2, beta=0.1, kl_in_reward=True)[0]  # noqa: E731
+  grads = jax.grad(in_reward, argnums=(0, 1, 2))(lp, old, ref)
+  np.testing.assert_array_equal(np.asarray(grads[1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(grads[2]), 0.0)
+  kl_old = np.where(np.asarray(mask) > 0, _np_kl('k3', np.asarray(old, np.float64), np.asarray(ref, np.float64)), 0.0)
+  to_go = np.array([[kl_old[i, j:].sum() for j in range(kl_old.shape[1])] for i in range(kl_old.shape[0])])
+  shifted = (np.asarray(adv)[:, None] - 0.1 * to_go).astype(np.float32)
+  no_kl = jax.grad(lambda x: grpo_loss(x, old, ref, jnp.asarray(shifted), mask, clip_eps=0.2, beta=0.0)[0])(lp)
+  np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(no_kl), rtol=1e-5, atol=1e-8)
+
+
+def test_k3_k2grad_has_k3s_value_and_k2s_gradient_in_the_loss():
+  lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(141))
+  loss_of = lambda name: (lambda x: grpo_loss(x, old, ref, adv, mask, beta=0.5, kl_estimator=name)[0])  # noqa: E731
+  np.testing.assert_allclose(float(loss_of('k3_k2grad')(lp)), float(loss_of('k3')(lp)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss_of('k3_k2grad'))(lp)), np.asarray(jax.grad(loss_of('k2'))(lp)),
+                             rtol=1e-6, atol=1e-9)
+  assert not np.allclose(np.asarray(jax.grad(loss_of('k3'))(lp)), np.asarray(jax.grad(loss_of('k2'))(lp)))
+
+
+def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mean():
+  """Gradient accumulation with grpo_micro_weight: 'token_mean' weighs micro-batches by their tokens (then the
+  weighted mean of their losses is the batch's); the other aggregations by equal weights."""
+  from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_token_count
+  from grpo_jax.rollout.rollout import Rollout
+  lp, old, ref, adv, mask = _random_batch(151, n=8, t=9)
+  for aggregation in LOSS_AGGREGATIONS:
+    full, _ = _switch_call(lp, old, ref, adv, mask, clip_eps=0.2, beta=0.04, loss_aggregation=aggregation)
+    halves = [slice(0, 4), slice(4, 8)]
+    losses = [_switch_call(lp[h], old[h], ref[h], adv[h], mask[h], clip_eps=0.2, beta=0.04,
+                           loss_aggregation=aggregation)[0] for h in halves]
+    weight_fn = grpo_micro_weight(LossConfig(loss_aggregation=aggregation))
+    if weight_fn is None:
+      weights = np.ones(2)
+    else:
+      weights = np.array([float(weight_fn(Rollout(None, None, None, mask[h], None, None, None))) for h in halves])
+      assert weight_fn is grpo_token_count
+    np.testing.assert_allclose(np.dot(weights / weights.sum(), losses), full, rtol=1e-5, err_msg=aggregation)
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(loss_aggregation='mean'), r"unknown loss aggregation 'mean'; known: \['sequence_mean', 'token_mean'"),
+    (dict(importance_ratio='seq'), r"unknown importance ratio 'seq'; known: \['token', 'sequence'\]"),
+    (dict(kl_estimator='k4'), r"unknown KL estimator 'k4'; known: \['k1', 'k2', 'k3', 'k3_k2grad'\]"),
+])
+def test_unknown_switch_names_list_the_valid_ones(kw, match):
+  lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(0))
+  with pytest.raises(ValueError, match=match):
+    grpo_loss(lp, old, ref, adv, mask, **kw)
+  from grpo_jax.core.losses import LossConfig
+  with pytest.raises(ValueError, match=match):
+    LossConfig(**kw)
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(clip_eps=0.2, clip_eps_high=0.1), 'clip_eps_high must be 0'),
+    (dict(dual_clip=1.0), 'dual_clip must be 0'),
+    (dict(dual_clip=0.5), 'dual_clip must be 0'),
+])
+def test_loss_config_rejects_contradictory_clips(kw, match):
+  from grpo_jax.core.losses import LossConfig
+  with pytest.raises(ValueError, match=match):
+    LossConfig(**kw)
+  assert LossConfig(clip_eps=0.2).upper_clip_eps == 0.2
+  assert LossConfig(clip_eps=0.2, clip_eps_high=0.28).upper_clip_eps == 0.28
