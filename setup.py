@@ -24,6 +24,7 @@ setup(
         'math-verify>=0.7',  # MATH answer equivalence
         'jinja2>=3.1',  # chat templates
         'scipy',  # accuracy intervals and paired tests (grpo_jax/pipeline/stats.py)
+        'matplotlib',  # grpo_jax/report.py's plots (Agg, no display)
     ],
     extras_require={
         # torch (CPU build when pinned) is only the reference in the transformers parity tests.
