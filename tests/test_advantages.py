@@ -133,3 +133,67 @@ def test_process_advantages_hand_worked():
   got = process_advantages(np.array([[[1.0], [0.0]]]), np.array([[[1], [1]]]), np.ones((1, 2, 1)), num_tokens=3,
                            eps=0.0)
   np.testing.assert_allclose(np.asarray(got), [[[1, 1, 0], [-1, -1, 0]]], atol=1e-6)
+
+
+def _np_batch_std_loops(rewards, eps=1e-6):
+  """Group-mean baseline over the population std (ddof=0) of all rewards, one element at a time."""
+  r = np.asarray(rewards, np.float64)
+  flat = [x for row in r for x in row]
+  batch_mean = sum(flat) / len(flat)
+  batch_std = np.sqrt(sum((x - batch_mean) ** 2 for x in flat) / len(flat))
+  out = np.zeros_like(r)
+  for i, row in enumerate(r):
+    group_mean = sum(row) / len(row)
+    for j, x in enumerate(row):
+      out[i, j] = (x - group_mean) / (batch_std + eps)
+  return out
+
+
+@pytest.mark.parametrize('shape', [(1, 2), (3, 4), (6, 8)])
+@pytest.mark.parametrize('binary', [False, True])
+def test_batch_std_matches_numpy_loops(shape, binary):
+  rng = np.random.default_rng(sum(shape) + binary)
+  rewards = (rng.integers(0, 2, shape) if binary else rng.normal(size=shape)).astype(np.float32)
+  fn = jax.jit(get_advantage_fn('batch_std'))
+  got = np.asarray(fn(rewards))
+  assert got.shape == shape and got.dtype == np.float32
+  np.testing.assert_allclose(got, _np_batch_std_loops(rewards), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_std_keeps_the_groups_relative_scale():
+  """One scale for the whole batch: a group's advantages are its group-mean advantages times the same factor for
+  every group (unlike 'grpo', which rescales each group by its own std), and rows still sum to zero."""
+  rewards = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [3.0, 3.0, 3.0, 3.0]], np.float32)
+  batch = np.asarray(get_advantage_fn('batch_std')(rewards))
+  centered = np.asarray(get_advantage_fn('group_mean')(rewards))
+  ratio = batch[centered != 0] / centered[centered != 0]
+  np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+  np.testing.assert_allclose(ratio[0], 1 / (rewards.astype(np.float64).std() + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(batch.sum(axis=-1), 0.0, atol=1e-5)
+  np.testing.assert_array_equal(batch[2], 0.0)  # no variance in the group: no advantage
+  grpo = np.asarray(get_advantage_fn('grpo')(rewards))
+  # 'grpo' gives the 1-of-4 group's correct output a larger advantage than the 2-of-4 group's; batch_std the
+  # same deviation from the mean times one scale.
+  assert grpo[0, 0] > grpo[1, 0]
+  np.testing.assert_allclose(batch[0, 0] / batch[1, 0], 0.75 / 0.5, rtol=1e-5)
+
+
+def test_all_equal_batch_gives_zero_not_nan():
+  got = np.asarray(get_advantage_fn('batch_std')(np.full((3, 4), 2.5, np.float32)))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(got, 0.0)
+
+
+@pytest.mark.parametrize('g', [2, 3, 4, 16])
+def test_std_is_the_population_std_as_documented(g):
+  """ddof=0: each std-scaled group with any spread has mean square 1 (up to eps), whatever G; a sample std (ddof=1)
+  would give (G - 1) / G instead, the difference the advantages docstring warns about for small G."""
+  rewards = np.random.default_rng(g).normal(size=(5, g)).astype(np.float32)
+  got = np.asarray(group_advantages(rewards)).astype(np.float64)
+  np.testing.assert_allclose((got ** 2).mean(axis=-1), 1.0, rtol=1e-4)
+  sample_std = rewards.astype(np.float64).std(axis=-1, ddof=1, keepdims=True)
+  with_ddof1 = (rewards - rewards.mean(axis=-1, keepdims=True)) / sample_std
+  np.testing.assert_allclose((with_ddof1 ** 2).mean(axis=-1), (g - 1) / g, rtol=1e-4)
+  batch = np.asarray(get_advantage_fn('batch_std')(rewards)).astype(np.float64)
+  np.testing.assert_allclose(batch * (rewards.std() + 1e-6),
+                             rewards - rewards.mean(axis=-1, keepdims=True), rtol=1e-4, atol=1e-5)

@@ -1,5 +1,6 @@
 """The exact full-vocabulary KL(pi || pi_ref): core/kl.exact_kl against numpy, rollout/reference.make_exact_kl_fn
-against two tiny models' own logits, and the per-token k3 estimator converging to it."""
+against two tiny models' own logits, the per-token k3 estimator converging to it, and each per-token estimator's
+value and gradient in exact expectation against the exact KL's (which are biased)."""
 from __future__ import annotations
 
 import jax
@@ -121,3 +122,73 @@ def test_k3_sample_mean_approaches_the_exact_kl():
   tolerance = 6 * std / np.sqrt(num_samples)
   assert exact > 20 * tolerance, (exact, tolerance)  # close to the KL, and not just close to 0
   assert abs(sample_mean - exact) < tolerance, (sample_mean, exact, tolerance)
+
+
+def _expected_estimator_gradient(name, logits, ref_logits):
+  """E_{x ~ pi}[grad_logits k(log pi(x), log q(x))], the expectation taken exactly: a sum over the vocabulary
+  weighted by pi, with the weights held fixed (a loss differentiates its samples' logprobs, not how they were
+  drawn). [V] x 2 -> [V]."""
+  logq = jax.nn.log_softmax(jnp.asarray(ref_logits, jnp.float32))
+  probs = np.exp(_np_log_softmax(logits))
+
+  def estimate(z, token):
+    logp = jax.nn.log_softmax(z)
+    return kl.get_kl_fn(name)(logp[token], logq[token])
+
+  per_token = jax.vmap(jax.grad(estimate), in_axes=(None, 0))(jnp.asarray(logits, jnp.float32),
+                                                                jnp.arange(len(probs)))  # [V, V]
+  return (probs[:, None] * np.asarray(per_token, np.float64)).sum(axis=0)
+
+
+def _np_grad_kl(logits, ref_logits):
+  """grad_logits KL(softmax(logits) || q) by hand, float64: sum_x pi(x) log(pi(x) / q(x)) grad log pi(x), with
+  grad_z log pi(x) = e_x - pi."""
+  logp, logq = _np_log_softmax(logits), _np_log_softmax(ref_logits)
+  p = np.exp(logp)
+  return p * (logp - logq) - p * (p * (logp - logq)).sum()
+
+
+def _np_grad_reverse_kl(logits, ref_logits):
+  """grad_logits KL(q || softmax(logits)) = -sum_x q(x) grad log pi(x) = pi - q."""
+  return np.exp(_np_log_softmax(logits)) - np.exp(_np_log_softmax(ref_logits))
+
+
+def test_kl_estimator_gradients_against_the_exact_kls_gradient():
+  """Which estimators' gradients are unbiased for KL(pi || ref), on a tiny vocabulary, exactly (core/kl.py):
+  k2 and k3_k2grad: unbiased (= grad KL(pi || ref)). k1: biased, zero in expectation. k3: biased, it is the gradient
+  of the reverse KL(ref || pi). The exact gradient is also checked against autodiff of kl.exact_kl."""
+  rng = np.random.default_rng(4)
+  v = 7
+  logits = rng.standard_normal(v).astype(np.float32)
+  ref_logits = (logits + 1.0 * rng.standard_normal(v)).astype(np.float32)
+  exact = _np_grad_kl(logits, ref_logits)
+  autodiff = jax.grad(lambda z: kl.exact_kl(z[None, None], jnp.asarray(ref_logits)[None, None],
+                                            jnp.ones((1, 1), jnp.int32)))(jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(autodiff), exact, rtol=1e-4, atol=1e-6)
+  scale = np.abs(exact).max()
+  assert scale > 0.05  # far enough from pi = ref for biased and unbiased to differ
+
+  gradients = {name: _expected_estimator_gradient(name, logits, ref_logits) for name in kl.KL_ESTIMATORS}
+  assert set(gradients) == {'k1', 'k2', 'k3', 'k3_k2grad'}
+  for unbiased in ('k2', 'k3_k2grad'):
+    np.testing.assert_allclose(gradients[unbiased], exact, rtol=1e-4, atol=1e-6 * scale, err_msg=unbiased)
+  np.testing.assert_allclose(gradients['k1'], 0.0, atol=1e-6)  # E_pi[grad log pi] = 0
+  np.testing.assert_allclose(gradients['k3'], _np_grad_reverse_kl(logits, ref_logits), rtol=1e-4, atol=1e-6)
+  for biased in ('k1', 'k3'):
+    assert np.abs(gradients[biased] - exact).max() > 0.1 * scale, biased
+
+
+def test_estimator_values_in_expectation():
+  """The values, exactly in expectation over pi: k1, k3 and k3_k2grad (k3's value) are unbiased for KL(pi || ref);
+  k2 is not."""
+  rng = np.random.default_rng(5)
+  logits = rng.standard_normal(7)
+  ref_logits = logits + rng.standard_normal(7)
+  logp, logq = _np_log_softmax(logits), _np_log_softmax(ref_logits)
+  exact = _np_kl_per_token(logits, ref_logits)
+  expectation = {name: float((np.exp(logp) * np.asarray(fn(jnp.asarray(logp, jnp.float32),
+                                                           jnp.asarray(logq, jnp.float32)), np.float64)).sum())
+                 for name, fn in kl.KL_ESTIMATORS.items()}
+  for unbiased in ('k1', 'k3', 'k3_k2grad'):
+    np.testing.assert_allclose(expectation[unbiased], exact, rtol=1e-4, err_msg=unbiased)
+  assert abs(expectation['k2'] - exact) > 0.01 * exact
