@@ -186,3 +186,55 @@ def test_kl_controller_settings_are_checked(overrides, match):
   cfg.rl.update(overrides)
   with pytest.raises(ValueError, match=match):
     check_config(cfg, 1)
+
+
+# The loss switches (core/losses.LossConfig): (overrides, regex of the error). Each fails in check_config, which
+# runs before anything is built or compiled.
+BAD_LOSS_SWITCHES = [
+    (dict(loss_aggregation='mean'), r"config\.rl\.loss_aggregation='mean' is unknown; known: \['constant', "
+                                    r"'sequence_mean', 'sequence_sum', 'token_mean'\]"),
+    (dict(importance_ratio='seq'), r"config\.rl\.importance_ratio='seq' is unknown; known: \['sequence', 'token'\]"),
+    (dict(kl_estimator='k4'), r"config\.rl\.kl_estimator='k4' is unknown; known: \['k1', 'k2', 'k3', 'k3_k2grad'\]"),
+    (dict(advantage='std'), r"config\.rl\.advantage='std' is unknown; known: \['batch_std', 'group_mean', 'grpo'\]"),
+    (dict(clip_eps=0.2, clip_eps_high=0.1), r'config\.rl\.clip_eps_high=0\.1 must be 0 .* >= rl\.clip_eps=0\.2'),
+    (dict(clip_eps_high=-0.1), r'config\.rl\.clip_eps_high=-0\.1'),
+    (dict(dual_clip=1.0), r'config\.rl\.dual_clip=1\.0 must be 0 \(off\) or > 1'),
+    (dict(dual_clip=0.5), r'config\.rl\.dual_clip=0\.5 must be 0 \(off\) or > 1'),
+    (dict(dual_clip=-2.0), r'config\.rl\.dual_clip=-2\.0'),
+    (dict(kl_in_reward=True, beta=0.0), r'config\.rl\.kl_in_reward=True with rl\.beta=0'),
+    (dict(kl_in_reward='yes'), r'config\.rl\.kl_in_reward must be True or False'),
+    (dict(entropy_coef='0.01'), r'config\.rl\.entropy_coef must be a number'),
+    (dict(importance_ratio='sequence', supervision='process'),
+     r"config\.rl\.importance_ratio='sequence' \(GSPO\) with rl\.supervision='process' is unsupported"),
+]
+
+
+@pytest.mark.parametrize('overrides, match', BAD_LOSS_SWITCHES,
+                         ids=['-'.join(f'{k}={v}' for k, v in o.items()) for o, _ in BAD_LOSS_SWITCHES])
+def test_bad_loss_switches_raise_naming_the_key(overrides, match):
+  cfg = _get('tiny')
+  for key, value in overrides.items():
+    if isinstance(value, str) != isinstance(cfg.rl[key], str) or isinstance(value, bool) != isinstance(
+        cfg.rl[key], bool):
+      # ConfigDict keeps a field's type: a wrongly typed value needs the field replaced.
+      del cfg.rl[key]
+    cfg.rl[key] = value
+  with pytest.raises(ValueError, match=match):
+    check_config(cfg, 1)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(loss_aggregation='token_mean'), dict(loss_aggregation='constant'), dict(loss_aggregation='sequence_sum'),
+    dict(clip_eps_high=0.28), dict(clip_eps_high=0.2), dict(dual_clip=3.0), dict(importance_ratio='sequence'),
+    dict(kl_in_reward=True, beta=0.04), dict(kl_estimator='k3_k2grad'), dict(entropy_coef=0.001),
+    dict(advantage='batch_std'),
+])
+def test_good_loss_switches_pass_and_reach_the_loss_config(overrides):
+  from grpo_jax.pipeline.grpo import loss_config
+  cfg = _get('tiny')
+  cfg.rl.update(overrides)
+  check_config(cfg, 1)
+  config = loss_config(cfg)
+  for key, value in overrides.items():
+    if key not in ('beta', 'advantage'):
+      assert getattr(config, key) == value, key
