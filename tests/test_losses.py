@@ -656,3 +656,47 @@ def test_loss_config_rejects_contradictory_clips(kw, match):
     LossConfig(**kw)
   assert LossConfig(clip_eps=0.2).upper_clip_eps == 0.2
   assert LossConfig(clip_eps=0.2, clip_eps_high=0.28).upper_clip_eps == 0.28
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the step's metrics over micro-batches and minibatches
+
+
+def test_combine_metrics_takes_min_and_max_of_the_extremes():
+  from grpo_jax.pipeline.train_state import combine_metrics
+  rows = [{'ratio': 1.0, 'ratio_min': 0.7, 'ratio_max': 1.4, 'clip_frac': 0.1},
+          {'ratio': 1.2, 'ratio_min': 0.9, 'ratio_max': 1.9, 'clip_frac': 0.3}]
+  got = {k: float(v) for k, v in combine_metrics([{k: jnp.float32(v) for k, v in r.items()} for r in rows]).items()}
+  want = {'ratio': np.mean([r['ratio'] for r in rows]), 'ratio_min': min(r['ratio_min'] for r in rows),
+          'ratio_max': max(r['ratio_max'] for r in rows), 'clip_frac': np.mean([r['clip_frac'] for r in rows])}
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize('aggregation', ['token_mean', 'sequence_mean'])
+def test_grad_accumulation_matches_one_batch_for_the_aggregation(aggregation):
+  """make_train_step with grad_accum_steps=2 and grpo_micro_weight equals the one-batch step: loss, gradient
+  (sgd(1.0): new params = params - grad), token-mean metrics, and ratio_min / ratio_max (a min / max over the
+  micro-batches, not a mean)."""
+  import optax
+  from test_memory import compiled_step, grpo_batch, host_params
+
+  from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
+  graphdef, params = host_params()
+  batch = grpo_batch(8, 5, 7, seed=3)  # random completion lengths: the micro-batches differ in tokens
+  config = LossConfig(loss_aggregation=aggregation, clip_eps_high=0.3)
+  loss_fn = functools.partial(grpo_objective, config=config)
+  out = {}
+  for k in (1, 2):
+    compiled, state = compiled_step(graphdef, params, optax.sgd(1.0), loss_fn, batch, grad_accum_steps=k,
+                                    micro_weight=grpo_micro_weight(config))
+    new_state, metrics = compiled(state, batch, {'beta': np.float32(0.04)})
+    out[k] = (jax.tree.map(np.asarray, new_state.params), {key: float(v) for key, v in metrics.items()})
+  one, two = out[1][1], out[2][1]
+  assert one['ratio_min'] < one['ratio'] < one['ratio_max']
+  for key in ('loss', 'ratio', 'ratio_min', 'ratio_max', 'kl', 'entropy'):
+    if key in ('ratio', 'kl', 'entropy') and aggregation != 'token_mean':
+      continue  # equal micro-batch weights: a mean of token means, not the batch's token mean
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for x, y in zip(jax.tree.leaves(out[2][0]), jax.tree.leaves(out[1][0]), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)

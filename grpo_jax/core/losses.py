@@ -37,7 +37,8 @@ class LossConfig:
     the per-token advantages instead (PPO-style; see grpo_loss), with no gradient through it.
   loss_aggregation: how per-token terms become one number (LOSS_AGGREGATIONS; see grpo_loss).
   importance_ratio: 'token' (per-token ratios, the paper) | 'sequence' (GSPO: one length-normalized ratio per
-    output, clipped as a whole).
+    output, clipped as a whole; a length-normalized ratio moves far less than a token's, and the GSPO paper clips it
+    with epsilons of order 1e-4, not 0.2).
   entropy_coef: adds entropy_coef * the token entropy of pi_theta to the objective (an entropy bonus); 0 = off.
   logprob_chunk: > 0: the LM head and logprobs run over this many completion positions at a time
     (core/logprobs.sequence_logprobs chunk_size); memory only, same values.
