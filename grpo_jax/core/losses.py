@@ -84,13 +84,13 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
   """Negative clipped surrogate with a KL penalty; by default averaged per output, then over outputs.
 
   Per token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) - beta * KL (+ entropy_coef * entropy),
-  ratio = exp(logprobs - old); with dual_clip = c > 0 and A < 0 the min is floored at c * A.
+  ratio = exp(logprobs - old); with dual_clip = c > 1 and A < 0 the min is floored at c * A.
   With importance_ratio 'sequence' (GSPO) ratio is exp(mean over the output's tokens of (logprobs - old)), one value
   for all its tokens: with one advantage per output and 'sequence_mean' the objective is GSPO's
   (1/N) sum_i min(s_i A_i, clip(s_i) A_i).
-  With kl_in_reward the loss has no KL term; token t's advantage is A_t - beta * sum_{t' >= t} KL_t', the KL of
-  the sampled tokens of pi_old to the reference (a constant: pi_old is fixed, like the reward), as a per-token
-  reward -beta * KL_t' credited with gamma = lambda = 1 in RLHF PPO.
+  With kl_in_reward the loss has no KL term; token t's advantage is A_t - beta * sum_{t' >= t} KL_t', KL_t' the
+  kl_estimator's value at the sampled token's pi_old and reference logprobs (a constant: pi_old is fixed, like the
+  reward), as a per-token reward -beta * KL_t' credited with gamma = lambda = 1 in RLHF PPO.
 
   With x_it the per-token objective, m_it the mask, N outputs, T = the mask's time dimension (the completion budget),
   the objective by loss_aggregation is:
