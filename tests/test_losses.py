@@ -614,7 +614,7 @@ def test_k3_k2grad_has_k3s_value_and_k2s_gradient_in_the_loss():
 def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mean():
   """Gradient accumulation with grpo_micro_weight: 'token_mean' weighs micro-batches by their tokens (then the
   weighted mean of their losses is the batch's); the other aggregations by equal weights."""
-  from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_token_count
+  from grpo_jax.core.losses import LossConfig, grpo_micro_weight, sft_token_count
   from grpo_jax.rollout.rollout import Rollout
   lp, old, ref, adv, mask = _random_batch(151, n=8, t=9)
   for aggregation in LOSS_AGGREGATIONS:
@@ -627,7 +627,7 @@ def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mea
       weights = np.ones(2)
     else:
       weights = np.array([float(weight_fn(Rollout(None, None, None, mask[h], None, None, None))) for h in halves])
-      assert weight_fn is grpo_token_count
+      assert weight_fn is sft_token_count
     np.testing.assert_allclose(np.dot(weights / weights.sum(), losses), full, rtol=1e-5, err_msg=aggregation)
 
 

@@ -223,12 +223,7 @@ def grpo_micro_weight(config: LossConfig) -> Callable[[Any], jax.Array] | None:
   (pipeline/train_state.make_train_step's micro_weight): a batch token mean ('token_mean') weighs micro-batches by
   their tokens; every other aggregation is a mean over outputs (or a sum over N * T for 'constant'), which equal
   micro-batches weigh equally (None)."""
-  return grpo_token_count if config.loss_aggregation == 'token_mean' else None
-
-
-def grpo_token_count(batch) -> jax.Array:
-  """Completion tokens in a rollout (mini/micro)batch."""
-  return batch.completion_mask.sum().astype(jnp.float32)
+  return sft_token_count if config.loss_aggregation == 'token_mean' else None
 
 
 def sft_loss(model, batch, hparams: dict[str, jax.Array] | None = None, *, logprob_chunk: int = 0,
@@ -247,6 +242,6 @@ def sft_loss(model, batch, hparams: dict[str, jax.Array] | None = None, *, logpr
 
 
 def sft_token_count(batch) -> jax.Array:
-  """Solution tokens in a batch: the micro-batch weight under gradient accumulation, as sft_loss is a token
-  mean (pipeline/train_state.make_train_step's micro_weight)."""
+  """Solution (completion) tokens in a batch: the micro-batch weight under gradient accumulation of a token mean,
+  sft_loss or grpo_loss's 'token_mean' (pipeline/train_state.make_train_step's micro_weight)."""
   return batch.completion_mask.sum().astype(jnp.float32)
