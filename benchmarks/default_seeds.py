@@ -5,9 +5,10 @@
 
 Variants: 'default' (configs/default.py as `bash launch/local.sh` runs it), 'sft_matched' (configs/default.py:
 sft_matched, SFT alone for the default's SFT + GRPO wall time), 'one_device' (the default on one XLA device,
---config.cpu_devices=0). Each run is a fresh process in <root>/seed<S>/<variant>; one JSON line per run is appended
-to --out: the summary's numbers, wall time, peak RSS and the GRPO diagnostics (first-step entropy, mean fraction of
-groups with no reward variance, mean pass@G, the SFT step where validation accuracy first passed 30%).
+--config.cpu_devices=0), and GRPO_VARIANTS (one GRPO knob changed, from a copy of the seed's default SFT stage).
+Each run is a fresh process in <root>/seed<S>/<variant>; one JSON line per run is appended to --out: the
+summary's numbers, wall time, peak RSS and the GRPO diagnostics (first-step entropy, mean fraction of groups with
+no reward variance, mean pass@G, the SFT step where validation accuracy first passed 30%).
 """
 from __future__ import annotations
 
@@ -16,16 +17,22 @@ import json
 import os
 import shutil
 
-from iterative_rl import ROOT, record, train
+from iterative_rl import ROOT, copy_sft, record, train
 
 VARIANTS = {'default': ('', []), 'sft_matched': ('sft_matched', []), 'one_device': ('', ['--config.cpu_devices=0'])}
+# GRPO knobs around the default, each continuing from a copy of the seed's 'default' SFT checkpoint (run that first).
+GRPO_VARIANTS = {'lr_1e-4': ['--config.rl.lr=1e-4'], 'lr_2.5e-5': ['--config.rl.lr=2.5e-5'],
+                 'beta_0.04': ['--config.rl.beta=0.04'], 'steps_100': ['--config.rl.num_steps=100']}
 
 
 def run_one(root: str, out: str, variant: str, seed: int) -> None:
-  preset, args = VARIANTS[variant]
+  preset, args = VARIANTS.get(variant, ('', GRPO_VARIANTS.get(variant)))
   workdir = os.path.join(root, f'seed{seed}', variant)
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  if variant in GRPO_VARIANTS:
+    copy_sft(os.path.join(root, f'seed{seed}', 'default'), workdir)
+    args = [*args, '--allow_config_change=rl']
   status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log', preset)
   row = {'variant': variant, 'seed': seed, 'status': status, 'wall_s': wall, 'peak_rss_mb': rss}
   if status == 0:
@@ -53,7 +60,7 @@ def table(paths: list[str]) -> str:
   pct = lambda v: '-' if v is None else f'{100 * v:.1f}'  # noqa: E731
   signed = lambda v: '-' if v is None else f'{100 * v:+.1f}'  # noqa: E731
   out = []
-  for variant in ('default', 'one_device'):
+  for variant in ('default', 'one_device', *GRPO_VARIANTS):
     seeds = sorted(seed for v, seed in runs if v == variant)
     if not seeds:
       continue
@@ -92,8 +99,8 @@ def main() -> None:
     print(table(a.table or [a.out]))
     return
   for variant in a.variants.split(','):
-    if variant not in VARIANTS:
-      raise SystemExit(f'unknown variant {variant!r}; known: {sorted(VARIANTS)}')
+    if variant not in VARIANTS and variant not in GRPO_VARIANTS:
+      raise SystemExit(f'unknown variant {variant!r}; known: {sorted(VARIANTS) + sorted(GRPO_VARIANTS)}')
   for variant in a.variants.split(','):
     for seed in map(int, a.seeds.split(',')):
       run_one(a.root, a.out, variant, seed)
