@@ -4,7 +4,12 @@ r"""Evaluate a policy on the paper's benchmarks: greedy pass@1 and, optionally, 
   python -m grpo_jax.eval --workdir /tmp/grpo_gsm8k --datasets gsm8k --limit 200 --maj_k 16
 
 Writes a JSON file (default <workdir or model>/eval.json; --output to change) and prints a table in the paper's
-columns (GSM8K, MATH, CMATH). Everything is local: the model directory, the shipped datasets (data/).
+columns (GSM8K, MATH, CMATH). Every accuracy comes with its 95% Wilson interval over the problems ('ci95' in the JSON,
+the row under it in the table). Everything is local: the model directory, the shipped datasets (data/).
+
+Two checkpoints on the same problems: evaluate one, then the other with --compare=<the first's eval.json>; each
+dataset's greedy results are paired problem by problem in an exact McNemar test, whose p-value is printed and written
+('comparison' in the JSON). Each greedy result keeps its per-problem correctness ('correct') for this.
 
 The output's directory is checked for writing before anything is loaded. Results so far are saved after every
 decoding batch in <output>.partial.json (with the settings and the policy's fingerprint), so an interrupted eval
@@ -37,6 +42,7 @@ from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
 from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k, policy_stages
+from grpo_jax.pipeline.stats import accuracy_interval, mcnemar
 from grpo_jax.pipeline.workdir import write_json
 from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.registry import get_reward_fn
@@ -77,19 +83,79 @@ def define_flags() -> None:
                     "many is printed; each dataset's n counts the rest) instead of stopping with an error: the "
                     "training config's task.skip_long_prompts, for eval.")
   flags.DEFINE_integer('seed', 0, 'Sampling seed (maj@k).')
+  flags.DEFINE_string('compare', None, "Another policy's eval JSON of the same problems (e.g. the SFT checkpoint's): "
+                      "each dataset's greedy correctness is paired with that one's in an exact McNemar test.")
   flags.DEFINE_integer('cpu_devices', 0, 'CPU hosts: split the CPU into this many XLA devices, one core each, to '
                        'decode batches on several cores at once (config.cpu_devices); 0 = one device.')
 
 
+def add_intervals(results: dict[str, dict]) -> None:
+  """Set 'ci95' = [low, high], the 95% Wilson interval over the n problems, next to every accuracy of `results`
+  (also those an interrupted run finished before intervals were recorded)."""
+  for res in results.values():
+    for metric in res.values():
+      if isinstance(metric, dict) and 'accuracy' in metric:
+        metric['ci95'] = list(accuracy_interval(metric['accuracy'], res['n']))
+
+
 def table(results: dict[str, dict]) -> str:
-  """Rows greedy / maj@k, columns in the paper's order, accuracies in percent."""
+  """Rows greedy / maj@k, each followed by its 95% interval, columns in the paper's order, accuracies in percent."""
   names = [n for n in ('gsm8k', 'math500', 'math', 'cmath') if n in results]
-  lines = [f"{'':<10}" + ''.join(f'{BENCHMARKS[n][2]:>10}' for n in names)]
+  width = 16  # fits '[100.0, 100.0]'
+  lines = [f"{'':<10}" + ''.join(f'{BENCHMARKS[n][2]:>{width}}' for n in names)]
   for metric in ('greedy', *sorted({k for r in results.values() for k in r if k.startswith('maj@')})):
-    cells = [f"{100 * results[n][metric]['accuracy']:>10.1f}" if metric in results[n] else f"{'-':>10}"
+    cells = [f"{100 * results[n][metric]['accuracy']:>{width}.1f}" if metric in results[n] else f"{'-':>{width}}"
              for n in names]
     lines.append(f'{metric:<10}' + ''.join(cells))
+    cells = [f"{'[{:.1f}, {:.1f}]'.format(*(100 * x for x in results[n][metric]['ci95'])):>{width}}"
+             if metric in results[n] else f"{'':>{width}}" for n in names]
+    lines.append((f"{'  95% CI':<10}" + ''.join(cells)).rstrip())
   return '\n'.join(lines)
+
+
+# The settings that choose which problems are evaluated: a comparison needs them equal.
+PROBLEM_SETTINGS = ('limit', 'source_dir', 'skip_long_prompts', 'max_prompt_len', 'prompt_template', 'chat')
+
+
+def comparison_problem(path: str, settings: dict[str, Any]) -> str | None:
+  """Why the eval JSON at `path` cannot be paired with this run's results, or None when it can."""
+  try:
+    with open(path) as f:
+      other = json.load(f)
+    other_settings, other_results = other['settings'], other['results']
+    if not isinstance(other_settings, dict) or not isinstance(other_results, dict):
+      raise TypeError('its settings and results are not objects')
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f'it is not a readable eval output ({e})'
+  differ = [k for k in PROBLEM_SETTINGS if other_settings.get(k) != settings[k]
+            and (k != 'max_prompt_len' or settings['skip_long_prompts'])]  # the length only chooses when skipping
+  if differ:
+    return f'it evaluated other problems ({", ".join(f"{k}={other_settings.get(k)!r}" for k in differ)})'
+  missing = [n for n in settings['datasets'] if 'correct' not in other_results.get(n, {}).get('greedy', {})]
+  if missing:
+    return f'it has no per-problem greedy results of {", ".join(missing)}'
+  return None
+
+
+def compare(results: dict[str, dict], other_path: str) -> dict[str, Any]:
+  """Each dataset's exact McNemar test of this run's greedy correctness against the eval at `other_path`
+  (checked by comparison_problem): {'with': other_path, 'greedy': {dataset: {'p_value', 'this_only',
+  'other_only', 'accuracy', 'other_accuracy'}, or {'skipped': why} when the problems cannot be paired}}."""
+  with open(other_path) as f:
+    other = json.load(f)['results']
+  tests = {}
+  for name, res in results.items():
+    ours, theirs = res['greedy'].get('correct'), other[name]['greedy']['correct']
+    if ours is None:  # finished by an interrupted run of a version that did not keep them
+      tests[name] = {'skipped': 'no per-problem results in this run'}
+      continue
+    if len(ours) != len(theirs):  # other data files behind the same settings
+      tests[name] = {'skipped': f'{len(ours)} problems here, {len(theirs)} there'}
+      continue
+    test = mcnemar(np.array(ours, bool), np.array(theirs, bool))
+    tests[name] = {'p_value': test['p_value'], 'this_only': test['a_only'], 'other_only': test['b_only'],
+                   'accuracy': res['greedy']['accuracy'], 'other_accuracy': other[name]['greedy']['accuracy']}
+  return {'with': other_path, 'greedy': tests}
 
 
 def output_problem(path: str) -> str | None:
@@ -193,14 +259,18 @@ def main(argv):
   settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
   key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}
   # Before anything is loaded: an unwritable output fails now, not after the whole evaluation.
-  problem, state, note = None, None, None
+  problem, state, note, other_problem = None, None, None, None
   if main_process:
     problem = output_problem(output)
     if problem is None:
       state, note = read_partial(partial, key)
-  problem, state, note = from_process_0([problem, state, note])
+    if FLAGS.compare is not None:
+      other_problem = comparison_problem(FLAGS.compare, settings)
+  problem, state, note, other_problem = from_process_0([problem, state, note, other_problem])
   if problem is not None:
     sys.exit(f'eval: cannot write the results to {output}: {problem}; pass --output=<a writable file>')
+  if other_problem is not None:
+    sys.exit(f'eval: cannot compare with --compare={FLAGS.compare}: {other_problem}')
   if note:
     distributed.print0(note)
   results, pending = state['results'], state['pending']
@@ -214,11 +284,26 @@ def main(argv):
 
   if todo:
     evaluate(todo, results, pending, save)
+  add_intervals(results)
+  comparison = None
   if main_process:
-    write_json(output, {'settings': settings, 'results': results}, indent=2)
+    out = {'settings': settings, 'results': results}
+    if FLAGS.compare is not None:
+      out['comparison'] = comparison = compare(results, FLAGS.compare)
+    write_json(output, out, indent=2)
     if os.path.exists(partial):  # killed before this, a rerun finds every dataset done and only writes the output
       os.remove(partial)
-  distributed.print0('\n' + table(results) + f'\n\nresults: {output}')
+  distributed.print0('\n' + table(results))
+  if comparison is not None:
+    distributed.print0(f'\ngreedy, paired with {FLAGS.compare} (exact McNemar test on the problems only one solved):')
+    for name, t in comparison['greedy'].items():
+      if 'skipped' in t:
+        distributed.print0(f"{name:<10}not compared: {t['skipped']}")
+        continue
+      distributed.print0(f"{name:<10}{100 * t['accuracy']:.1f}% vs {100 * t['other_accuracy']:.1f}%: "
+                         f"{t['this_only']} solved only by this policy, {t['other_only']} only by that one, "
+                         f"p = {t['p_value']:.3g}")
+  distributed.print0(f'\nresults: {output}')
 
 
 def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
@@ -270,16 +355,21 @@ def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
     res = {'n': len(split), 'column': column,
            'greedy': greedy_eval(greedy, params, split, tokenizer, verifier, batch_size=FLAGS.batch_size, rng=rng,
                                  desc=f'{name} greedy' if main_process else None,
-                                 keep_completions=FLAGS.save_completions, done=records.get('greedy', ()),
-                                 on_batch=saver('greedy'))}
+                                 keep_completions=FLAGS.save_completions, keep_scores=True,
+                                 done=records.get('greedy', ()), on_batch=saver('greedy'))}
+    # Per problem, for pairing with another policy's eval (--compare); the same as keep_completions' 'correct'.
+    res['greedy']['correct'] = [s >= 1 for s in res['greedy'].pop('scores')]
     if voter is not None:
       res[maj] = maj_at_k(
           voter, params, split, tokenizer, verifier, lambda t, v=verifier_name: extract_answer(v, t),
           k=FLAGS.maj_k, batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng,
           desc=f'{name} {maj}' if main_process else None, done=records.get(maj, ()), on_batch=saver(maj))
     res['wall_time'] = earlier + time.perf_counter() - start
+    add_intervals({name: res})
     results[name] = res
-    distributed.print0(f"{name}: greedy {100 * res['greedy']['accuracy']:.1f}% of {len(split)}")
+    low, high = res['greedy']['ci95']
+    distributed.print0(f"{name}: greedy {100 * res['greedy']['accuracy']:.1f}% (95% CI {100 * low:.1f}-"
+                       f"{100 * high:.1f}) of {len(split)}")
     save(None)
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 from test_hf_train import ENV, save_tiny_model
@@ -13,6 +14,7 @@ from test_hf_train import ENV, save_tiny_model
 from grpo_jax.data.batches import encode
 from grpo_jax.data.datasets import load_examples
 from grpo_jax.data.tokenizer import load_tokenizer
+from grpo_jax.pipeline import stats
 
 # `python -m grpo_jax.eval` that counts the sampler's calls and, with EVAL_STOP_AFTER=N, dies as a kill would
 # (os._exit: no cleanup) when call N + 1 starts, i.e. once N decoding batches are done and saved.
@@ -124,6 +126,17 @@ def test_output_directory_is_created(model_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(out.read_text())['results']['gsm8k']['n'] == 1
   assert sorted(os.listdir(out.parent)) == ['eval.json']  # no partial, tmp or write-check file left behind
+  assert '95% CI' in proc.stdout
+
+
+def test_accuracies_carry_wilson_intervals(uninterrupted):
+  # Recomputed from the saved per-problem correctness, not from the reported accuracy the command used.
+  for name, result in uninterrupted['results'].items():
+    greedy = result['greedy']
+    assert greedy['ci95'] == pytest.approx(stats.wilson_interval(np.array(greedy['correct'])), abs=1e-12), name
+    for metric in ('greedy', 'maj@2'):
+      low, high = result[metric]['ci95']
+      assert 0 <= low <= result[metric]['accuracy'] <= high <= 1 and high - low > 0.3, (name, metric)  # n = 3
 
 
 def test_maj_batches_must_divide_over_the_devices(tmp_path):
@@ -202,3 +215,63 @@ def test_skip_long_prompts(model_dir, tmp_path):
   assert f'gsm8k: dropped 1 of 3 prompts longer than max_prompt_len={limit}' in skipped.stdout
   saved = json.loads(out.read_text())
   assert saved['results']['gsm8k']['n'] == 2 and saved['settings']['skip_long_prompts'] is True
+
+
+def test_table_shows_each_accuracy_with_its_interval():
+  from grpo_jax import eval as ev
+  results = {'cmath': {'n': 3, 'greedy': {'accuracy': 1 / 3}},
+             'gsm8k': {'n': 200, 'greedy': {'accuracy': 0.5}, 'maj@4': {'accuracy': 0.6}}}
+  ev.add_intervals(results)
+  for res in results.values():
+    for metric in ('greedy', 'maj@4'):
+      if metric in res:
+        k = round(res[metric]['accuracy'] * res['n'])
+        assert res[metric]['ci95'] == pytest.approx(stats.wilson_interval(np.arange(res['n']) < k), abs=1e-12)
+  lines = ev.table(results).splitlines()
+  assert lines[0].split() == ['GSM8K', 'CMATH']  # the paper's column order
+  assert lines[1].split() == ['greedy', '50.0', '33.3']
+  low, high = (100 * x for x in results['gsm8k']['greedy']['ci95'])
+  low3, high3 = (100 * x for x in results['cmath']['greedy']['ci95'])
+  assert lines[2].split('  95% CI')[1].split() == [f'[{low:.1f},', f'{high:.1f}]', f'[{low3:.1f},', f'{high3:.1f}]']
+  assert lines[3].split() == ['maj@4', '60.0', '-']
+  low, high = (100 * x for x in results['gsm8k']['maj@4']['ci95'])
+  assert lines[4].split('  95% CI')[1].split() == [f'[{low:.1f},', f'{high:.1f}]']
+
+
+def test_compare_pairs_each_problem_with_the_other_eval(model_dir, uninterrupted, tmp_path):
+  # The other policy: the uninterrupted run's gsm8k results with the first two problems' correctness flipped, so
+  # that there are discordant problems whichever way this tiny random model's answers fall.
+  other = json.loads(json.dumps(uninterrupted))
+  theirs = other['results']['gsm8k']['greedy']['correct']
+  theirs[:2] = [not c for c in theirs[:2]]
+  other_path = tmp_path / 'other.json'
+  other_path.write_text(json.dumps(other))
+  out = tmp_path / 'eval.json'
+  proc = eval_cli([f'--model={model_dir}', f'--output={out}', '--datasets=gsm8k', '--limit=3', '--max_new_tokens=4',
+                   '--batch_size=2', f'--compare={other_path}'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads(out.read_text())
+  ours = saved['results']['gsm8k']['greedy']['correct']
+  assert ours == uninterrupted['results']['gsm8k']['greedy']['correct']  # the same greedy decoding
+  want = stats.mcnemar(np.array(ours), np.array(theirs))
+  got = saved['comparison']['greedy']['gsm8k']
+  assert saved['comparison']['with'] == str(other_path)
+  assert (got['this_only'], got['other_only']) == (want['a_only'], want['b_only']) and got['this_only'] + \
+      got['other_only'] == 2
+  assert got['p_value'] == pytest.approx(want['p_value'])
+  assert f"{got['this_only']} solved only by this policy, {got['other_only']} only by that one, p = " in proc.stdout
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda o: o['settings'].update(limit=2), 'it evaluated other problems (limit=2)'),
+    (lambda o: o['results'].pop('cmath'), 'it has no per-problem greedy results of cmath'),
+    (lambda o: o.pop('results'), 'it is not a readable eval output'),
+])
+def test_compare_with_other_problems_fails_before_the_model_is_loaded(edit, message, uninterrupted, tmp_path):
+  other = json.loads(json.dumps(uninterrupted))
+  edit(other)
+  (tmp_path / 'other.json').write_text(json.dumps(other))
+  proc = eval_cli([f'--model={tmp_path}/no_model', f'--output={tmp_path}/eval.json', *ARGS,
+                   f'--compare={tmp_path}/other.json'])
+  assert proc.returncode == 1
+  assert last_line(proc).startswith(f'eval: cannot compare with --compare={tmp_path}/other.json: {message}')

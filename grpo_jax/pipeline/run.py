@@ -33,6 +33,7 @@ from grpo_jax.pipeline.config_checks import check_config, process_reward_model, 
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
 from grpo_jax.pipeline.setup import Setup, build_setup, stage_lora
+from grpo_jax.pipeline.stats import mcnemar, wilson_interval
 
 
 def stage_folders(workdir: str) -> list[str]:
@@ -235,6 +236,9 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
   if cfg.export_hf:
     _export(setup, final_params, workdir, is_main)
 
+  # Per problem (verifier score >= 1), taken before the loop below drops the scores: intervals and the paired test.
+  sft_correct = None if sft_summary.get('test_scores') is None else np.asarray(sft_summary['test_scores']) >= 1
+  grpo_correct = np.asarray(iterations[-1]['test_scores']) >= 1 if iterations else None
   for it in iterations:  # the hidden rater's (or verifier's) head-to-head of each iteration's policy against SFT's
     it['win_rate_vs_sft'] = (None if sft_summary.get('test_scores') is None else
                              win_rate(np.asarray(it['test_scores']), np.asarray(sft_summary['test_scores'])))
@@ -246,7 +250,11 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
              'grpo_wall_time': sum(it['wall_time'] for it in iterations), 'sft_sample': sft_summary['sample'],
              'grpo_sample': grpo_summary['sample'], 'grpo_win_rate_vs_sft': grpo_summary['win_rate_vs_sft'],
              'grpo_frac_groups_no_signal': grpo_summary.get('frac_groups_no_signal'),
-             'grpo_pass_at_g': grpo_summary.get('pass_at_g')}
+             'grpo_pass_at_g': grpo_summary.get('pass_at_g'),
+             'sft_accuracy_ci': None if sft_correct is None else list(wilson_interval(sft_correct)),
+             'grpo_accuracy_ci': None if grpo_correct is None else list(wilson_interval(grpo_correct)),
+             'grpo_vs_sft_mcnemar_p': (None if sft_correct is None or grpo_correct is None else
+                                       mcnemar(grpo_correct, sft_correct)['p_value'])}
   if len(iterations) > 1 or rm_summaries:
     summary.update(iterations=iterations, reward_model=rm_summaries,
                    reward_model_wall_time=sum(r['wall_time'] for r in rm_summaries))
