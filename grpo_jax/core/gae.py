@@ -35,8 +35,9 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float,
     next_value, next_advantage = carry  # both 0 past an output's last valid token
     reward, value, m = xs
     delta = reward + gamma * next_value - value
+    # Inputs are zeroed past an output's end, so padding carries (0, 0) back and the last valid token sees V_L = 0,
+    # A_L = 0. The `* m` also zeroes a gap inside a mask (not right-padded), which then ends an episode.
     advantage = (delta + gamma * lam * next_advantage) * m
-    # A padded position passes zeros on, so the last valid token sees V_L = 0 and A_L = 0.
     return (value, advantage), advantage
 
   zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
