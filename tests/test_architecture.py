@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = 'grpo_jax'
-CLI_MODULES = frozenset({'train', 'eval', 'generate', 'plan', 'reward_model'})
+CLI_MODULES = frozenset({'train', 'eval', 'generate', 'plan', 'reward_model', 'report'})
 CLI = 'cli'
 PKG_ROOT = 'root'  # grpo_jax/__init__.py, or a name imported from it (e.g. __version__)
 
