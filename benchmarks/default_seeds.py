@@ -12,12 +12,11 @@ no reward variance, mean pass@G, the SFT step where validation accuracy first pa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 
-from iterative_rl import ROOT, copy_sft, record, train
+from iterative_rl import copy_sft, record, sweep_args, train
 
 VARIANTS = {'default': ('', []), 'sft_matched': ('sft_matched', []), 'one_device': ('', ['--config.cpu_devices=0'])}
 # GRPO knobs around the default, each continuing from a copy of the seed's 'default' SFT checkpoint (run that first).
@@ -88,13 +87,7 @@ def table(paths: list[str]) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--seeds', default='0,1,2,3,4')
-  parser.add_argument('--root', default='/tmp/default_seeds')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'default_seeds.jsonl'))
-  parser.add_argument('--variants', default='default,sft_matched')
-  parser.add_argument('--table', nargs='*', help='print the table of these result files and exit')
-  a = parser.parse_args()
+  a = sweep_args(__doc__, seeds='0,1,2,3,4', name='default_seeds', variants='default,sft_matched')
   if a.table is not None:
     print(table(a.table or [a.out]))
     return

@@ -132,14 +132,20 @@ def table(paths: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--root', default='/tmp/iterative_rl')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'iterative_rl.jsonl'))
-  parser.add_argument('--variants', default=','.join([*VARIANTS, *NUMBERS_VARIANTS]))
+def sweep_args(doc: str, *, seeds: str, name: str, variants: str) -> argparse.Namespace:
+  """The flags of a seed sweep: --seeds, --root (/tmp/<name>), --out (benchmarks/<name>.jsonl), --variants,
+  --table."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--seeds', default=seeds)
+  parser.add_argument('--root', default=f'/tmp/{name}')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', f'{name}.jsonl'))
+  parser.add_argument('--variants', default=variants)
   parser.add_argument('--table', nargs='*', help='print the table of these result files and exit')
-  a = parser.parse_args()
+  return parser.parse_args()
+
+
+def main() -> None:
+  a = sweep_args(__doc__, seeds='0,1,2', name='iterative_rl', variants=','.join([*VARIANTS, *NUMBERS_VARIANTS]))
   if a.table is not None:
     print(table(a.table or [a.out]))
     return
