@@ -265,7 +265,7 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
       ('sft', sft_summary['test_accuracy'], sft_summary['test_reward'], sft_summary['wall_time']),
       *[(it['stage'], it['test_accuracy'], it['test_reward'], it['wall_time']) for it in iterations]]))
   for it in iterations:
-    warning = grpo.weak_signal_warning(it['stage'], it['frac_groups_no_signal'], it['pass_at_g'])
+    warning = grpo.weak_signal_warning(it['stage'], it.get('frac_groups_no_signal'), it.get('pass_at_g'))
     if warning:
       distributed.print0(f'WARNING: {warning}')
   distributed.print0(f'summary: {os.path.join(workdir, "summary.json")}')
