@@ -92,8 +92,11 @@ def test_eval_command_writes_paper_columns(source, model_dir, trained, tmp_path)
           r['greedy']['completions'][0]
     else:
       assert 'completions' not in r['greedy']
-  header = stdout.split('results:')[0].strip().splitlines()[-3]
+  # The table: a header, then greedy and maj@2 rows, each followed by its 95% interval row.
+  header, greedy, greedy_ci, maj, maj_ci = stdout.split('results:')[0].strip().splitlines()[-5:]
   assert header.split() == ['GSM8K', 'CMATH']
+  assert greedy.split()[0] == 'greedy' and maj.split()[0] == 'maj@2'
+  assert greedy_ci.strip().startswith('95% CI') and maj_ci.strip().startswith('95% CI')
 
 
 def test_generate_command(model_dir):
