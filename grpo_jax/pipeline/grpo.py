@@ -156,7 +156,6 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
   warned_no_delimiter = False
-  signal = []  # each step's (fraction of groups with no reward variance, pass@G), steps run by this process
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
@@ -171,7 +170,6 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
         group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
         verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
         reward_mix=rl.reward_mix)
-    signal.append((stats['frac_groups_no_signal'], stats['pass_at_g']))
     if process is not None:
       rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
                                                 step_verifier=process['step_verifier'],
@@ -202,9 +200,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   def finish(state):
     held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
     return {'test_accuracy': held_out['accuracy'], 'test_reward': held_out['reward'], 'sample': held_out['sample'],
-            'test_scores': held_out['scores'], 'iteration': iteration,
-            'frac_groups_no_signal': float(np.mean([s[0] for s in signal])) if signal else None,
-            'pass_at_g': float(np.mean([s[1] for s in signal])) if signal else None}
+            'test_scores': held_out['scores'], 'iteration': iteration}
 
   # The loop's data_position counts this stage's steps; the prompt stream's position is data_offset + that.
   meta = {**setup.checkpoint_meta(policy), 'iteration': iteration, 'data_offset': offset}

@@ -173,6 +173,9 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
     start = {'policy': state['policy'], 'kl_controller': state['kl_controller']}
     summaries.append({'iteration': k, 'stage': stage.name, **summary,
                       'rm_agreement': _mean_metric(sinks.workdir, stage.name, 'rm_agreement'),
+                      # From the logged steps, so a resumed stage reports what an uninterrupted one does.
+                      'frac_groups_no_signal': _mean_metric(sinks.workdir, stage.name, 'frac_groups_no_signal'),
+                      'pass_at_g': _mean_metric(sinks.workdir, stage.name, 'pass_at_g'),
                       'rm_heldout_accuracy': rm_summaries[-1]['heldout_accuracy'] if rm_summaries else None})
     if learned and k < rl.num_iterations:
       train_reward_model(k, rm_state, setup.merged(state['policy'].params, setup.policy(grpo.NAME)))
