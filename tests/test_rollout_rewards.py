@@ -47,6 +47,7 @@ def test_weak_signal_warning_says_which_way():
   unsolved = weak_signal_warning('grpo', 0.8, 0.2)
   assert unsolved.startswith('grpo: 80% of groups had no reward variance') and 'none of the G outputs' in unsolved
   assert 'all G outputs' in weak_signal_warning('grpo_2', 0.7, 0.9)
+  assert 'not logged' in weak_signal_warning('grpo', 0.7, None)  # metrics from before pass_at_g existed
 
 
 def test_agreement_counts_the_verifier_ordered_pairs_of_each_group():

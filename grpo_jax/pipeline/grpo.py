@@ -100,9 +100,13 @@ def weak_signal_warning(stage: str, frac_groups_no_signal: float | None, pass_at
   which way: none of the G outputs solved the prompt, or all did. None when most groups had signal."""
   if frac_groups_no_signal is None or frac_groups_no_signal <= 0.5:
     return None
-  why = ('most prompts were solved by none of the G outputs: more exploration (rl.temperature, rl.group_size) or '
-         'a stronger SFT start' if pass_at_g < 0.5 else 'most prompts were solved by all G outputs: too easy for '
-         'this policy')
+  if pass_at_g is None:  # a run logged before pass_at_g existed
+    why = 'whether none or all of the G outputs solved them was not logged'
+  elif pass_at_g < 0.5:
+    why = 'most prompts were solved by none of the G outputs: more exploration (rl.temperature, rl.group_size) or ' \
+          'a stronger SFT start'
+  else:
+    why = 'most prompts were solved by all G outputs: too easy for this policy'
   return (f'{stage}: {frac_groups_no_signal:.0%} of groups had no reward variance (no advantage, no gradient); '
           f'{why}. See frac_groups_no_signal, pass_at_g and entropy in metrics.jsonl')
 
