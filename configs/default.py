@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
   c.rl = ml_collections.ConfigDict()
+  c.rl.algorithm = 'grpo'  # 'grpo' | 'ppo' (the baseline with a learned critic and GAE; config.ppo, pipeline/ppo.py)
   c.rl.num_steps = 200  # GRPO steps in all (one rollout batch each), over all outer iterations
   c.rl.num_iterations = 1  # I, outer iterations (DeepSeekMath Alg. 1), each of M = num_steps / I steps
   c.rl.reset_reference = True  # each iteration starts with reference <- policy (the paper); False: SFT's throughout
@@ -99,14 +100,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.kl_horizon = 10000  # the controller's horizon in samples: larger moves beta more slowly
   c.rl.kl_adapt = 'beta'  # what the controller moves: 'beta' | 'lr' (a scale on rl.lr's schedule)
   c.rl.exact_kl_rows = 4  # rows per step whose KL to the reference is also computed exactly (full vocabulary); 0 = off
+  # Sampling and loss switches (issue 17; all off by default):
+  c.rl.dynamic_sampling = False  # DAPO: groups with all G rewards equal are replaced by ones from further prompts
+  c.rl.dynamic_sampling_max_draws = 3  # extra prompt batches per step at most; still short: zero-signal groups fill in
+  c.rl.overlong_penalty_len = 0  # L_cache (DAPO): reward - 0..1 over the last L_cache tokens of max_new_tokens; 0 = off
+  c.rl.mask_truncated = False  # outputs that hit max_new_tokens without an EOS get zero loss weight (DAPO)
+  c.rl.mismatch_rows = 4  # rows per step whose sampler logprobs are checked against the trainer's forward; 0 = off
+  c.rl.tis_cap = 0.0  # > 0: truncated importance sampling, token weight min(pi_trainer / pi_sampler, cap); 0 = off
+  c.rl.trainer_sampling_filters = False  # True: trainer logprobs of the sampler's temperature/top-k/top-p distribution
   c.rl.advantage = 'grpo'  # 'grpo' (group std-scaled) | 'group_mean' (no std) | 'batch_std' (group mean, batch std)
   c.rl.reward = 'gsm8k_exact'  # the rule reward: registry name in grpo_jax/rewards/registry.py
   c.rl.reward_source = 'verifier'  # 'verifier' (rl.reward) | 'reward_model' (learned, config.reward_model) | 'mix'
   c.rl.reward_mix = 0.5  # 'mix': reward = (1 - w) * rl.reward + w * sigmoid(reward-model score)
-  c.rl.supervision = 'outcome'  # 'outcome' (one reward per output) | 'process' (per step; DeepSeekMath 4.1.3)
+  # 'outcome' (one reward per output) | 'process' (per step; DeepSeekMath 4.1.3) | 'prefix_resample' (per segment:
+  # the change in Monte Carlo value of the output's prefixes, from continuations; rollout/prefix_credit.py)
+  c.rl.supervision = 'outcome'
   c.rl.step_delimiter = '\n'  # process: a step ends at each token containing this; no delimiter = one step
   c.rl.step_verifier = 'arithmetic'  # process: step rewards / labels (grpo_jax/rewards/steps.py)
   c.rl.step_reward = 'verifier'  # process: 'verifier' | 'reward_model' (a process RM trained on the verifier's labels)
+  c.rl.prefix_cuts = (0.25, 0.5, 0.75)  # prefix_resample: cuts, increasing fractions in (0, 1) of each output's length
+  c.rl.prefix_continuations = 4  # prefix_resample: K continuations sampled per prefix; its value = their mean reward
   c.rl.temperature = 1.0
   c.rl.top_k = 0  # 0 = off
   c.rl.top_p = 1.0  # 1.0 = off
@@ -117,6 +130,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.grad_clip = 1.0
   c.rl.grad_accum_steps = 1  # k micro-batches per minibatch, one update (live activations: one micro-batch's)
   c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
+
+  # rl.algorithm='ppo': RLHF PPO on GRPO's data, sampler, reward and rl.* optimizer/clip/epochs; the per-token reward is
+  # the outcome at the last token minus rl.beta * (log pi_old - log pi_ref) at every token (no KL term in the loss).
+  c.ppo = ml_collections.ConfigDict()
+  c.ppo.gamma = 1.0  # GAE's discount gamma (1: the outcome reward reaches every token undiminished)
+  c.ppo.lam = 0.95  # GAE's lambda (1: Monte Carlo return minus the value; 0: one-step TD error)
+  c.ppo.value_clip = 0.2  # eps of the clipped value loss: a value moves at most this far from its rollout-time value
+  c.ppo.whiten_advantages = True  # normalize each batch's per-token advantages to mean 0, std 1 over valid tokens
+  c.ppo.critic_warmup_steps = 0  # the first steps train the critic only (the policy is not updated); 0 = off
+  c.ppo.lr = 3e-4  # the critic's optimizer (its own AdamW; its value head starts at zero, so it must move fast)
+  c.ppo.warmup_steps = 0
+  c.ppo.schedule = 'constant'
+  c.ppo.weight_decay = 0.0
+  c.ppo.grad_clip = 1.0
+  c.ppo.master_dtype = 'float32'
 
   # The learned reward model (models/reward_model.py): the decoder with a scalar head, trained on comparisons before
   # iteration 1 and again after each iteration (new comparisons plus replay). Built when rl.reward_source != 'verifier'.
@@ -194,6 +222,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg == 'sft_matched':  # the control: SFT alone, continued on its own data for the default's GRPO wall time
     # 870 more SFT steps take what the 200 GRPO steps take on 2 CPU cores (README); no GRPO stage.
     c.sft.max_steps, c.rl.num_steps = 1500 + 870, 0
+  elif arg == 'ppo':  # the PPO baseline (the paper's ablation row): the default with a critic in place of the group
+    c.rl.algorithm = 'ppo'
+    c.rl.beta = 0.04  # the paper's beta, here the per-token KL penalty in the reward (DeepSeekMath eq. 2), as RLHF PPO
+    # The critic's head starts at zero (every value 0): critic-only steps first, so the policy's first updates see
+    # a baseline fitted to the SFT policy's returns rather than the raw rewards.
+    c.ppo.critic_warmup_steps = 10
   elif arg:
-    raise ValueError(f'unknown preset {arg!r}; known: tiny, numbers, sft_matched')
+    raise ValueError(f'unknown preset {arg!r}; known: tiny, numbers, sft_matched, ppo')
   return c

@@ -4,7 +4,8 @@ Pick an outcome estimator by name (`config.rl.advantage`) from `ADVANTAGES`; add
   'grpo'        (r - group mean) / group std (the paper)
   'group_mean'  r - group mean (no std scaling: Dr. GRPO)
   'batch_std'   (r - group mean) / std of all the batch's rewards (group baseline, batch-wide scale)
-`process_advantages` is the paper's process-supervision variant (per-step rewards, per-token advantages).
+`process_advantages` is the paper's process-supervision variant (per-step rewards, per-token advantages);
+`prefix_value_advantages` credits segments of each output with the change in a Monte Carlo value of its prefixes.
 
 Every std here is the population std (ddof=0, numpy's and jnp's default), not the sample std (ddof=1). With
 ddof=0 a group's std-scaled advantages have mean square exactly 1 whatever G; ddof=1 would make them smaller by
@@ -79,6 +80,49 @@ def process_advantages(step_rewards: jax.Array, step_ends: jax.Array, step_mask:
   normalized = (rewards - mean) / (std + eps) * mask
   at_or_after = jnp.asarray(step_ends)[..., None] >= jnp.arange(num_tokens)  # [P, G, S, T]
   return jnp.einsum('pgs,pgst->pgt', normalized, at_or_after.astype(jnp.float32))
+
+
+PREFIX_SCALES = ('group', 'batch', 'none')
+# config.rl.advantage -> the prefix_value_advantages scale that reduces to it without cuts
+PREFIX_SCALE_OF = {'grpo': 'group', 'batch_std': 'batch', 'group_mean': 'none'}
+
+
+def prefix_value_advantages(rewards: jax.Array, values: jax.Array, cuts: jax.Array, mask: jax.Array, *,
+                            scale: str = 'group', eps: float = 1e-6) -> jax.Array:
+  """Per-token credit from prefix values: each segment between consecutive cut points gets the change in value.
+
+  Output i of a group is cut after cuts[i, 0] <= ... <= cuts[i, J-1] tokens; V_j is the value of its prefix at cut j
+  (an estimate of the expected reward of finishing it: the mean reward of continuations sampled from it). With
+  V_0 = the group's mean reward (the empty prefix) and V_{J+1} = r_i (the whole output), token t gets
+  V_{s+1} - V_s for the segment s = #{j : cuts[i, j] <= t} holding it, i.e. tokens [cut_s, cut_{s+1}). The
+  segments' changes add up to r_i - mean(r): the group-mean outcome advantage, redistributed over the output.
+
+  Args:
+    rewards: [num_prompts, G] each output's reward r_i.
+    values: [num_prompts, G, J] the value estimate of each output's prefix at each cut.
+    cuts: [num_prompts, G, J] int, prefix lengths in completion tokens, non-decreasing along J.
+    mask: [num_prompts, G, T] 1 on completion tokens.
+    scale: what the changes are divided by (+ eps): 'group' the population std of the group's value estimates (its G
+      rewards and G x J prefix values), 'batch' the same over the whole batch, 'none' nothing. Without cuts (J = 0)
+      these are the outcome estimators 'grpo', 'batch_std' and 'group_mean' broadcast over tokens. The values are
+      in the std so a group whose G rewards tie still gets finite credit where its prefixes' values differ.
+  Returns:
+    [num_prompts, G, T] per-token advantages, 0 on padding.
+  """
+  if scale not in PREFIX_SCALES:
+    raise ValueError(f'unknown prefix-value scale {scale!r}; known: {PREFIX_SCALES}')
+  rewards = jnp.asarray(rewards, jnp.float32)
+  values = jnp.asarray(values, jnp.float32)
+  num_tokens = mask.shape[-1]
+  baseline = jnp.broadcast_to(rewards.mean(axis=-1, keepdims=True)[..., None], (*rewards.shape, 1))
+  chain = jnp.concatenate([baseline, values, rewards[..., None]], axis=-1)  # [P, G, J + 2]: V_0 .. V_{J+1}
+  changes = jnp.diff(chain, axis=-1)  # [P, G, J + 1], segment s gets V_{s+1} - V_s
+  if scale != 'none':
+    estimates = jnp.concatenate([values, rewards[..., None]], axis=-1).reshape(rewards.shape[0], -1)
+    std = estimates.std(axis=-1) if scale == 'group' else jnp.broadcast_to(estimates.std(), rewards.shape[:1])
+    changes = changes / (std[:, None, None] + eps)
+  segment = (jnp.asarray(cuts)[..., None] <= jnp.arange(num_tokens)).sum(axis=-2)  # [P, G, T]
+  return jnp.take_along_axis(changes, segment, axis=-1) * jnp.asarray(mask, jnp.float32)
 
 
 ADVANTAGES: dict[str, Callable[..., jax.Array]] = {

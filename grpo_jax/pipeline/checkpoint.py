@@ -184,7 +184,7 @@ def restore_subtree(mngr: ocp.CheckpointManager, step: int, item: str, target) -
     raise CheckpointError(f'could not restore {item} from {mngr.directory}/{step}: {e}') from e
 
 
-def saved_model_config(workdir: str, stages: tuple[str, ...] = ('grpo', 'grpo_1', 'sft')) -> dict[str, Any]:
+def saved_model_config(workdir: str, stages: tuple[str, ...] = ('grpo', 'grpo_1', 'ppo', 'sft')) -> dict[str, Any]:
   """The model config (a dict of ModelConfig fields) stored with the workdir's latest checkpoint."""
   for stage in stages:
     meta = read_meta(manager(workdir, stage, max_to_keep=1_000_000))

@@ -6,7 +6,7 @@ import os
 
 from absl import app
 
-from grpo_jax.core.advantages import ADVANTAGES
+from grpo_jax.core.advantages import ADVANTAGES, PREFIX_SCALE_OF
 from grpo_jax.core.kl import KL_ESTIMATORS
 from grpo_jax.core.losses import IMPORTANCE_RATIOS, LOSS_AGGREGATIONS
 from grpo_jax.data.datasets import DATASETS
@@ -155,7 +155,9 @@ def _check_iterations(cfg) -> None:
                      'reference is the frozen base the adapters sit on; set rl.reset_reference=False or lora.rank=0')
   _in(cfg, 'rl.reward_source', REWARD_SOURCES)
   _fraction(cfg, 'rl.reward_mix')
-  _in(cfg, 'rl.supervision', ('outcome', 'process'))
+  _in(cfg, 'rl.supervision', ('outcome', 'process', 'prefix_resample'))
+  if rl.supervision == 'prefix_resample':
+    _check_prefix_resample(cfg)
   if rl.supervision == 'process':
     if not isinstance(rl.step_delimiter, str) or not rl.step_delimiter:
       raise ValueError(f'config.rl.step_delimiter must be a non-empty string, got {rl.step_delimiter!r}')
@@ -170,6 +172,29 @@ def _check_iterations(cfg) -> None:
   if rl.exact_kl_rows > rl.num_prompts * rl.group_size:
     raise ValueError(f'config.rl.exact_kl_rows={rl.exact_kl_rows} is more than a rollout\'s '
                      f'{rl.num_prompts * rl.group_size} rows')
+
+
+def _check_prefix_resample(cfg) -> None:
+  """rl.supervision='prefix_resample' (rollout/prefix_credit.py): the cuts, K, and what it cannot be combined with."""
+  rl = cfg.rl
+  _int_at_least(cfg, 'rl.prefix_continuations', 1)
+  cuts = rl.prefix_cuts
+  if not isinstance(cuts, (tuple, list)) or not cuts or any(
+      isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in cuts) or any(
+      a >= b for a, b in zip(cuts, cuts[1:], strict=False)):
+    raise ValueError(f'config.rl.prefix_cuts={cuts!r} must be a non-empty tuple of strictly increasing fractions in '
+                     '(0, 1) of each output\'s length, e.g. (0.25, 0.5, 0.75)')
+  if rl.reward_source != 'verifier':
+    raise ValueError(f"config.rl.supervision='prefix_resample' with rl.reward_source={rl.reward_source!r}: the "
+                     "continuations are scored by rl.reward alone, so the values would not match the outputs' "
+                     "rewards; set rl.reward_source='verifier'")
+  if rl.advantage not in PREFIX_SCALE_OF:
+    raise ValueError(f"config.rl.advantage={rl.advantage!r} has no prefix_resample form; known: "
+                     f"{sorted(PREFIX_SCALE_OF)}")
+  if rl.importance_ratio == 'sequence':
+    raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.supervision='prefix_resample' is "
+                     "unsupported: one ratio for all of an output's tokens collapses the per-token advantages; use "
+                     "rl.importance_ratio='token'")
 
 
 def _check_loss_switches(cfg) -> None:
@@ -196,6 +221,79 @@ def _check_loss_switches(cfg) -> None:
     raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.supervision='process' is unsupported: one "
                      "ratio for all of an output's tokens collapses the per-token advantages into their sum; use "
                      "rl.importance_ratio='token' or rl.supervision='outcome'")
+
+
+ALGORITHMS = ('grpo', 'ppo')  # config.rl.algorithm
+
+
+def _check_ppo(cfg) -> None:
+  """config.rl.algorithm and, for 'ppo', config.ppo and what the PPO stage supports (one iteration, the verifier's
+  reward, outcome supervision, full fine-tuning, a fixed beta)."""
+  rl, pc = cfg.rl, cfg.ppo
+  _in(cfg, 'rl.algorithm', ALGORITHMS)
+  for key in ('gamma', 'lam'):
+    value = pc[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise ValueError(f'config.ppo.{key} must be a number in [0, 1], got {value!r}')
+  if isinstance(pc.value_clip, bool) or not isinstance(pc.value_clip, (int, float)) or not pc.value_clip > 0:
+    raise ValueError(f'config.ppo.value_clip must be a positive number, got {pc.value_clip!r}')
+  if not isinstance(pc.whiten_advantages, bool):
+    raise ValueError(f'config.ppo.whiten_advantages must be True or False, got {pc.whiten_advantages!r}')
+  _int_at_least(cfg, 'ppo.critic_warmup_steps', 0)
+  _positive(cfg, 'ppo.lr', 'ppo.grad_clip')
+  _in(cfg, 'ppo.schedule', ('cosine', 'constant'))
+  if pc.master_dtype not in ('float32', ''):
+    raise ValueError(f"config.ppo.master_dtype={pc.master_dtype!r} must be 'float32' or '' (off)")
+  if rl.algorithm != 'ppo':
+    return
+  unsupported = {'rl.num_iterations': (rl.num_iterations, 1), 'rl.reward_source': (rl.reward_source, 'verifier'),
+                 'rl.supervision': (rl.supervision, 'outcome'), 'rl.kl_target': (rl.kl_target, 0.0),
+                 'rl.kl_in_reward': (rl.kl_in_reward, False)}
+  for key, (value, supported) in unsupported.items():
+    if value != supported:
+      raise ValueError(f"config.{key}={value!r} is not supported with rl.algorithm='ppo' (only {supported!r}: the PPO "
+                       "baseline is one stage on the verifier's outcome reward, its KL always in the reward, "
+                       "weighted by a fixed rl.beta)")
+  if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
+    raise ValueError("config.lora.rank > 0 on the RL stage is not supported with rl.algorithm='ppo' (it trains every "
+                     "weight): set lora.rank=0 or lora.stages='sft'")
+  if rl.num_steps and pc.critic_warmup_steps >= rl.num_steps:
+    raise ValueError(f'config.ppo.critic_warmup_steps={pc.critic_warmup_steps} leaves none of rl.num_steps='
+                     f'{rl.num_steps} to train the policy')
+
+
+def _check_sampling_switches(cfg) -> None:
+  """Dynamic sampling, the overlong switches and the sampler-vs-trainer ones (pipeline/grpo.py): types, ranges, and
+  combinations that cannot do what they say."""
+  rl = cfg.rl
+  for key in ('dynamic_sampling', 'mask_truncated', 'trainer_sampling_filters'):
+    if not isinstance(rl[key], bool):
+      raise ValueError(f'config.rl.{key} must be True or False, got {rl[key]!r}')
+  _int_at_least(cfg, 'rl.dynamic_sampling_max_draws', 1)
+  _int_at_least(cfg, 'rl.overlong_penalty_len', 0)
+  _int_at_least(cfg, 'rl.mismatch_rows', 0)
+  if rl.mismatch_rows > rl.num_prompts * rl.group_size:
+    raise ValueError(f'config.rl.mismatch_rows={rl.mismatch_rows} is more than a rollout\'s '
+                     f'{rl.num_prompts * rl.group_size} rows')
+  if rl.overlong_penalty_len > cfg.max_new_tokens:
+    raise ValueError(f'config.rl.overlong_penalty_len={rl.overlong_penalty_len} (L_cache) must be at most '
+                     f'max_new_tokens={cfg.max_new_tokens}: the penalty starts L_cache tokens before the budget')
+  cap = rl.tis_cap
+  if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (cap == 0 or cap >= 1):
+    raise ValueError(f'config.rl.tis_cap={cap!r} must be 0 (off) or >= 1: a cap below 1 scales down every token '
+                     'whose sampler and trainer agree')
+  if rl.dynamic_sampling and rl.group_size < 2:
+    raise ValueError(f'config.rl.dynamic_sampling needs rl.group_size (G) >= 2 to tell groups with reward variance '
+                     f'from those without, got {rl.group_size}')
+  if rl.dynamic_sampling and rl.supervision != 'outcome':
+    raise ValueError(f"config.rl.dynamic_sampling with rl.supervision={rl.supervision!r} is unsupported: groups are "
+                     "kept by their outcome rewards' spread; use rl.supervision='outcome' or rl.dynamic_sampling=False")
+  on = [k for k in ('dynamic_sampling', 'overlong_penalty_len', 'mask_truncated', 'tis_cap', 'trainer_sampling_filters')
+        if rl[k]]
+  algorithm = rl.get('algorithm', 'grpo')
+  if on and algorithm != 'grpo':
+    raise ValueError(f'config.rl.{on[0]} is a GRPO stage switch; rl.algorithm={algorithm!r} does not read it: '
+                     "turn it off or use rl.algorithm='grpo'")
 
 
 def _check_reward_model(cfg) -> None:
@@ -264,6 +362,8 @@ def check_config(cfg, num_devices: int) -> None:
   if not 0 < cfg.rl.clip_eps < 1:
     raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
   _check_loss_switches(cfg)
+  _check_sampling_switches(cfg)
+  _check_ppo(cfg)
   if cfg.rl.beta < 0:
     raise ValueError(f'config.rl.beta must be >= 0, got {cfg.rl.beta}')
   if cfg.rl.kl_target < 0 or not cfg.rl.kl_horizon > 0:

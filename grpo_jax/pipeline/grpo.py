@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from grpo_jax.core.advantages import get_advantage_fn
+from grpo_jax.core.advantages import PREFIX_SCALE_OF, get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
 from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
 from grpo_jax.data.batches import batch_indices
@@ -33,6 +33,7 @@ from grpo_jax.pipeline.train_state import (
   state_shardings,
 )
 from grpo_jax.rewards.steps import get_step_verifier
+from grpo_jax.rollout.prefix_credit import prefix_credit
 from grpo_jax.rollout.reference import make_exact_kl_fn
 from grpo_jax.rollout.rollout import Rollout, collect_rollout, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
@@ -185,6 +186,12 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
                'output is one step (process supervision reduces to outcome supervision); warned once')
         logging.warning(msg)
         distributed.print0(f'WARNING: {msg}')
+    if rl.supervision == 'prefix_resample':  # per-segment credit from K continuations of each output's prefixes
+      rollout, prefix_stats = prefix_credit(
+          rollout, prompts, policy.continuation_sampler, policy_state.params, jax.random.fold_in(sample_rng, 1),
+          group_size=rl.group_size, continuations=rl.prefix_continuations, cut_fractions=tuple(rl.prefix_cuts),
+          tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage])
+      stats.update(prefix_stats)
     if exact_kl is not None:  # pi_old against the reference over the whole vocabulary, on a few rows
       rows = np.linspace(0, rollout.advantages.shape[0] - 1, exact_kl_rows).astype(int)
       merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,

@@ -28,7 +28,7 @@ from flax import nnx
 from grpo_jax.data.numbers_task import win_rate
 from grpo_jax.models import hf
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline import checkpoint, grpo, reward_model, sft, workdir as workdir_lib
+from grpo_jax.pipeline import checkpoint, grpo, ppo, reward_model, sft, workdir as workdir_lib
 from grpo_jax.pipeline.config_checks import check_config, process_reward_model, uses_reward_model
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
@@ -136,6 +136,11 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
   """Algorithm 1's outer loop. Returns (the last GRPO stage's state, each iteration's summary, each reward-model
   (re)training's summary)."""
   rl = setup.cfg.rl
+  if rl.algorithm == ppo.NAME:  # the baseline: one stage, a critic in place of the group baseline (config_checks)
+    state, summary = run_stage(ppo.make_stage(setup, sft_params), sinks)
+    signal = {k: _mean_metric(sinks.workdir, ppo.NAME, k) for k in ('frac_groups_no_signal', 'pass_at_g')}
+    return state, [{'iteration': 1, 'stage': ppo.NAME, **summary, 'rm_agreement': None, 'rm_heldout_accuracy': None,
+                    **signal}], []
   process = process_reward_model(setup.cfg)  # a process reward model (step labels), else an outcome one
   learned = uses_reward_model(setup.cfg)
   rm = rm_state = buffer = None
@@ -201,7 +206,8 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
       os.path.join(workdir, 'init_eval.json'))
   config_json = cfg.to_json_best_effort(indent=2)
   changes = workdir_lib.check_config(workdir, config_json, allow=allow_config_change, trained=trained)
-  if any(k.startswith('sft.') for k in changes) and _has_checkpoints(workdir, grpo.NAME):
+  if any(k.startswith('sft.') for k in changes) and (_has_checkpoints(workdir, grpo.NAME) or
+                                                     _has_checkpoints(workdir, ppo.NAME)):
     raise workdir_lib.WorkdirError(f'{workdir}: GRPO has started from the SFT policy, so changing {sorted(changes)} '
                                    'would need GRPO rerun from scratch; use a fresh --workdir')
   # Data and any existing checkpoint are validated before a param is created or a file written.
@@ -246,7 +252,8 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
     it['win_rate_vs_sft'] = (None if sft_summary.get('test_scores') is None else
                              win_rate(np.asarray(it['test_scores']), np.asarray(sft_summary['test_scores'])))
     del it['test_scores']
-  summary = {'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft_summary['test_accuracy'],
+  summary = {'rl_algorithm': cfg.rl.algorithm,  # the RL stage's results are the grpo_* keys, PPO's too
+             'init_accuracy': init_eval['accuracy'], 'sft_accuracy': sft_summary['test_accuracy'],
              'grpo_accuracy': grpo_summary['test_accuracy'], 'sft_reward': sft_summary['test_reward'],
              'grpo_reward': grpo_summary['test_reward'], 'sft_steps': sft_summary['steps'],
              'grpo_steps': sum(it['steps'] for it in iterations), 'sft_wall_time': sft_summary['wall_time'],

@@ -122,6 +122,8 @@ class Policy(NamedTuple):
   param_shardings: Any  # its params' training layout
   eval_sampler: Callable  # evaluation: greedy, or one sample per prompt (config.eval.sample)
   sampler: Callable  # rollouts: rl.temperature / top_k / top_p, G per prompt
+  # rl.supervision 'prefix_resample': as `sampler`, K = rl.prefix_continuations per prompt (rollout/prefix_credit.py)
+  continuation_sampler: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -176,8 +178,12 @@ class Setup:
       eval_sampler = host_io(make_sampler(graphdef, greedy=True, **tok))
     sampler = host_io(make_sampler(graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
                                    top_p=cfg.rl.top_p, group_size=cfg.rl.group_size, **tok))
+    continuation_sampler = None
+    if cfg.rl.supervision == 'prefix_resample':
+      continuation_sampler = host_io(make_sampler(graphdef, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k,
+                                                  top_p=cfg.rl.top_p, group_size=cfg.rl.prefix_continuations, **tok))
     return Policy(graphdef, lora_cfg, sharding.tree_shardings(params, self.mesh, self.rules), eval_sampler,
-                  sampler)
+                  sampler, continuation_sampler)
 
   def evaluate(self, params, split: str, policy: Policy | None = None, *, keep_scores: bool = False
                ) -> dict[str, Any]:
