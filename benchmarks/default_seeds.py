@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 
-from iterative_rl import copy_sft, record, sweep_args, train
+from iterative_rl import record, sweep_args, train
+
+from grpo_jax.experiments.runs import copy_sft
 
 VARIANTS = {'default': ('', []), 'sft_matched': ('sft_matched', []), 'one_device': ('', ['--config.cpu_devices=0'])}
 # GRPO knobs around the default, each continuing from a copy of the seed's 'default' SFT checkpoint (run that first).

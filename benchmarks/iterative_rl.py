@@ -24,9 +24,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
+
+from grpo_jax.experiments.runs import copy_sft, train_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,25 +48,9 @@ NUMBERS_VARIANTS = {'numbers_I1': [], 'numbers_I3': ['--config.rl.num_iterations
 
 
 def train(workdir: str, args: list[str], log: str, preset: str = '') -> tuple[int, float, float]:
-  """(exit status, wall seconds, peak RSS in MB) of one training process."""
+  """(exit status, wall seconds, peak RSS in MB) of one training process on configs/default.py[:preset]."""
   config = os.path.join(ROOT, 'configs/default.py') + (f':{preset}' if preset else '')
-  cmd = [sys.executable, '-m', 'grpo_jax.train', '--config', config, '--workdir', workdir, *args]
-  start = time.perf_counter()
-  with open(log, 'w') as f:
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-  return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
-
-
-def copy_sft(src: str, dst: str) -> None:
-  """A workdir holding only src's finished SFT stage (and its initial evaluation, config record and metrics)."""
-  os.makedirs(os.path.join(dst, 'checkpoints'), exist_ok=True)
-  shutil.copytree(os.path.join(src, 'checkpoints', 'sft'), os.path.join(dst, 'checkpoints', 'sft'))
-  for name in ('init_eval.json', 'config.json', 'config_history.jsonl'):
-    if os.path.exists(os.path.join(src, name)):
-      shutil.copy(os.path.join(src, name), dst)
-  with open(os.path.join(src, 'metrics.jsonl')) as f, open(os.path.join(dst, 'metrics.jsonl'), 'w') as g:
-    g.writelines(line for line in f if json.loads(line).get('stage') == 'sft')
+  return train_process(config, workdir, args, log)
 
 
 def record(out: str, row: dict) -> None:

@@ -3,20 +3,22 @@
 Every .py file under grpo_jax/ is parsed; every Import and ImportFrom is checked, including those nested in functions,
 classes, `if TYPE_CHECKING:` blocks and try/except (a deferred import is still a dependency), with relative imports
 resolved against the file's package. The layer of a module is its first sub-package under grpo_jax; the top-level
-grpo_jax/{train,eval,generate,plan}.py are the CLI layer; grpo_jax/__init__.py is the root.
+grpo_jax/{train,eval,generate,plan,reward_model,report}.py and grpo_jax/experiments/{paper_table,group_size}.py are the
+CLI layer; grpo_jax/__init__.py is the root.
 
 Rules:
 1. Layers (LAYERS below): core imports only core; models imports core, parallel; data and rewards import core, models,
    parallel and each other; rollout imports core, models, data, rewards, parallel; parallel imports only parallel;
-   pipeline and the CLIs import any library layer. grpo_jax/__init__.py imports nothing.
+   pipeline imports any library layer; experiments (whole training runs as processes, above pipeline) and the CLIs
+   import any library layer and experiments. grpo_jax/__init__.py imports nothing.
 2. Nothing imports a CLI module (grpo_jax.train, .eval, .generate, .plan): not the package (CLIs included), not
    benchmarks/. Tests may import them (to call run/main); library code may not, because a CLI's import pulls in
    absl flags and the whole stack, and a CLI is an entry point, not an API.
 3. core/ is pure array math: besides the standard library it imports only jax and numpy (no flax, optax, ...).
-4. Only pipeline/ and the CLIs read the run config. Every other module takes the values it needs as explicit arguments,
-   so it neither imports ml_collections nor has a function parameter named `cfg`, `config` or `opt_cfg` (the names the
-   codebase gives the run config and its sub-configs) that is untyped or typed ConfigDict. A typed value object
-   (`model_cfg: ModelConfig`, `config: LossConfig`) is an explicit argument, not the run config.
+4. Only pipeline/, experiments/ and the CLIs read the run config. Every other module takes the values it needs as
+   explicit arguments, so it neither imports ml_collections nor has a function parameter named `cfg`, `config` or
+   `opt_cfg` (the names the codebase gives the run config and its sub-configs) that is untyped or typed ConfigDict.
+   A typed value object (`model_cfg: ModelConfig`, `config: LossConfig`) is an explicit argument, not the run config.
 
 The checker is plain functions (`layer_of`, `imports_of`, `violations`, ...) so the meta-tests at the bottom can run it
 on a synthetic tree and prove it reports what it should: a checker that finds nothing would otherwise pass silently.
@@ -32,7 +34,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = 'grpo_jax'
-CLI_MODULES = frozenset({'train', 'eval', 'generate', 'plan', 'reward_model', 'report'})
+CLI_MODULES = frozenset({'train', 'eval', 'generate', 'plan', 'reward_model', 'report', 'experiments.paper_table',
+                         'experiments.group_size'})
 CLI = 'cli'
 PKG_ROOT = 'root'  # grpo_jax/__init__.py, or a name imported from it (e.g. __version__)
 
@@ -47,11 +50,12 @@ LAYERS: dict[str, frozenset[str]] = {
   'rollout': frozenset({'rollout', 'core', 'models', 'data', 'rewards', 'parallel'}),
   'parallel': frozenset({'parallel'}),
   'pipeline': _LIBRARY,
-  CLI: _LIBRARY,
+  'experiments': _LIBRARY | {'experiments'},
+  CLI: _LIBRARY | {'experiments'},
   PKG_ROOT: frozenset(),
 }
 CORE_THIRD_PARTY = frozenset({'jax', 'numpy'})
-CONFIG_READERS = frozenset({'pipeline', CLI})
+CONFIG_READERS = frozenset({'pipeline', 'experiments', CLI})
 CONFIG_PARAMS = frozenset({'cfg', 'config', 'opt_cfg'})
 CONFIG_PACKAGE = 'ml_collections'
 
@@ -70,13 +74,13 @@ def module_name(path: Path, root: Path) -> str:
 
 
 def layer_of(module: str) -> str | None:
-  """The layer of a grpo_jax module: its first sub-package, CLI for the four CLIs, None if outside every layer."""
+  """The layer of a grpo_jax module: its first sub-package, CLI for CLI_MODULES, None if outside every layer."""
   parts = module.split('.')
   if parts[0] != PKG:
     raise ValueError(f'{module} is not a {PKG} module')
   if len(parts) == 1:
     return PKG_ROOT
-  if parts[1] in CLI_MODULES:
+  if parts[1] in CLI_MODULES or '.'.join(parts[1:3]) in CLI_MODULES:
     return CLI
   return parts[1] if parts[1] in LAYERS and parts[1] not in (CLI, PKG_ROOT) else None
 
@@ -260,6 +264,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 @pytest.mark.parametrize('layer,module', [('core', 'grpo_jax.core.kl'), ('models', 'grpo_jax.models'),
                                           (CLI, 'grpo_jax.plan'), (CLI, 'grpo_jax.train.main'),
+                                          (CLI, 'grpo_jax.experiments.paper_table'),
+                                          ('experiments', 'grpo_jax.experiments.runs'),
                                           (PKG_ROOT, 'grpo_jax'), (None, 'grpo_jax.utils')])
 def test_layer_of(layer, module):
   assert layer_of(module) == layer
