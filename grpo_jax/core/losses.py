@@ -43,6 +43,10 @@ class LossConfig:
   logprob_chunk: > 0: the LM head and logprobs run over this many completion positions at a time
     (core/logprobs.sequence_logprobs chunk_size); memory only, same values.
   remat: what each block keeps for the backward pass (models/transformer.REMAT_POLICIES); memory only.
+  logits_filter: None, or a function logits [..., V] -> logits [..., V] (the sampler's temperature / top-k / top-p,
+    rollout/reference.sampling_filter): pi_theta's logprobs and entropy are then those of the filtered
+    distribution the sampler draws from (rl.trainer_sampling_filters). A token the filter excludes (logprob -inf)
+    is left out of the loss, as is one whose old logprob is -inf.
   """
   clip_eps: float = 0.2
   clip_eps_high: float = 0.0
@@ -55,6 +59,7 @@ class LossConfig:
   entropy_coef: float = 0.0
   logprob_chunk: int = 0
   remat: str = 'none'
+  logits_filter: Callable[[jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     if not 0 < self.clip_eps < 1:
@@ -203,12 +208,19 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
     old_logprobs, ref_logprobs [N, c], advantages [N] or [N, c]).
   hparams: {'beta': scalar array} (read only when config.kl_penalty).
   """
+  if config.logits_filter is not None:
+    model = FilteredLogits(model, config.logits_filter)
   logprobs, entropy = sequence_logprobs(model, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
                                         batch.completion_mask, return_entropy=True,
                                         chunk_size=config.logprob_chunk, remat=config.remat)
+  loss_mask = batch.completion_mask
+  if config.logits_filter is not None:  # tokens outside either filtered support: no ratio, no loss (see LossConfig)
+    inside = jnp.isfinite(jax.lax.stop_gradient(logprobs)) & jnp.isfinite(batch.old_logprobs)
+    loss_mask = loss_mask * inside.astype(loss_mask.dtype)
+    logprobs = jnp.where(inside, logprobs, 0.0)
   beta = hparams['beta'] if config.kl_penalty else 0
   loss, metrics = grpo_loss(logprobs, batch.old_logprobs, batch.ref_logprobs, batch.advantages,
-                            batch.completion_mask, clip_eps=config.clip_eps, beta=beta,
+                            loss_mask, clip_eps=config.clip_eps, beta=beta,
                             kl_estimator=config.kl_estimator, clip_eps_high=config.upper_clip_eps,
                             dual_clip=config.dual_clip, loss_aggregation=config.loss_aggregation,
                             importance_ratio=config.importance_ratio, kl_in_reward=config.kl_in_reward,
@@ -216,6 +228,42 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
   mask = batch.completion_mask.astype(jnp.float32)
   metrics['entropy'] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, metrics
+
+
+class FilteredLogits:
+  """A model whose logits pass through `logits_filter` (logits [..., V] -> [..., V]), for sequence_logprobs: the
+  forward and hidden states are the model's own, the LM head's output is filtered, chunked or not."""
+
+  def __init__(self, model, logits_filter: Callable[[jax.Array], jax.Array]):
+    self.model, self.logits_filter = model, logits_filter
+
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    return self.logits_filter(self.model(*args, **kwargs))
+
+  def hidden_states(self, *args, **kwargs) -> jax.Array:
+    return self.model.hidden_states(*args, **kwargs)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    return self.logits_filter(self.model.logits_from_hidden(hidden))
+
+
+def tis_weights(trainer_logprobs: jax.Array, sampler_logprobs: jax.Array, mask: jax.Array, *, cap: float
+                ) -> jax.Array:
+  """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+  RL training"): each token's weight min(pi_trainer(x) / pi_sampler(x), cap), correcting for the sampler's numerics
+  drawing from a slightly different pi_old than the trainer's. [N, T] logprobs and mask -> [N, T] float32, 0 on
+  padding."""
+  valid = mask.astype(bool)
+  log_ratio = jnp.where(valid, trainer_logprobs - sampler_logprobs, 0.0)
+  return jnp.where(valid, jnp.minimum(jnp.exp(log_ratio), cap), 0.0).astype(jnp.float32)
+
+
+def mean_abs_diff(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over real tokens of |a - b| ([N, T] each; 0 when there is none): the logged sampler-vs-trainer
+  logprob gap."""
+  valid = mask.astype(bool)
+  total = jnp.sum(jnp.where(valid, jnp.abs(a - b), 0.0))
+  return total / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
 
 
 def grpo_micro_weight(config: LossConfig) -> Callable[[Any], jax.Array] | None:

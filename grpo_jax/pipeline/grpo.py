@@ -17,7 +17,7 @@ from absl import logging
 
 from grpo_jax.core.advantages import PREFIX_SCALE_OF, get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
-from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
+from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective, mean_abs_diff, tis_weights
 from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
@@ -34,8 +34,8 @@ from grpo_jax.pipeline.train_state import (
 )
 from grpo_jax.rewards.steps import get_step_verifier
 from grpo_jax.rollout.prefix_credit import prefix_credit
-from grpo_jax.rollout.reference import make_exact_kl_fn
-from grpo_jax.rollout.rollout import Rollout, collect_rollout, process_supervision
+from grpo_jax.rollout.reference import make_exact_kl_fn, make_trainer_logprobs_fn, sampling_filter
+from grpo_jax.rollout.rollout import Rollout, collect_rollout, dynamic_sampling, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
 
 NAME = 'grpo'  # setup.STAGES[1]
@@ -52,7 +52,17 @@ def loss_config(cfg) -> LossConfig:
   return LossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, dual_clip=rl.dual_clip,
                     kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
                     loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
-                    entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat)
+                    entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat,
+                    logits_filter=trainer_filter(cfg))
+
+
+def trainer_filter(cfg):
+  """The sampler's temperature / top-k / top-p as a logits filter for the trainer's logprobs, with
+  rl.trainer_sampling_filters; else None (the model's own distribution, as the sampler's reported logprobs)."""
+  rl = cfg.rl
+  if not rl.trainer_sampling_filters:
+    return None
+  return sampling_filter(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
 
 
 def loss_hparams(cfg) -> dict[str, jax.Array]:
@@ -82,6 +92,36 @@ def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.A
       state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)), hparams)
       all_metrics.append(metrics)
   return state, combine_metrics(all_metrics)  # means, but ratio_min / ratio_max a min / max
+
+
+def sampler_vs_trainer(trainer_old: Callable, params, rollout: Rollout, *, rows: int | None, tis_cap: float
+                       ) -> tuple[Rollout, dict[str, float]]:
+  """The trainer's forward of pi_old = `params` against the sampler's logprobs of the same tokens.
+
+  trainer_old(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> (raw, filtered) [N, c]
+  (reference.make_trainer_logprobs_fn). rows: an int: only that many evenly spaced rows are run and the rollout is
+  returned unchanged (the logged gap alone); None: every row, and the loss's old_logprobs become the trainer's
+  (filtered) ones, with tis_cap > 0 each token's advantage weighted by tis_weights (truncated importance sampling:
+  only the policy-gradient term, not the KL or entropy ones, as in Yao et al. 2025).
+  Stats: logprob_diff_sampler_trainer, the mean |log pi_sampler - log pi_trainer| over completion tokens; with
+  TIS tis_weight (its token mean) and tis_capped_frac (tokens whose ratio exceeded the cap).
+  """
+  n = rollout.completion_tokens.shape[0]
+  idx = np.arange(n) if rows is None else np.linspace(0, n - 1, rows).astype(int)
+  arrays = [np.asarray(x)[idx] for x in rollout[:4]]
+  raw, filtered = (np.asarray(x) for x in trainer_old(params, *arrays))
+  sampler, mask = np.asarray(rollout.old_logprobs)[idx], arrays[3]
+  stats = {'logprob_diff_sampler_trainer': float(mean_abs_diff(raw, sampler, mask))}
+  if rows is not None:
+    return rollout, stats
+  advantages = np.asarray(rollout.advantages)
+  if tis_cap:
+    weights = np.asarray(tis_weights(raw, sampler, mask, cap=tis_cap))
+    advantages = (advantages[:, None] if advantages.ndim == 1 else advantages) * weights  # [N, c]
+    real = mask > 0
+    stats['tis_weight'] = float(weights[real].mean()) if real.any() else 1.0
+    stats['tis_capped_frac'] = float((raw - sampler > np.log(tis_cap))[real].mean()) if real.any() else 0.0
+  return rollout._replace(old_logprobs=filtered, advantages=advantages), stats
 
 
 def control_kl(controller: dict[str, jax.Array], kl: jax.Array, rl) -> dict[str, jax.Array]:
@@ -156,6 +196,23 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     exact_kl = make_exact_kl_fn(setup.graphdef, mesh=setup.mesh, rules=setup.rules,
                                 param_shardings=setup.param_shardings)
     exact_kl = distributed.host_io(exact_kl, setup.batch_sharding, batch_argnums=(2, 3, 4, 5))
+  # The trainer's own forward of pi_old: on every row when the loss reads it (rl.tis_cap, rl.trainer_sampling_filters),
+  # else on rl.mismatch_rows rows for the logged sampler-vs-trainer gap alone.
+  replace_old = rl.tis_cap > 0 or rl.trainer_sampling_filters
+  mismatch_rows = min(-(-rl.mismatch_rows // data_parallel) * data_parallel, rl.num_prompts * rl.group_size)
+  trainer_old = None
+  if replace_old or rl.mismatch_rows:
+    trainer_old = make_trainer_logprobs_fn(setup.graphdef, logits_filter=trainer_filter(cfg), mesh=setup.mesh,
+                                           rules=setup.rules, param_shardings=setup.param_shardings,
+                                           chunk_size=cfg.model.logprob_chunk)
+    trainer_old = distributed.host_io(trainer_old, setup.batch_sharding, batch_argnums=(1, 2, 3, 4))
+  reference_forward = setup.reference_forward
+  if trainer_filter(cfg) is not None:  # the KL term then compares the filtered policy with the filtered reference
+    reference_forward = lambda params, *arrays: trainer_old(params, *arrays)[1]  # noqa: E731
+  overlong = {}
+  if rl.overlong_penalty_len or rl.mask_truncated:
+    overlong = dict(eos_ids=setup.eos_ids, overlong_penalty_len=rl.overlong_penalty_len,
+                    mask_truncated=rl.mask_truncated)
   process = None
   if rl.supervision == 'process':
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
@@ -169,12 +226,27 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     policy_state = state['policy']
     reference = state['reference'] if policy.lora is None else lora.base_params(policy_state.params)
     sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, i))
-    prompts = train.take(batch_indices(len(train), rl.num_prompts, i, seed=cfg.seed, stream='grpo'))
-    rollout, stats = collect_rollout(
-        policy.sampler, setup.reference_forward, policy_state.params, reference, prompts, sample_rng,
-        group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
-        verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
-        reward_mix=rl.reward_mix)
+
+    def draw(d):  # d = 0: the step's own prompts; d > 0: dynamic sampling's refills, each from its own stream
+      stream, key = 'grpo', sample_rng
+      if d:  # keyed by (step, d) alone, so a resumed run draws what an uninterrupted one does
+        stream, key = f'grpo_dynamic_{d}', jax.random.fold_in(sample_rng, 10_000 + d)
+      batch = train.take(batch_indices(len(train), rl.num_prompts, i, seed=cfg.seed, stream=stream))
+      return batch, collect_rollout(
+          policy.sampler, reference_forward, policy_state.params, reference, batch, key,
+          group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
+          verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
+          reward_mix=rl.reward_mix, **overlong, **({'return_rewards': True} if rl.dynamic_sampling else {}))
+
+    prompts, collected = draw(0)
+    if rl.dynamic_sampling:  # the first draw's stats (reward, accuracy, signal) stay those of a fresh batch
+      rollout, dynamic = dynamic_sampling(lambda d: collected if d == 0 else draw(d)[1],
+                                          num_groups=rl.num_prompts, group_size=rl.group_size,
+                                          max_draws=rl.dynamic_sampling_max_draws, advantage_fn=advantage_fn)
+      stats = {**collected[1], **dynamic,
+               'sampled_tokens_per_s': dynamic['sampled_tokens'] / max(dynamic['sample_time'], 1e-9)}
+    else:
+      rollout, stats = collected
     if process is not None:
       rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
                                                 step_verifier=process['step_verifier'],
@@ -197,6 +269,12 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
       merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
                                                                                    policy.lora.scale)
       stats['kl_exact'] = exact_kl(merged, reference, *(np.asarray(x)[rows] for x in rollout[:4]))
+    if trainer_old is not None:
+      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
+                                                                                   policy.lora.scale)
+      rollout, mismatch = sampler_vs_trainer(trainer_old, merged, rollout, rows=None if replace_old else mismatch_rows,
+                                             tis_cap=rl.tis_cap)
+      stats.update(mismatch)
     controller = state['kl_controller']
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, controller,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)

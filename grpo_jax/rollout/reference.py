@@ -1,6 +1,9 @@
 """The reference policy's forward: log pi_ref of sampled completions (and the exact KL to it), jitted and sharded
-like the train step."""
+like the train step; and the trainer's own forward of pi_old, which the sampler-vs-trainer checks read."""
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,9 @@ from jax.sharding import Mesh
 
 from grpo_jax.core.kl import exact_kl
 from grpo_jax.core.logprobs import positions_from_mask, sequence_logprobs
+from grpo_jax.core.losses import FilteredLogits
 from grpo_jax.parallel import sharding
+from grpo_jax.rollout.sampling import filter_logits
 
 
 def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
@@ -72,3 +77,32 @@ def make_exact_kl_fn(graphdef: nnx.GraphDef, *, mesh: Mesh | None = None,
 
   in_shardings = None if param_shardings is None else (param_shardings, param_shardings, *['batch'] * 4)
   return sharding.jit_sharded(kl_of, mesh, rules, in_shardings, where='make_exact_kl_fn')
+
+
+def _filter_any_rank(logits: jax.Array, **filters) -> jax.Array:
+  v = logits.shape[-1]
+  return filter_logits(logits.reshape(-1, v), **filters).reshape(logits.shape)
+
+
+def sampling_filter(*, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+  """The sampler's filter (sampling.filter_logits: temperature, top-k, top-p) on logits of any rank [..., V], for
+  the trainer-side logprobs (core/losses.LossConfig.logits_filter)."""
+  return functools.partial(_filter_any_rank, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def make_trainer_logprobs_fn(graphdef: nnx.GraphDef, *, logits_filter: Callable | None = None,
+                             param_shardings=None, mesh: Mesh | None = None,
+                             rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0):
+  """jit-compiled fn(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> (raw, filtered),
+  each [B, c]: the trainer's log pi_old of the sampled tokens under the model's own (temperature 1) distribution,
+  which is what the sampler reports (sampling.Completions.logprobs), and under `logits_filter` (the distribution
+  the sampler draws from; None: raw again). Shardings as in make_sequence_logprobs_fn."""
+  def logprobs_of(params, *arrays):
+    model = nnx.merge(graphdef, params)
+    raw = sequence_logprobs(model, *arrays, chunk_size=chunk_size)
+    if logits_filter is None:
+      return raw, raw
+    return raw, sequence_logprobs(FilteredLogits(model, logits_filter), *arrays, chunk_size=chunk_size)
+
+  in_shardings = None if param_shardings is None else (param_shardings, *['batch'] * 4)
+  return sharding.jit_sharded(logprobs_of, mesh, rules, in_shardings, where='make_trainer_logprobs_fn')

@@ -93,16 +93,24 @@ def agreement(learned: np.ndarray, correct: np.ndarray, group_size: int) -> tupl
 def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params, ref_params,
                     prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
                     advantage_fn: Callable, verifier: RewardFn | None = None, learned_reward: Callable | None = None,
-                    reward_source: str = 'verifier', reward_mix: float = 0.5) -> tuple[Rollout, dict[str, float]]:
+                    reward_source: str = 'verifier', reward_mix: float = 0.5, eos_ids: tuple[int, ...] = (),
+                    overlong_penalty_len: int = 0, mask_truncated: bool = False, return_rewards: bool = False):
   """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages.
 
   ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N, c], or
   None (no KL term: the rollout's ref_logprobs are pi_old's). advantage_fn: rewards [P, G] -> [P, G].
   learned_reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N]: the reward model's
   scores, combined with the rule reward as `reward_source` says (combine_rewards).
+  Overlong outputs (DAPO): overlong_penalty_len = L_cache > 0 adds overlong_penalty to each reward before the
+  advantages; mask_truncated zeroes the completion mask of outputs that used the whole budget without an EOS of
+  `eos_ids` (truncated_outputs), so they carry no loss weight while their rewards still enter the group baseline.
+  With `eos_ids` the stats also hold truncated_frac.
   Returns the Rollout and its statistics (reward, accuracy, group spread, lengths, sampling speed; with a reward
-  model its mean score and its agreement with the verifier).
+  model its mean score and its agreement with the verifier); with return_rewards also the rewards [P, G] the
+  advantages were computed from.
   """
+  if mask_truncated and not eos_ids:
+    raise ValueError('mask_truncated needs eos_ids: an output is truncated when it holds none of them')
   out, sample_time = sample_groups(sampler, params, prompts, rng, group_size=group_size)
   prompt_tokens = np.repeat(prompts.prompt_tokens, group_size, axis=0)  # [N, p], groups contiguous
   prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
@@ -117,9 +125,16 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   scores = score_groups(decode(tokenizer, tokens, mask), answers, reward_fn, verifier)
   learned = None if learned_reward is None else learned_reward(prompt_tokens, prompt_mask, tokens, mask)
   rewards = combine_rewards(scores.rewards, learned, source=reward_source, mix=reward_mix)
+  penalty = None
+  if overlong_penalty_len:
+    penalty = overlong_penalty(mask.sum(axis=-1), max_len=tokens.shape[1], cache_len=overlong_penalty_len)
+    rewards = (rewards + penalty).astype(np.float32)
   group_rewards = rewards.reshape(-1, group_size)
   advantages = advantage_fn(group_rewards).reshape(-1)  # on device: queued after the reference
-  rollout = Rollout(prompt_tokens, prompt_mask, tokens, mask, out.logprobs, ref_logprobs, advantages)
+  truncated = None if not eos_ids else truncated_outputs(tokens, mask, eos_ids)
+  # The sampled mask stays for the stats and the reference forward above; the loss reads the masked one.
+  loss_mask = np.where(truncated[:, None], 0, mask).astype(mask.dtype) if mask_truncated else mask
+  rollout = Rollout(prompt_tokens, prompt_mask, tokens, loss_mask, out.logprobs, ref_logprobs, advantages)
   stats = {
       'reward': float(rewards.mean()),
       'accuracy': float((scores.correct >= 1).mean()),
@@ -133,7 +148,82 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
     stats['rm_score'] = float(learned.mean())
     stats['rm_agreement'], stats['rm_agreement_pairs'] = agreement(learned, scores.correct, group_size)
     stats['rule_reward'] = float(scores.rewards.mean())
+  if truncated is not None:
+    stats['truncated_frac'] = float(truncated.mean())
+  if penalty is not None:
+    stats['overlong_penalty'] = float(penalty.mean())
+  if return_rewards:
+    return rollout, stats, group_rewards
   return rollout, stats
+
+
+def truncated_outputs(tokens: np.ndarray, mask: np.ndarray, eos_ids) -> np.ndarray:
+  """Outputs cut off by the budget: no real token is an EOS (the sampler stops a row at its EOS and keeps it in
+  the mask, so an ended row holds exactly one). tokens, mask [N, c] -> [N] bool."""
+  return ~(np.isin(tokens, np.asarray(eos_ids)) & (mask > 0)).any(axis=-1)
+
+
+def overlong_penalty(lengths: np.ndarray, *, max_len: int, cache_len: int) -> np.ndarray:
+  """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_len - cache_len tokens, then falling
+  linearly to -1 at max_len (and -1 beyond). lengths [N] (output tokens, EOS included) -> [N] float32."""
+  if not 0 < cache_len <= max_len:
+    raise ValueError(f'cache_len must be in (0, max_len={max_len}], got {cache_len}')
+  over = np.asarray(lengths, np.float32) - (max_len - cache_len)
+  return np.clip(-over / cache_len, -1.0, 0.0).astype(np.float32)
+
+
+def choose_groups(signal: list[np.ndarray], num_groups: int) -> tuple[list[tuple[int, int]], int]:
+  """Dynamic sampling's pick (DAPO): from draws d = 0, 1, ... with signal[d] [P] bool (the group's rewards are not
+  all equal), the first num_groups signal-carrying groups in draw order; if there are fewer, the rest filled with
+  zero-signal groups, also in draw order. Returns ([(draw, group)] of length num_groups, how many were filled)."""
+  carrying = [(d, g) for d, s in enumerate(signal) for g in np.flatnonzero(s)]
+  rest = [(d, g) for d, s in enumerate(signal) for g in np.flatnonzero(~s)]
+  picks = carrying[:num_groups]
+  filled = num_groups - len(picks)
+  if filled > len(rest):
+    raise ValueError(f'{len(carrying) + len(rest)} groups drawn, fewer than num_groups={num_groups}')
+  return [(int(d), int(g)) for d, g in picks + rest[:filled]], filled
+
+
+def take_groups(rollouts: list[Rollout], picks: list[tuple[int, int]], group_size: int) -> Rollout:
+  """The Rollout made of groups picks [(draw, group)] of `rollouts`, in that order (each group's G rows contiguous,
+  as every Rollout is)."""
+  rows = [(d, g * group_size + j) for d, g in picks for j in range(group_size)]
+  return Rollout(*(np.stack([np.asarray(rollouts[d][k])[r] for d, r in rows]) for k in range(len(Rollout._fields))))
+
+
+def dynamic_sampling(draw: Callable[[int], tuple[Rollout, dict, np.ndarray]], *, num_groups: int, group_size: int,
+                     max_draws: int, advantage_fn: Callable) -> tuple[Rollout, dict[str, float]]:
+  """DAPO's dynamic sampling with static shapes: draw(0) is the step's own rollout; while fewer than num_groups
+  groups carry signal (rewards not all equal), draw(1), draw(2), ... up to draw(max_draws) (each the same shapes:
+  nothing recompiles); then choose_groups picks the batch. draw(d) -> (Rollout, stats, rewards [P, G]), as
+  collect_rollout(..., return_rewards=True). The advantages are recomputed by advantage_fn over the picked rewards
+  [num_groups, G] (the same values for a per-group estimator; a batch-level one sees the final batch).
+
+  Returns the batch and stats: dynamic_draws (extra draws made), dynamic_filled_frac (picked groups without
+  signal: no gradient), sampled_tokens (completion tokens of every draw), sample_time (of every draw).
+  """
+  rollouts, rewards, times, tokens = [], [], [], 0
+  for d in range(max_draws + 1):
+    rollout, stats, group_rewards = draw(d)
+    rollouts.append(rollout)
+    rewards.append(np.asarray(group_rewards))
+    times.append(stats['sample_time'])
+    # From the stats, not the rollout: the loss mask may hide truncated outputs, which the sampler still decoded.
+    tokens += stats['completion_len'] * rollout.completion_mask.shape[0]
+    if sum(int(group_has_signal(r).sum()) for r in rewards) >= num_groups:
+      break
+  picks, filled = choose_groups([group_has_signal(r) for r in rewards], num_groups)
+  batch = take_groups(rollouts, picks, group_size)
+  picked_rewards = np.stack([rewards[d][g] for d, g in picks])  # [num_groups, G]
+  batch = batch._replace(advantages=np.asarray(advantage_fn(picked_rewards)).reshape(-1))
+  return batch, {'dynamic_draws': len(rollouts) - 1, 'dynamic_filled_frac': filled / num_groups,
+                 'sampled_tokens': float(tokens), 'sample_time': float(sum(times))}
+
+
+def group_has_signal(rewards: np.ndarray) -> np.ndarray:
+  """[P, G] -> [P] bool: the group's G rewards are not all equal (a nonzero advantage somewhere)."""
+  return rewards.max(axis=-1) > rewards.min(axis=-1)
 
 
 def group_signal(rewards: np.ndarray, correct: np.ndarray) -> dict[str, float]:
