@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         # torch (CPU build when pinned) is only the reference in the transformers parity tests.
-        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
+        # nbclient / nbformat / ipykernel execute the notebooks (tests/test_notebook.py).
+        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
     },
 )
