@@ -154,6 +154,10 @@ def test_a_failed_run_is_a_note(tmp_path):
   rec = paper_table.collect(paper_table.GRPO, 0, wd, run, sft_step_flops=1.0)
   assert rec['accuracy'] is None and rec['status'] == 1
   assert rec['note'].startswith('failed (exit status 1') and rec['note'].endswith('leaves none of rl.num_steps=4')
+  quiet = str(tmp_path / 'ppo')  # finished, but its stage logged no FLOPs: the row says so
+  fake_workdir(quiet, stage='ppo', steps=4, correct=[1, 0])
+  rec = paper_table.collect(paper_table.PPO, 0, quiet, runs.finished(quiet), sft_step_flops=1.0)
+  assert rec['accuracy'] == 0.5 and rec['flops'] is None and rec['note'] == 'its stage (ppo) logged no model_flops'
 
 
 class FakeTrainer:
@@ -261,6 +265,8 @@ def test_group_size_sweep_with_a_fake_trainer(tmp_path, monkeypatch):
   accs = [1 - np.mean(np.arange(32) % (3 + s) == 0) for s in (0, 1)]
   assert rows[0]['accuracy_mean'] == pytest.approx(np.mean(accs))
   assert (rows[0]['accuracy_min'], rows[0]['accuracy_max']) == (pytest.approx(min(accs)), pytest.approx(max(accs)))
+  solved = sum(int(np.sum(np.arange(32) % (3 + s) != 0)) for s in (0, 1))
+  assert rows[0]['pooled_ci95'] == pytest.approx(list(wilson_counts(solved, 64)))
   with open(tmp_path / 'group_size.jsonl') as f:
     assert len(f.readlines()) == 6
   png = image.imread(tmp_path / 'group_size.png')

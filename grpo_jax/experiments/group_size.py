@@ -28,7 +28,7 @@ from absl import flags
 
 from grpo_jax.experiments import plots, runs
 from grpo_jax.pipeline.metrics import read_metrics
-from grpo_jax.pipeline.stats import wilson_interval
+from grpo_jax.pipeline.stats import wilson_counts, wilson_interval
 from grpo_jax.pipeline.workdir import read_json
 
 EQUAL_STEPS, EQUAL_TOKENS = 'equal steps', 'equal sampled tokens'
@@ -68,6 +68,8 @@ def collect(workdir: str, run: dict) -> dict[str, Any]:
   rows_per_step = cfg['rl']['num_prompts'] * cfg['rl']['group_size']
   lens = [r['completion_len'] for r in rows if isinstance(r.get('completion_len'), (int, float))]
   return {'accuracy': summary['grpo_accuracy'], 'ci95': None if correct is None else list(wilson_interval(correct)),
+          'solved': None if correct is None else int(correct.sum()),
+          'problems': None if correct is None else int(correct.size),
           'sft_accuracy': summary['sft_accuracy'], 'steps': summary['grpo_steps'],
           'sampled_tokens': float(np.mean(lens)) * rows_per_step * summary['grpo_steps'] if lens else None,
           'wall_s': run['wall_s'], 'peak_rss_mb': run['peak_rss_mb'], 'note': ''}
@@ -83,9 +85,12 @@ def summarize(plan: Sequence[dict[str, Any]], results: dict[tuple[int, int, int]
     per_seed = [{'seed': s, **results[s, g, p]} for s in seeds if (s, g, p) in results]
     done = [r for r in per_seed if r['accuracy'] is not None]
     accs = [r['accuracy'] for r in done]
+    scored = [r for r in done if r.get('problems')]
+    k, n = sum(r['solved'] for r in scored), sum(r['problems'] for r in scored)
     out.append({**item, 'completions_per_step': g * p, 'seeds': [r['seed'] for r in done],
                 'accuracy_mean': sum(accs) / len(accs) if accs else None, 'accuracy_min': min(accs, default=None),
-                'accuracy_max': max(accs, default=None), 'per_seed': per_seed})
+                'accuracy_max': max(accs, default=None), 'pooled_ci95': list(wilson_counts(k, n)) if n else None,
+                'per_seed': per_seed})
   return out
 
 
@@ -142,9 +147,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   png = plot(rows, os.path.splitext(out)[0] + '.png', sft_accuracy=sum(sft_accs) / len(sft_accs) if sft_accs else None,
              num_steps=cfg.rl.num_steps)
   for r in rows:
-    acc = '-' if r['accuracy_mean'] is None else (f"{100 * r['accuracy_mean']:.1f} [{100 * r['accuracy_min']:.1f}, "
-                                                  f"{100 * r['accuracy_max']:.1f}]")
-    print(f"{r['setting']:<22} G={r['group_size']:<3} P={r['num_prompts']:<4} held-out acc % {acc}")
+    acc = '-' if r['accuracy_mean'] is None else (
+        f"{100 * r['accuracy_mean']:.1f} [{100 * r['accuracy_min']:.1f}, {100 * r['accuracy_max']:.1f}]")
+    ci = '' if r['pooled_ci95'] is None else (
+        f" (95% CI, seeds pooled: {100 * r['pooled_ci95'][0]:.1f}-{100 * r['pooled_ci95'][1]:.1f})")
+    print(f"{r['setting']:<22} G={r['group_size']:<3} P={r['num_prompts']:<4} acc % mean [min, max] {acc}{ci}")
   print(f'rows: {out}\nplot: {png}')
   return rows
 

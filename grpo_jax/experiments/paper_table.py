@@ -95,6 +95,8 @@ def collect(name: str, seed: int, workdir: str, run: dict | None, *, sft_step_fl
     stages = runs.rl_stages(workdir)
     correct = runs.stage_correct(workdir, stages[-1]) if stages else None
     rec.update(accuracy=summary['grpo_accuracy'], steps=summary['grpo_steps'], flops=runs.logged_flops(workdir, stages))
+    if rec['flops'] is None:
+      rec['note'] = note or f"its stage ({', '.join(stages)}) logged no model_flops"
   rec['correct'] = None if correct is None else correct.astype(int).tolist()
   return rec
 
