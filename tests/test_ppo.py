@@ -259,7 +259,7 @@ def test_tiny_ppo_run_logs_its_metrics_and_checkpoints_the_critic_by_role(ppo_ru
   rows = [r for r in _rows(workdir) if r['stage'] == 'ppo']
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   for key in ('value_loss', 'value_clip_frac', 'explained_variance', 'advantage_mean', 'advantage_std', 'reward',
-              'accuracy', 'completion_len', 'frac_groups_no_signal', 'critic_grad_norm'):
+              'accuracy', 'completion_len', 'frac_groups_no_signal', 'critic_grad_norm', 'model_flops'):
     assert all(key in r for r in rows), key
   assert rows[0]['policy_frozen'] == 1 and 'loss' not in rows[0]  # the critic's warm-up step
   for r in rows[1:]:
@@ -285,3 +285,22 @@ def test_tiny_ppo_run_interrupted_after_a_checkpoint_resumes_to_the_same_traject
   strip = lambda s: {k: v for k, v in s.items() if 'wall' not in k}  # noqa: E731
   assert strip(resumed) == strip(summary)
   assert strip(json.loads((workdir / 'summary.json').read_text())) == strip(summary)
+
+
+def test_step_work_is_grpo_work_plus_the_critic_and_drops_the_policy_update_in_warmup():
+  import dataclasses
+
+  from grpo_jax.models import flops
+  from grpo_jax.pipeline.ppo import step_work
+  cfg = ModelConfig(vocab_size=50, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+  prompt_mask = np.ones((8, 5), np.int32)
+  completion_mask = (np.arange(7)[None, :] < np.array([7, 3, 4, 1, 6, 2, 5, 5])[:, None]).astype(np.int32)
+  kw = dict(group_size=4, num_epochs=2)
+  grpo = flops.grpo_step_work(cfg, prompt_mask, completion_mask, reference=True, **kw)
+  critic_forward = flops.forward_flops(dataclasses.replace(cfg, vocab_size=1), batch=8, new_tokens=12)
+  policy_forward = flops.forward_flops(cfg, batch=8, new_tokens=12)
+  on = step_work(cfg, prompt_mask, completion_mask, train_policy=True, **kw)
+  off = step_work(cfg, prompt_mask, completion_mask, train_policy=False, **kw)
+  np.testing.assert_allclose(on['model_flops'], grpo['model_flops'] + (1 + 3 * 2) * critic_forward)
+  np.testing.assert_allclose(on['model_flops'] - off['model_flops'], 3 * 2 * policy_forward)
+  assert on['step_tokens'] == grpo['step_tokens'] == 40 + completion_mask.sum()

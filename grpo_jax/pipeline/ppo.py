@@ -25,7 +25,7 @@ import numpy as np
 from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
 from grpo_jax.core.value import explained_variance, ppo_advantages
 from grpo_jax.data.batches import batch_indices
-from grpo_jax.models import critic as critic_lib
+from grpo_jax.models import critic as critic_lib, flops
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.loop import Stage
@@ -81,6 +81,23 @@ def _masked_stats(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
   return (float(valid.mean()), float(valid.std())) if valid.size else (0.0, 0.0)
 
 
+def step_work(model_cfg, prompt_mask: np.ndarray, completion_mask: np.ndarray, *, group_size: int, num_epochs: int,
+              train_policy: bool) -> dict[str, float]:
+  """The logged work of one PPO step (models/flops.py's convention): GRPO's phases (sampling, the reference forward,
+  the policy's mu forward + backward passes, none in the critic's warm-up) plus the critic's value forward and its mu
+  forward + backward passes, on a model whose LM head is the scalar value head. prompt_mask [N, p],
+  completion_mask [N, c]."""
+  rows, prompt_len = prompt_mask.shape
+  shape = dict(num_prompts=rows // group_size, group_size=group_size, prompt_len=prompt_len,
+               completion_len=completion_mask.shape[1])
+  phases = flops.grpo_step_flops(model_cfg, **shape, decode_len=int(completion_mask.sum(-1).max()), reference=True,
+                                 num_epochs=num_epochs)
+  value_model = dataclasses.replace(model_cfg, vocab_size=1)
+  full = flops.forward_flops(value_model, batch=rows, new_tokens=prompt_len + completion_mask.shape[1])
+  total = phases['total'] - (0.0 if train_policy else phases['policy_forward_backward']) + (1 + 3 * num_epochs) * full
+  return {'model_flops': total, 'step_tokens': float(prompt_mask.sum() + completion_mask.sum())}
+
+
 def make_stage(setup: Setup, params, *, reference=None) -> Stage:
   """PPO for rl.num_steps steps from `params` (the SFT policy), the critic's backbone copied from them.
   `reference`: the frozen reference's params (default `params`)."""
@@ -134,6 +151,8 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
     policy_state, critic_state, policy_metrics, critic_metrics = update(
         None if warming_up else policy_step, critic_step, policy_state, critic_state, rollout, values, shuffle_rng,
         num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
+    work = step_work(setup.model_cfg, np.asarray(rollout.prompt_mask), mask, group_size=rl.group_size,
+                     num_epochs=rl.num_epochs, train_policy=not warming_up)
     advantage_mean, advantage_std = _masked_stats(raw, mask)
     nonfinite = critic_metrics['nonfinite']
     if policy_metrics:
@@ -147,7 +166,7 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
         'lr': lr_at(policy_state.step), 'critic_lr': critic_lr_at(critic_state.step), 'beta': rl.beta,
         'iteration': 1}
     return ({**state, 'policy': policy_state, 'critic': critic_state},
-            {**stats, **policy_metrics, **logged, 'nonfinite': nonfinite})
+            {**stats, **policy_metrics, **logged, **work, 'nonfinite': nonfinite})
 
   def finish(state):
     held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
