@@ -161,6 +161,7 @@ def test_a_dynamic_step_is_a_function_of_the_step(dynamic_stage):
     (dict(tis_cap=0.5), r'rl.tis_cap=0.5 must be 0 \(off\) or >= 1'),
     (dict(tis_cap=-1.0), r'rl.tis_cap=-1.0 must be 0'),
     (dict(trainer_sampling_filters=0), r'rl.trainer_sampling_filters must be True or False'),
+    (dict(trainer_sampling_filters=True, kl_in_reward=True, beta=0.04), r'trainer_sampling_filters with rl.kl_in_'),
     (dict(mismatch_rows=10_000), r'mismatch_rows=10000 is more than'),
     (dict(mismatch_rows=1.5), r'rl.mismatch_rows must be an int >= 0'),
 ])

@@ -46,7 +46,8 @@ class LossConfig:
   logits_filter: None, or a function logits [..., V] -> logits [..., V] (the sampler's temperature / top-k / top-p,
     rollout/reference.sampling_filter): pi_theta's logprobs and entropy are then those of the filtered
     distribution the sampler draws from (rl.trainer_sampling_filters). A token the filter excludes (logprob -inf)
-    is left out of the loss, as is one whose old logprob is -inf.
+    is left out of the loss, as is one whose old logprob is -inf; one whose reference logprob is -inf adds no KL
+    in the loss (with kl_in_reward that token's folded KL is not defined: do not combine the two).
   """
   clip_eps: float = 0.2
   clip_eps_high: float = 0.0
@@ -213,13 +214,15 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
   logprobs, entropy = sequence_logprobs(model, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
                                         batch.completion_mask, return_entropy=True,
                                         chunk_size=config.logprob_chunk, remat=config.remat)
-  loss_mask = batch.completion_mask
+  loss_mask, ref_logprobs = batch.completion_mask, batch.ref_logprobs
   if config.logits_filter is not None:  # tokens outside either filtered support: no ratio, no loss (see LossConfig)
     inside = jnp.isfinite(jax.lax.stop_gradient(logprobs)) & jnp.isfinite(batch.old_logprobs)
     loss_mask = loss_mask * inside.astype(loss_mask.dtype)
     logprobs = jnp.where(inside, logprobs, 0.0)
+    # A token outside the filtered reference's support would make the KL infinite: it adds none (value, gradient).
+    ref_logprobs = jnp.where(jnp.isfinite(ref_logprobs), ref_logprobs, jax.lax.stop_gradient(logprobs))
   beta = hparams['beta'] if config.kl_penalty else 0
-  loss, metrics = grpo_loss(logprobs, batch.old_logprobs, batch.ref_logprobs, batch.advantages,
+  loss, metrics = grpo_loss(logprobs, batch.old_logprobs, ref_logprobs, batch.advantages,
                             loss_mask, clip_eps=config.clip_eps, beta=beta,
                             kl_estimator=config.kl_estimator, clip_eps_high=config.upper_clip_eps,
                             dual_clip=config.dual_clip, loss_aggregation=config.loss_aggregation,

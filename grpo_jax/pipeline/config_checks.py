@@ -191,6 +191,10 @@ def _check_prefix_resample(cfg) -> None:
   if rl.advantage not in PREFIX_SCALE_OF:
     raise ValueError(f"config.rl.advantage={rl.advantage!r} has no prefix_resample form; known: "
                      f"{sorted(PREFIX_SCALE_OF)}")
+  if rl.overlong_penalty_len:
+    raise ValueError(f"config.rl.overlong_penalty_len={rl.overlong_penalty_len} with rl.supervision="
+                     "'prefix_resample' is unsupported: the outputs and their continuations are scored by rl.reward "
+                     "alone, so the penalty would be dropped; set rl.overlong_penalty_len=0")
   if rl.importance_ratio == 'sequence':
     raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.supervision='prefix_resample' is "
                      "unsupported: one ratio for all of an output's tokens collapses the per-token advantages; use "
@@ -248,12 +252,17 @@ def _check_ppo(cfg) -> None:
     return
   unsupported = {'rl.num_iterations': (rl.num_iterations, 1), 'rl.reward_source': (rl.reward_source, 'verifier'),
                  'rl.supervision': (rl.supervision, 'outcome'), 'rl.kl_target': (rl.kl_target, 0.0),
-                 'rl.kl_in_reward': (rl.kl_in_reward, False)}
+                 'rl.kl_in_reward': (rl.kl_in_reward, False),
+                 # GRPO's rollout switches (pipeline/grpo.py), which the PPO stage does not apply
+                 'rl.dynamic_sampling': (rl.dynamic_sampling, False),
+                 'rl.overlong_penalty_len': (rl.overlong_penalty_len, 0),
+                 'rl.mask_truncated': (rl.mask_truncated, False), 'rl.tis_cap': (rl.tis_cap, 0.0),
+                 'rl.trainer_sampling_filters': (rl.trainer_sampling_filters, False)}
   for key, (value, supported) in unsupported.items():
     if value != supported:
       raise ValueError(f"config.{key}={value!r} is not supported with rl.algorithm='ppo' (only {supported!r}: the PPO "
                        "baseline is one stage on the verifier's outcome reward, its KL always in the reward, "
-                       "weighted by a fixed rl.beta)")
+                       "weighted by a fixed rl.beta, without GRPO's rollout switches)")
   if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
     raise ValueError("config.lora.rank > 0 on the RL stage is not supported with rl.algorithm='ppo' (it trains every "
                      "weight): set lora.rank=0 or lora.stages='sft'")
@@ -288,6 +297,10 @@ def _check_sampling_switches(cfg) -> None:
   if rl.dynamic_sampling and rl.supervision != 'outcome':
     raise ValueError(f"config.rl.dynamic_sampling with rl.supervision={rl.supervision!r} is unsupported: groups are "
                      "kept by their outcome rewards' spread; use rl.supervision='outcome' or rl.dynamic_sampling=False")
+  if rl.trainer_sampling_filters and rl.kl_in_reward:
+    raise ValueError('config.rl.trainer_sampling_filters with rl.kl_in_reward is unsupported: a token outside the '
+                     'filtered reference\'s support has an infinite KL, which the loss can leave out but a reward '
+                     'cannot; turn one off')
   on = [k for k in ('dynamic_sampling', 'overlong_penalty_len', 'mask_truncated', 'tis_cap', 'trainer_sampling_filters')
         if rl[k]]
   algorithm = rl.get('algorithm', 'grpo')
