@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, train_command
+from conftest import ROOT, count_compiles, load_config, train_command
 from flax import nnx
 
 from grpo_jax.core.advantages import group_advantages, prefix_value_advantages
@@ -255,6 +255,8 @@ def test_values_of_a_greedy_continuation_policy_equal_the_greedy_continuations_r
     ({'rl.prefix_cuts': (0.6, 0.3)}, r'strictly increasing'),
     ({'rl.prefix_cuts': ()}, r'non-empty'),
     ({'rl.reward_source': 'mix'}, r"rl\.reward_source='mix'.*set rl\.reward_source='verifier'"),
+    ({'rl.overlong_penalty_len': 4}, r"overlong_penalty_len=4 with rl\.supervision='prefix_resample' is unsupported"),
+    ({'rl.dynamic_sampling': True}, r"dynamic_sampling with rl\.supervision='prefix_resample' is unsupported"),
     ({'rl.importance_ratio': 'sequence'}, r"importance_ratio='sequence' \(GSPO\) with rl\.supervision="
                                            r"'prefix_resample' is unsupported"),
     ({'rl.supervision': 'prefix'}, r"config\.rl\.supervision='prefix' is unknown; known: \['outcome', "
@@ -288,3 +290,16 @@ def test_tiny_grpo_run_with_prefix_resampling(tmp_path):
   for r in rows:
     assert r['prefix_continuation_tokens'] > 0 and 0 <= r['prefix_value_change'] <= 1
     assert np.isfinite(r['loss'])
+
+
+def test_one_compile_serves_every_cut_and_step(tokenizer, policy):
+  # Continuation prompts are always [N * J, p + c], whatever the cuts: a new rollout (other lengths, other cuts)
+  # compiles nothing new.
+  graphdef, params, eos = policy
+  sampler = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=2)
+  kw = dict(group_size=2, continuations=2, cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=_reward)
+  first, second = _rollout(tokenizer, policy, True), _rollout(tokenizer, policy, False)
+  assert (cut_positions(first[0].completion_mask, CUTS) != cut_positions(second[0].completion_mask, CUTS)).any()
+  prefix_credit(*first, sampler, params, jax.random.key(1), **kw)
+  _, compiles = count_compiles(lambda: prefix_credit(*second, sampler, params, jax.random.key(2), **kw)[0].advantages)
+  assert compiles == 0
