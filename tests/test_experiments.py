@@ -4,6 +4,7 @@ real tiny paper_table run (slow)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -172,7 +173,11 @@ class FakeTrainer:
     self.calls.append((os.path.basename(workdir), list(args)))
     values = dict(a.removeprefix('--config.').split('=', 1) for a in args if a.startswith('--config.'))
     correct = np.arange(32) % (3 + int(values.get('seed', 0))) == 0
-    if values.get('rl.num_steps') == '0':
+    if values.get('rl.num_steps') == '0' and values.get('sft.max_steps') == '0':  # the loaded model, evaluated
+      fake_workdir(workdir, stage='sft', steps=0, correct=correct)
+      shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+      _write(os.path.join(workdir, 'init_eval.json'), {'scores': correct.astype(float).tolist()})
+    elif values.get('rl.num_steps') == '0':
       steps = int(values.get('sft.max_steps', 6))
       fake_workdir(workdir, stage='sft', steps=steps, correct=correct)
     else:
@@ -227,6 +232,22 @@ def test_paper_table_without_a_ppo_preset_skips_the_row(tmp_path, monkeypatch):
   assert [name for name, _ in fake.calls] == ['sft', 'grpo', 'sft_matched']
   assert rows[2]['row'] == 'PPO' and 'is not a preset' in rows[2]['notes'][0]
   assert not os.path.exists(tmp_path / 'seed0' / 'sft_matched' / 'checkpoints' / 'sft' / '6')  # from scratch
+
+
+def test_paper_table_without_sft(tmp_path, monkeypatch):
+  # RL straight from the loaded model (sft.max_steps=0, as configs/gsm8k_hf.py): the SFT row is that model's
+  # evaluation, the RL runs start fresh (nothing to copy), and there is no SFT to continue for the control.
+  fake = FakeTrainer()
+  monkeypatch.setattr(runs, 'train_process', fake)
+  rows = paper_table.main(['paper_table', f'--config={TINY}', '--seeds=0', f'--root={tmp_path}',
+                           '--config.sft.max_steps=0', '--config.ppo.critic_warmup_steps=1'])
+  assert [name for name, _ in fake.calls] == ['sft', 'grpo', 'ppo']
+  assert not os.path.exists(tmp_path / 'seed0' / 'grpo' / 'checkpoints' / 'sft')
+  sft_correct = np.arange(32) % 3 == 0
+  assert rows[0]['accuracy_mean'] == pytest.approx(np.mean(sft_correct))
+  assert rows[1]['per_seed'][0]['mcnemar_p_vs_sft'] == pytest.approx(_mcnemar_by_hand(~sft_correct, sft_correct))
+  assert rows[3]['row'] == 'SFT compute-matched' and rows[3]['notes'] == [
+      'seed 0: not run: no SFT stage to continue (sft.max_steps=0)']
 
 
 @pytest.mark.parametrize('argv,match', [(['--config.rl.grup_size=3'], 'grup_size'), (['--seeds=a'], 'integers'),
