@@ -4,8 +4,8 @@ Each stage ('sft', 'grpo', ...) has its own CheckpointManager under <workdir>/ch
 one item per role: 'policy' (the trained policy's TrainState: step, params, optimizer state), 'reference' (the
 frozen reference's params, when the stage keeps one), 'critic' (the PPO stage's value model, a TrainState), and
 'meta' (JSON: data position, RNG key data, the model config, checked before resuming, and the stage's summary once
-finished). A LoRA stage (models/lora.py) saves the
-frozen base and the adapters in the policy's params, no reference tree, and its LoRA config under meta['lora'].
+finished). A LoRA stage (models/lora.py) saves the frozen base and the adapters in the policy's params, no
+reference tree, and its LoRA config under meta['lora'].
 """
 from __future__ import annotations
 
