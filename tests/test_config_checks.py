@@ -194,7 +194,8 @@ BAD_LOSS_SWITCHES = [
     (dict(loss_aggregation='mean'), r"config\.rl\.loss_aggregation='mean' is unknown; known: \['constant', "
                                     r"'sequence_mean', 'sequence_sum', 'token_mean'\]"),
     (dict(importance_ratio='seq'), r"config\.rl\.importance_ratio='seq' is unknown; known: \['sequence', 'token'\]"),
-    (dict(kl_estimator='k4'), r"config\.rl\.kl_estimator='k4' is unknown; known: \['k1', 'k2', 'k3', 'k3_k2grad'\]"),
+    (dict(kl_estimator='k4'), r"config\.rl\.kl_estimator='k4' is unknown; known: \['exact', 'k1', 'k2', 'k3', "
+                              r"'k3_k2grad'\]"),
     (dict(advantage='std'), r"config\.rl\.advantage='std' is unknown; known: \['batch_std', 'group_mean', 'grpo'\]"),
     (dict(clip_eps=0.2, clip_eps_high=0.1), r'config\.rl\.clip_eps_high=0\.1 must be 0 .* >= rl\.clip_eps=0\.2'),
     (dict(clip_eps_high=-0.1), r'config\.rl\.clip_eps_high=-0\.1'),

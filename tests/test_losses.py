@@ -634,7 +634,7 @@ def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mea
 @pytest.mark.parametrize('kw, match', [
     (dict(loss_aggregation='mean'), r"unknown loss aggregation 'mean'; known: \['sequence_mean', 'token_mean'"),
     (dict(importance_ratio='seq'), r"unknown importance ratio 'seq'; known: \['token', 'sequence'\]"),
-    (dict(kl_estimator='k4'), r"unknown KL estimator 'k4'; known: \['k1', 'k2', 'k3', 'k3_k2grad'\]"),
+    (dict(kl_estimator='k4'), r"unknown KL estimator 'k4'; known: \['k1', 'k2', 'k3', 'k3_k2grad', 'exact'\]"),
 ])
 def test_unknown_switch_names_list_the_valid_ones(kw, match):
   lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(0))

@@ -17,7 +17,8 @@ tokens drawn from pi_theta is E_x[d k / d log pi(x) * grad log pi(x)], and with 
   k3_k2grad: k3's value (unbiased, >= 0: what is logged and, in the reward, what is penalized) with k2's
       gradient (unbiased). tests/test_kl_exact.py checks all four on a tiny vocabulary.
 
-exact_kl is the full-vocabulary value these estimate, for measuring rather than training.
+exact_kl is the full-vocabulary value these estimate, for measuring; sequence_exact_kl gives it per token from two
+models' forwards, chunked, for training ('exact' in the loss: core/losses.LossConfig).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from grpo_jax.core.logprobs import positions_from_mask
 
 
 def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
@@ -50,6 +53,10 @@ KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     'k1': kl_k1, 'k2': kl_k2, 'k3': kl_k3, 'k3_k2grad': kl_k3_k2grad}
 
 
+# The loss's KL choices: the per-token estimators, or the exact full-vocabulary KL (which needs both models' logits).
+KL_CHOICES = (*KL_ESTIMATORS, 'exact')
+
+
 def get_kl_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   if name not in KL_ESTIMATORS:
     raise ValueError(f'unknown KL estimator {name!r}; known: {sorted(KL_ESTIMATORS)}')
@@ -66,14 +73,51 @@ def exact_kl(logits: jax.Array, ref_logits: jax.Array, mask: jax.Array) -> jax.A
   Returns:
     scalar float32: mean over masked-in positions of sum_v p log(p / q); 0 when no position is real.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  logq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
-  # 0 log(0 / q) = 0: without the where, a -inf policy logit facing a -inf reference one gives 0 * nan.
-  per_token = jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * (logp - logq), 0.0), axis=-1)  # [N, T]
+  per_token = token_exact_kl(logits, ref_logits)  # [N, T]
   mask = mask.astype(bool)
   # where, not a product: padding's logits need not be finite, and nan * 0 is nan.
   total = jnp.sum(jnp.where(mask, per_token, 0.0))
   return total / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+
+
+def token_exact_kl(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:
+  """sum_v p log(p / q) at each position, p = softmax(logits), q = softmax(ref_logits): [..., V] -> [...] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  # 0 log(0 / q) = 0: without the where, a -inf policy logit facing a -inf reference one gives 0 * nan.
+  return jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * (logp - logq), 0.0), axis=-1)
+
+
+def sequence_exact_kl(model, ref_model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                      completion_tokens: jax.Array, completion_mask: jax.Array, *, chunk_size: int = 0,
+                      remat: str = 'none') -> jax.Array:
+  """The exact KL(pi_model || pi_ref_model) over the vocabulary at each completion position: [b, c] float32,
+  differentiable in `model` (the reference is constant). The conditionals are sequence_logprobs' (core/logprobs).
+
+  Both models as in sequence_logprobs (model(tokens, positions, mask) -> logits; hidden_states /
+  logits_from_hidden). chunk_size > 0: both LM heads run over that many positions at a time, each chunk recomputed
+  in the backward pass, so at most two [b, chunk_size, V] float32 logits exist at once; 0: all positions at once.
+  """
+  tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+  positions = positions_from_mask(mask)
+  p = prompt_tokens.shape[1]
+  if not chunk_size:  # slot j's logits predict the token at slot j + 1
+    logits = model(tokens, positions, mask, remat=remat)[:, p - 1:-1]
+    return token_exact_kl(logits, jax.lax.stop_gradient(ref_model(tokens, positions, mask)[:, p - 1:-1]))
+  hidden = model.hidden_states(tokens, positions, mask, remat=remat)[:, p - 1:-1]  # [b, c, d]
+  ref_hidden = jax.lax.stop_gradient(ref_model.hidden_states(tokens, positions, mask)[:, p - 1:-1])
+  b, c, d = hidden.shape
+  n = -(-c // chunk_size)
+  chunks = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk_size - c), (0, 0))).reshape(  # noqa: E731
+      b, n, chunk_size, -1).swapaxes(0, 1)  # [n, b, chunk_size, d]
+
+  @jax.checkpoint  # else the scan's backward keeps every chunk's logits
+  def one_chunk(xs):
+    return token_exact_kl(model.logits_from_hidden(xs[0]), ref_model.logits_from_hidden(xs[1]))
+
+  per_token = jax.lax.map(one_chunk, (chunks(hidden), chunks(ref_hidden)))  # [n, b, chunk_size]
+  return per_token.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :c]
 
 
 def adaptive_kl_beta(beta: jax.Array, kl: jax.Array, *, target: float, horizon: float, batch_size: int,

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.core.kl import KL_ESTIMATORS, get_kl_fn
+from grpo_jax.core.kl import KL_CHOICES, get_kl_fn, sequence_exact_kl
 from grpo_jax.core.logprobs import sequence_logprobs
 
 LOSS_AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant', 'sequence_sum')
@@ -30,7 +30,9 @@ class LossConfig:
   clip_eps_high: the upper epsilon (clip-higher, DAPO); 0 = clip_eps (a symmetric clip).
   dual_clip: c > 1: for A < 0 the per-token objective is max(min(ratio * A, clip(ratio) * A), c * A) (Ye et al.
     2020), which bounds what one token with a huge ratio can contribute; 0 = off.
-  kl_estimator: 'k1' | 'k2' | 'k3' | 'k3_k2grad' (core/kl.py), the per-token estimate of KL(pi_theta || pi_ref).
+  kl_estimator: 'k1' | 'k2' | 'k3' | 'k3_k2grad' (core/kl.py), the per-token estimate of KL(pi_theta || pi_ref); or
+    'exact': the full-vocabulary KL at each position (core/kl.sequence_exact_kl), which needs reference_model and
+    the reference's params as hparams['ref_params'] (with kl_penalty; not with kl_in_reward).
   kl_penalty: apply beta * KL. False (beta = 0 in the config) drops the term from the compiled step; the logged
     'kl' still measures the KL to the reference logprobs it is given.
   kl_in_reward: False: subtract beta * KL(pi_theta || pi_ref) in the loss (GRPO). True: fold the KL of pi_old into
@@ -61,6 +63,7 @@ class LossConfig:
   logprob_chunk: int = 0
   remat: str = 'none'
   logits_filter: Callable[[jax.Array], jax.Array] | None = None
+  reference_model: Callable[[Any], Any] | None = None  # 'exact': ref params -> the reference model
 
   def __post_init__(self):
     if not 0 < self.clip_eps < 1:
@@ -70,8 +73,11 @@ class LossConfig:
                        f'{self.clip_eps_high}')
     if self.dual_clip and not self.dual_clip > 1:
       raise ValueError(f'dual_clip must be 0 (off) or > 1, got {self.dual_clip}')
-    if self.kl_estimator not in KL_ESTIMATORS:
-      raise ValueError(f'unknown KL estimator {self.kl_estimator!r}; known: {sorted(KL_ESTIMATORS)}')
+    if self.kl_estimator not in KL_CHOICES:
+      raise ValueError(f'unknown KL estimator {self.kl_estimator!r}; known: {list(KL_CHOICES)}')
+    if self.kl_estimator == 'exact' and (self.kl_in_reward or not self.kl_penalty or self.logits_filter is not None):
+      raise ValueError("kl_estimator='exact' is a loss term of the unfiltered policy: it needs kl_penalty, and neither "
+                       'kl_in_reward nor logits_filter')
     if self.loss_aggregation not in LOSS_AGGREGATIONS:
       raise ValueError(f'unknown loss aggregation {self.loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
     if self.importance_ratio not in IMPORTANCE_RATIOS:
@@ -86,7 +92,8 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
               mask: jax.Array, *, clip_eps: float = 0.2, beta: float | jax.Array = 0.04, kl_estimator: str = 'k3',
               clip_eps_high: float | None = None, dual_clip: float = 0.0, loss_aggregation: str = 'sequence_mean',
               importance_ratio: str = 'token', kl_in_reward: bool = False, entropy: jax.Array | None = None,
-              entropy_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+              entropy_coef: float = 0.0, kl_values: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Negative clipped surrogate with a KL penalty; by default averaged per output, then over outputs.
 
   Per token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) - beta * KL (+ entropy_coef * entropy),
@@ -123,6 +130,8 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     kl_in_reward: static; see above.
     entropy: [N, T] token entropy of pi_theta (differentiated), needed when entropy_coef != 0.
     entropy_coef: a Python number; 0 leaves the term out.
+    kl_values: [N, T] the per-token KL itself (kl_estimator 'exact': core/kl.sequence_exact_kl), differentiated,
+      in place of an estimator's value at the sampled tokens; not with kl_in_reward.
   Returns:
     (scalar loss, metrics dict of scalars): loss; kl (to the reference, token mean); ratio, ratio_min, ratio_max
     (over real tokens; 1 when there is none); clip_frac_low / clip_frac_high, the tokens whose gradient the lower /
@@ -133,7 +142,11 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     raise ValueError(f'unknown loss aggregation {loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
   if importance_ratio not in IMPORTANCE_RATIOS:
     raise ValueError(f'unknown importance ratio {importance_ratio!r}; known: {list(IMPORTANCE_RATIOS)}')
-  kl_fn = get_kl_fn(kl_estimator)
+  if kl_estimator not in KL_CHOICES:
+    raise ValueError(f'unknown KL estimator {kl_estimator!r}; known: {list(KL_CHOICES)}')
+  if (kl_estimator == 'exact') != (kl_values is not None) or (kl_values is not None and kl_in_reward):
+    raise ValueError("kl_estimator='exact' goes with kl_values (and not kl_in_reward), and kl_values with 'exact'")
+  kl_fn = None if kl_values is not None else get_kl_fn(kl_estimator)
   valid = mask.astype(bool)
   mask = mask.astype(jnp.float32)
   if advantages.ndim == 1:
@@ -165,7 +178,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     floor = dual_clip * advantages
     dual_floored = (advantages < 0) & (per_token < floor)
     per_token = jnp.where(advantages < 0, jnp.maximum(per_token, floor), per_token)
-  kl = kl_fn(logprobs, ref_logprobs)
+  kl = kl_fn(logprobs, ref_logprobs) if kl_values is None else jnp.where(valid, kl_values, 0.0)
   if penalize and not kl_in_reward:
     per_token = per_token - beta * kl
   if entropy_coef:
@@ -207,7 +220,8 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
 
   batch: a rollout.Rollout (prompt_tokens, prompt_mask, completion_tokens, completion_mask [N, .],
     old_logprobs, ref_logprobs [N, c], advantages [N] or [N, c]).
-  hparams: {'beta': scalar array} (read only when config.kl_penalty).
+  hparams: {'beta': scalar array} (read only when config.kl_penalty); with kl_estimator 'exact' also 'ref_params',
+    the reference's params, which config.reference_model turns into a model.
   """
   if config.logits_filter is not None:
     model = FilteredLogits(model, config.logits_filter)
@@ -222,12 +236,19 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
     # A token outside the filtered reference's support would make the KL infinite: it adds none (value, gradient).
     ref_logprobs = jnp.where(jnp.isfinite(ref_logprobs), ref_logprobs, jax.lax.stop_gradient(logprobs))
   beta = hparams['beta'] if config.kl_penalty else 0
+  kl_values = None
+  if config.kl_estimator == 'exact':
+    if config.reference_model is None or 'ref_params' not in hparams:
+      raise ValueError("kl_estimator='exact' needs LossConfig.reference_model and hparams['ref_params']")
+    kl_values = sequence_exact_kl(model, config.reference_model(hparams['ref_params']), batch.prompt_tokens,
+                                  batch.prompt_mask, batch.completion_tokens, batch.completion_mask,
+                                  chunk_size=config.logprob_chunk, remat=config.remat)
   loss, metrics = grpo_loss(logprobs, batch.old_logprobs, ref_logprobs, batch.advantages,
                             loss_mask, clip_eps=config.clip_eps, beta=beta,
                             kl_estimator=config.kl_estimator, clip_eps_high=config.upper_clip_eps,
                             dual_clip=config.dual_clip, loss_aggregation=config.loss_aggregation,
                             importance_ratio=config.importance_ratio, kl_in_reward=config.kl_in_reward,
-                            entropy=entropy, entropy_coef=config.entropy_coef)
+                            entropy=entropy, entropy_coef=config.entropy_coef, kl_values=kl_values)
   mask = batch.completion_mask.astype(jnp.float32)
   metrics['entropy'] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, metrics

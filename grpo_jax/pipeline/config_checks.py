@@ -7,7 +7,7 @@ import os
 from absl import app
 
 from grpo_jax.core.advantages import ADVANTAGES, PREFIX_SCALE_OF
-from grpo_jax.core.kl import KL_ESTIMATORS
+from grpo_jax.core.kl import KL_CHOICES
 from grpo_jax.core.losses import IMPORTANCE_RATIOS, LOSS_AGGREGATIONS
 from grpo_jax.data.datasets import DATASETS
 from grpo_jax.data.preferences import load_preference_jsonl
@@ -297,6 +297,8 @@ def _check_sampling_switches(cfg) -> None:
   if rl.dynamic_sampling and rl.supervision != 'outcome':
     raise ValueError(f"config.rl.dynamic_sampling with rl.supervision={rl.supervision!r} is unsupported: groups are "
                      "kept by their outcome rewards' spread; use rl.supervision='outcome' or rl.dynamic_sampling=False")
+  if rl.kl_estimator == 'exact':
+    _check_exact_kl(cfg)
   if rl.trainer_sampling_filters and rl.kl_in_reward:
     raise ValueError('config.rl.trainer_sampling_filters with rl.kl_in_reward is unsupported: a token outside the '
                      'filtered reference\'s support has an infinite KL, which the loss can leave out but a reward '
@@ -307,6 +309,20 @@ def _check_sampling_switches(cfg) -> None:
   if on and algorithm != 'grpo':
     raise ValueError(f'config.rl.{on[0]} is a GRPO stage switch; rl.algorithm={algorithm!r} does not read it: '
                      "turn it off or use rl.algorithm='grpo'")
+
+
+def _check_exact_kl(cfg) -> None:
+  """rl.kl_estimator='exact': the reference's full forward inside the train step, with what that cannot serve."""
+  rl = cfg.rl
+  if not rl.beta > 0 or rl.kl_in_reward or rl.trainer_sampling_filters:
+    raise ValueError("config.rl.kl_estimator='exact' is the loss's KL term: it needs rl.beta > 0, rl.kl_in_reward="
+                     'False and rl.trainer_sampling_filters=False')
+  if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
+    raise ValueError("config.rl.kl_estimator='exact' with LoRA on GRPO is unsupported: the reference is the frozen "
+                     'base inside the donated policy state, which the train step cannot also take as an input')
+  if cfg.mesh.fsdp != 1 or cfg.mesh.tensor != 1:
+    raise ValueError("config.rl.kl_estimator='exact' needs config.mesh.fsdp = mesh.tensor = 1: the reference's params "
+                     'enter the train step replicated on every device')
 
 
 def _check_reward_model(cfg) -> None:
@@ -389,7 +405,7 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.rl.top_p must be in (0, 1] and top_k >= 0, got {cfg.rl.top_p}, {cfg.rl.top_k}')
   if not 0 <= cfg.sft.target_accuracy <= 1:
     raise ValueError(f'config.sft.target_accuracy must be in [0, 1], got {cfg.sft.target_accuracy}')
-  for key, registry in (('rl.kl_estimator', KL_ESTIMATORS), ('rl.advantage', ADVANTAGES), ('rl.reward', REWARDS),
+  for key, registry in (('rl.kl_estimator', KL_CHOICES), ('rl.advantage', ADVANTAGES), ('rl.reward', REWARDS),
                         ('task.verifier', REWARDS)):
     group, name = key.split('.')
     if cfg[group][name] not in registry:

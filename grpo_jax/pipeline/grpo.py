@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from grpo_jax.core.advantages import PREFIX_SCALE_OF, get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
@@ -46,14 +47,15 @@ def stage_name(iteration: int, num_iterations: int) -> str:
   return NAME if num_iterations == 1 else f'{NAME}_{iteration}'
 
 
-def loss_config(cfg) -> LossConfig:
-  """The GRPO loss's static choices, from config.rl (and the forward's memory knobs from config.model)."""
+def loss_config(cfg, *, reference_model: Callable | None = None) -> LossConfig:
+  """The GRPO loss's static choices, from config.rl (and the forward's memory knobs from config.model).
+  reference_model: ref params -> the reference model, for rl.kl_estimator 'exact'."""
   rl = cfg.rl
   return LossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, dual_clip=rl.dual_clip,
                     kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
                     loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
                     entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat,
-                    logits_filter=trainer_filter(cfg))
+                    logits_filter=trainer_filter(cfg), reference_model=reference_model)
 
 
 def trainer_filter(cfg):
@@ -74,7 +76,7 @@ def loss_hparams(cfg) -> dict[str, jax.Array]:
 def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
   """The jitted, donated GRPO update on one minibatch: train_step(state, Rollout, hparams) -> (state, metrics)."""
   cfg = setup.cfg
-  config = loss_config(cfg)
+  config = loss_config(cfg, reference_model=functools.partial(nnx.merge, setup.graphdef))
   return make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=config),
                          state_shardings(state, setup.mesh, setup.rules), setup.batch_sharding, setup.mesh,
                          setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
@@ -276,7 +278,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
                                              tis_cap=rl.tis_cap)
       stats.update(mismatch)
     controller = state['kl_controller']
-    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, controller,
+    hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
+    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, hparams,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
