@@ -138,11 +138,13 @@ def test_critic_starts_from_the_policy_backbone_with_zero_values_and_reads_the_s
   critic_params = nnx.from_flat_state(flat)
   values = np.asarray(values_fn(critic_params, pt, pm, ct, cm))
   model = nnx.merge(graphdef, critic_params)
-  tokens, mask = np.concatenate([pt, ct], 1), np.concatenate([pm, cm], 1)
+  tokens, mask = np.concatenate([pt, ct], 1), np.concatenate([pm, cm], 1).astype(bool)
+  hidden = np.asarray(model.backbone.final_norm(model.backbone.hidden_states(tokens, mask=mask)))  # [n, p + c, d]
+  head, bias = np.asarray(model.head[...]), float(model.bias[...])
   p = pt.shape[1]
-  for t in range(ct.shape[1]):
-    at = model.scores_at(tokens, mask, np.full((len(pt), 1), p - 1 + t))[:, 0]
-    np.testing.assert_allclose(values[:, t], at, rtol=1e-5, atol=1e-6)
+  for i in range(ct.shape[0]):
+    for t in range(ct.shape[1]):
+      np.testing.assert_allclose(values[i, t], hidden[i, p - 1 + t] @ head + bias, rtol=1e-5, atol=1e-5)
   changed = ct.copy()
   changed[:, 2] = (changed[:, 2] + 1) % 11
   other = np.asarray(values_fn(critic_params, pt, pm, changed, np.ones_like(cm)))
