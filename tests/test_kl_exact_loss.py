@@ -78,7 +78,7 @@ def test_the_losss_exact_kl_gradient_is_the_exact_kls(models):
   config = LossConfig(kl_estimator='exact', reference_model=functools.partial(nnx.merge, graphdef), logprob_chunk=2)
   hparams = {'beta': jnp.float32(1.0), 'ref_params': ref_params}
   loss_of = lambda p: grpo_objective(nnx.merge(graphdef, p), batch, hparams, config=config)  # noqa: E731
-  (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_of, has_aux=True))(params)
   measure = make_exact_kl_fn(graphdef)
   kl, expected = jax.value_and_grad(lambda p: measure(p, ref_params, prompts, prompt_mask, completions, full))(params)
   assert float(loss) == pytest.approx(float(kl), rel=1e-5)

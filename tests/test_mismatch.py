@@ -199,11 +199,11 @@ def test_the_loss_with_the_samplers_filter(tiny_model):
   def loss_of(params, config):
     return grpo_objective(nnx.merge(graphdef, params), batch, hparams, config=config)
 
-  loss, metrics = loss_of(params, LossConfig(logits_filter=filt))
+  loss, metrics = jax.jit(functools.partial(loss_of, config=LossConfig(logits_filter=filt)))(params)
   expected, _ = grpo_loss(np.where(inside, filtered, 0.0), np.where(inside, old, 0.0), ref, advantages,
                           inside.astype(np.int32), beta=0.04)
   assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-  grads = jax.grad(lambda p: loss_of(p, LossConfig(logits_filter=filt))[0])(params)
+  grads = jax.jit(jax.grad(lambda p: loss_of(p, LossConfig(logits_filter=filt))[0]))(params)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   identity = sampling_filter(temperature=1.0)
   finite = Rollout(prompts, pm, completions, cm, np.full_like(old, -3.0), np.full_like(old, -3.1), advantages)
