@@ -4,7 +4,7 @@ r"""GRPO on GSM8K train from a local Hugging Face model, with the paper's hyper-
       --config.model.path=/models/deepseek-math-7b-instruct
   python -m grpo_jax.train --config configs/gsm8k_hf.py:tiny --workdir /tmp/t --config.model.path=/tmp/tiny_llama
 
-DeepSeekMath (Sec. 4.1): lr 1e-6, KL coefficient 0.04, 64 outputs per question, max length 1024, batch 1024,
+DeepSeekMath (Sec. 4.2): lr 1e-6, KL coefficient 0.04, 64 outputs per question, max length 1024, batch 1024,
 a single policy update per exploration stage. This config starts RL from the loaded (instruct) model: no SFT.
 Accuracy is reported on GSM8K test with the gsm8k verifier; the trained policy is exported to
 <workdir>/hf_model.
