@@ -252,17 +252,12 @@ def _check_ppo(cfg) -> None:
     return
   unsupported = {'rl.num_iterations': (rl.num_iterations, 1), 'rl.reward_source': (rl.reward_source, 'verifier'),
                  'rl.supervision': (rl.supervision, 'outcome'), 'rl.kl_target': (rl.kl_target, 0.0),
-                 'rl.kl_in_reward': (rl.kl_in_reward, False),
-                 # GRPO's rollout switches (pipeline/grpo.py), which the PPO stage does not apply
-                 'rl.dynamic_sampling': (rl.dynamic_sampling, False),
-                 'rl.overlong_penalty_len': (rl.overlong_penalty_len, 0),
-                 'rl.mask_truncated': (rl.mask_truncated, False), 'rl.tis_cap': (rl.tis_cap, 0.0),
-                 'rl.trainer_sampling_filters': (rl.trainer_sampling_filters, False)}
+                 'rl.kl_in_reward': (rl.kl_in_reward, False)}
   for key, (value, supported) in unsupported.items():
     if value != supported:
       raise ValueError(f"config.{key}={value!r} is not supported with rl.algorithm='ppo' (only {supported!r}: the PPO "
                        "baseline is one stage on the verifier's outcome reward, its KL always in the reward, "
-                       "weighted by a fixed rl.beta, without GRPO's rollout switches)")
+                       "weighted by a fixed rl.beta)")
   if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
     raise ValueError("config.lora.rank > 0 on the RL stage is not supported with rl.algorithm='ppo' (it trains every "
                      "weight): set lora.rank=0 or lora.stages='sft'")
