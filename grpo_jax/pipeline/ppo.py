@@ -63,15 +63,18 @@ def update(policy_step: Callable | None, critic_step: Callable, policy_state: Tr
   fixed. Returns (policy_state, critic_state, policy metrics, critic metrics)."""
   n = rollout.completion_mask.shape[0]
   policy_metrics, critic_metrics = [], []
+  # Each update is waited for before the next is dispatched: the policy's and the critic's steps share no data, so
+  # XLA:CPU may run them at once, and with every pool thread of one device blocked in an all-reduce whose other
+  # device has no thread left, the run aborts after the rendezvous timeout (seen with cpu_devices=2 under load).
   for epoch in range(num_epochs):
     order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
     for idx in np.split(order, num_minibatches):
       if policy_step is not None:
         policy_state, metrics = policy_step(policy_state, Rollout(*(np.asarray(x)[idx] for x in rollout)), {})
-        policy_metrics.append(metrics)
+        policy_metrics.append(jax.block_until_ready(metrics))
       critic_state, metrics = critic_step(critic_state, critic_lib.ValueBatch(*(np.asarray(x)[idx] for x in values)),
                                           {})
-      critic_metrics.append(metrics)
+      critic_metrics.append(jax.block_until_ready(metrics))
   return (policy_state, critic_state, combine_metrics(policy_metrics) if policy_metrics else {},
           combine_metrics(critic_metrics))
 
@@ -142,6 +145,7 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
         group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=raw_rewards,
         verifier=setup.verifier, reward_source=rl.reward_source, reward_mix=rl.reward_mix)
     mask = np.asarray(rollout.completion_mask)
+    jax.block_until_ready(rollout.ref_logprobs)  # the reference forward, before the critic's (see update)
     old_values = np.asarray(value_fn(critic_state.params, *rollout[:4]), np.float32)  # [N, c]
     advantages, returns, raw = (np.asarray(x) for x in advantages_fn(
         np.asarray(rollout.advantages), rollout.old_logprobs, rollout.ref_logprobs, old_values, mask))
