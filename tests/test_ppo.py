@@ -307,3 +307,19 @@ def test_step_work_is_grpo_work_plus_the_critic_and_drops_the_policy_update_in_w
   np.testing.assert_allclose(on['model_flops'], grpo['model_flops'] + (1 + 3 * 2) * critic_forward)
   np.testing.assert_allclose(on['model_flops'] - off['model_flops'], 3 * 2 * policy_forward)
   assert on['step_tokens'] == grpo['step_tokens'] == 40 + completion_mask.sum()
+
+
+def test_ppo_command_on_two_cpu_devices(tmp_path):
+  """The README's command path: a fresh process, the tiny preset's two XLA devices (batches and updates sharded over
+  both, where concurrent policy and critic updates once deadlocked in their all-reduces)."""
+  import os
+  import subprocess
+
+  from conftest import ROOT, train_command
+  proc = subprocess.run(train_command(tmp_path, '--config.rl.algorithm=ppo', '--config.rl.num_steps=6'), cwd=ROOT,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "devices: 2 (1 processes)" in proc.stdout and 'ppo' in proc.stdout
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['rl_algorithm'] == 'ppo' and summary['grpo_steps'] == 6
+  assert [r['step'] for r in _rows(tmp_path) if r['stage'] == 'ppo'] == list(range(1, 7))
