@@ -26,6 +26,7 @@ from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
 from grpo_jax.core.value import explained_variance, ppo_advantages
 from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import critic as critic_lib, flops
+from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.loop import Stage
@@ -84,8 +85,8 @@ def _masked_stats(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
   return (float(valid.mean()), float(valid.std())) if valid.size else (0.0, 0.0)
 
 
-def step_work(model_cfg, prompt_mask: np.ndarray, completion_mask: np.ndarray, *, group_size: int, num_epochs: int,
-              train_policy: bool) -> dict[str, float]:
+def step_work(model_cfg: ModelConfig, prompt_mask: np.ndarray, completion_mask: np.ndarray, *, group_size: int,
+              num_epochs: int, train_policy: bool) -> dict[str, float]:
   """The logged work of one PPO step (models/flops.py's convention): GRPO's phases (sampling, the reference forward,
   the policy's mu forward + backward passes, none in the critic's warm-up) plus the critic's value forward and its mu
   forward + backward passes, on a model whose LM head is the scalar value head. prompt_mask [N, p],
@@ -102,8 +103,9 @@ def step_work(model_cfg, prompt_mask: np.ndarray, completion_mask: np.ndarray, *
 
 
 def make_stage(setup: Setup, params, *, reference=None) -> Stage:
-  """PPO for rl.num_steps steps from `params` (the SFT policy), the critic's backbone copied from them.
-  `reference`: the frozen reference's params (default `params`)."""
+  """PPO for rl.num_steps steps from `params` (the SFT policy), the critic's backbone copied from them; the first
+  ppo.critic_warmup_steps steps update the critic only. `reference`: the frozen reference's params (default
+  `params`)."""
   cfg, rl, pc = setup.cfg, setup.cfg.rl, setup.cfg.ppo
   train = setup.splits['train']
   policy = setup.policy()  # PPO trains every weight (config_checks refuses LoRA on the RL stage)
