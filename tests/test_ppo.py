@@ -217,6 +217,7 @@ def test_ppo_preset_is_the_default_with_the_algorithm_its_reward_kl_and_critic_w
     ('rl.kl_target', 0.01, 'rl.kl_target=0.01 is not supported'),
     ('lora.rank', 4, r'lora.rank > 0 on the RL stage is not supported'),
     ('rl.kl_estimator', 'exact', r"rl.kl_estimator='exact' is a loss term; with rl.algorithm='ppo'"),
+    ('rl.importance_ratio', 'sequence', r"rl.importance_ratio='sequence' \(GSPO\) with rl.algorithm='ppo'"),
     ('rl.dynamic_sampling', True, r"rl.dynamic_sampling is a GRPO stage switch; rl.algorithm='ppo' does not"),
 ])
 def test_bad_ppo_config_values_are_refused_naming_the_field(path, value, match):

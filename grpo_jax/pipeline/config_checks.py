@@ -261,6 +261,10 @@ def _check_ppo(cfg) -> None:
   if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
     raise ValueError("config.lora.rank > 0 on the RL stage is not supported with rl.algorithm='ppo' (it trains every "
                      "weight): set lora.rank=0 or lora.stages='sft'")
+  if rl.importance_ratio == 'sequence':
+    raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.algorithm='ppo' is unsupported: one ratio "
+                     "for all of an output's tokens collapses GAE's per-token advantages; use "
+                     "rl.importance_ratio='token'")
   if rl.kl_estimator == 'exact':
     raise ValueError("config.rl.kl_estimator='exact' is a loss term; with rl.algorithm='ppo' the KL is in the reward, "
                      "as the sampled log-ratio log pi_old - log pi_ref: use another rl.kl_estimator (it only sets the "
