@@ -31,7 +31,7 @@ SFT_METRICS = ('nll', 'val_accuracy')
 LABELS = {'reward': 'mean reward', 'accuracy': 'train accuracy (sampled)', 'kl': 'KL to the reference',
           'entropy': 'token entropy', 'completion_len': 'completion length (tokens)', 'clip_frac': 'clip fraction',
           'nll': 'SFT loss (token NLL)', 'val_accuracy': 'validation accuracy (greedy)'}
-_GRPO_STAGE = re.compile(r'grpo(?:_(\d+))?')
+_GRPO_STAGE = re.compile(r'grpo(?:_(\d+))?|ppo')  # PPO's stage (rl.algorithm='ppo') plots as the RL stage
 
 
 class ReportError(Exception):

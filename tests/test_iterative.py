@@ -182,7 +182,7 @@ def test_iterations_without_reference_reset_equal_one_iteration(tmp_path):
 def test_eval_loads_the_policy_of_a_chosen_iteration(iterative_run):
   from grpo_jax.pipeline.evaluate import load_policy, policy_stages
   workdir, _ = iterative_run
-  assert policy_stages(str(workdir)) == ('grpo_3', 'grpo_2', 'grpo_1', 'grpo', 'sft')
+  assert policy_stages(str(workdir)) == ('grpo_3', 'grpo_2', 'grpo_1', 'grpo', 'ppo', 'sft')
   for k, stage in ((0, 'sft'), (2, 'grpo_2'), (None, 'grpo_3')):
     _, params, _, _ = load_policy(workdir=str(workdir), iteration=k)
     for a, b in zip(_leaves(params), _leaves(_restore(workdir, stage, 'policy')['params']), strict=True):

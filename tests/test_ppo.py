@@ -292,6 +292,23 @@ def test_tiny_ppo_run_interrupted_after_a_checkpoint_resumes_to_the_same_traject
   assert strip(json.loads((workdir / 'summary.json').read_text())) == strip(summary)
 
 
+def test_eval_and_report_read_the_ppo_stage(ppo_run, tmp_path):
+  """`eval --workdir` loads the PPO policy (not the SFT one), and `report` plots the PPO stage as the RL stage."""
+  from grpo_jax import report
+  from grpo_jax.pipeline.evaluate import load_policy, policy_stages
+  workdir, _ = ppo_run
+  assert policy_stages(str(workdir)) == ('grpo', 'ppo', 'sft') and policy_stages(str(workdir), 1) == ('ppo',)
+  _, params, _, _ = load_policy(workdir=str(workdir))
+  mngr = checkpoint.manager(str(workdir), 'ppo', max_to_keep=10)
+  saved = checkpoint.restore_subtree(mngr, 4, 'policy', {'params': params})['params']
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  run = report.load_run(str(workdir), 'ppo')
+  assert [r['step'] for r in run.grpo] == [1, 2, 3, 4] and {r['stage'] for r in run.grpo} == {'ppo'}
+  assert report.main([str(workdir), '--out', str(tmp_path / 'plots')]) == 0
+  assert (tmp_path / 'plots' / 'grpo_reward.png').is_file()
+
+
 def test_step_work_is_grpo_work_plus_the_critic_and_drops_the_policy_update_in_warmup():
   import dataclasses
 

@@ -176,21 +176,23 @@ def _abstract_adapters(abstract_params, model_config: dict[str, Any], lora_cfg: 
 def policy_stages(workdir: str, iteration: int | None = None) -> tuple[str, ...]:
   """The checkpoint folders to read a workdir's policy from, in order of preference.
 
-  Default: the last outer iteration's GRPO ('grpo_<I>', or 'grpo' for a single iteration), else SFT. With
-  `iteration` k: that iteration's end ('grpo_<k>'; 'grpo' is iteration 1 of a single-iteration run); 0 is SFT.
+  Default: the last outer iteration's GRPO ('grpo_<I>', or 'grpo' for a single iteration), else PPO's stage
+  (rl.algorithm='ppo'), else SFT. With `iteration` k: that iteration's end ('grpo_<k>'; 'grpo', or 'ppo', is
+  iteration 1 of a single-iteration run); 0 is SFT.
   """
   root = os.path.join(workdir, 'checkpoints')
   present = set(os.listdir(root)) if os.path.isdir(root) else set()
   numbered = sorted(int(s.split('_')[1]) for s in present if re.fullmatch(r'grpo_\d+', s))
   if iteration is None:
-    return (*[f'grpo_{k}' for k in reversed(numbered)], 'grpo', 'sft')
+    return (*[f'grpo_{k}' for k in reversed(numbered)], 'grpo', 'ppo', 'sft')
   if iteration == 0:
     return ('sft',)
   if f'grpo_{iteration}' in present:
     return (f'grpo_{iteration}',)
-  if iteration == 1 and 'grpo' in present:
-    return ('grpo',)
-  have = numbered or ([1] if 'grpo' in present else [])
+  for single in ('grpo', 'ppo'):
+    if iteration == 1 and single in present:
+      return (single,)
+  have = numbered or ([1] if present & {'grpo', 'ppo'} else [])
   raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of outer iteration {iteration}; it has '
                                    f'iterations {have} (0 = SFT)')
 
