@@ -96,3 +96,25 @@ def test_throughput_rates():
   assert rates == {'tokens_per_s_per_device': 2000.0, 'mfu': pytest.approx(0.25)}
   assert flops.throughput(work, 3.0, num_devices=8, device_kind='cpu', dtype='float32') == {
       'tokens_per_s_per_device': 2000.0}
+
+
+def test_extra_sampling_flops_counts_dynamic_refills_and_prefix_continuations():
+  from grpo_jax.pipeline.grpo import extra_sampling_flops
+  from grpo_jax.rollout.rollout import Rollout
+  cfg = ModelConfig(vocab_size=50, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, mlp_dim=24)
+  n, g, p, c = 6, 3, 5, 7
+  completion_mask = (np.arange(c)[None] < np.array([2, 7, 4, 1, 3, 5])[:, None]).astype(np.int32)
+  rollout = Rollout(np.zeros((n, p), np.int32), np.ones((n, p), np.int32), np.zeros((n, c), np.int32),
+                    completion_mask, *(np.zeros((n, c), np.float32),) * 2, np.zeros(n, np.float32))
+  assert extra_sampling_flops(cfg, rollout, {'dynamic_draws': 0}, group_size=g, continuations=4) == 0.0
+  # Each refill: prefill once per prompt, decode to the longest output (7) against the cache, the reference forward.
+  draw = (flops.forward_flops(cfg, batch=n // g, new_tokens=p)
+          + flops.forward_flops(cfg, batch=n, new_tokens=7, cached=p)
+          + flops.forward_flops(cfg, batch=n, new_tokens=p + c))
+  got = extra_sampling_flops(cfg, rollout, {'dynamic_draws': 2}, group_size=g, continuations=4)
+  assert math.isclose(got, 2 * draw, rel_tol=1e-12)
+  # Prefix resampling: 12 prompts ++ prefixes of width p + c, K = 4 continuations each, 5 decode steps.
+  stats = {'prefix_prompts': 12, 'prefix_prompt_len': p + c, 'prefix_decode_len': 5}
+  cont = (flops.forward_flops(cfg, batch=12, new_tokens=p + c)
+          + flops.forward_flops(cfg, batch=48, new_tokens=5, cached=p + c))
+  assert math.isclose(extra_sampling_flops(cfg, rollout, stats, group_size=g, continuations=4), cont, rel_tol=1e-12)

@@ -154,6 +154,28 @@ def weak_signal_warning(stage: str, frac_groups_no_signal: float | None, pass_at
           f'{why}. See frac_groups_no_signal, pass_at_g and entropy in metrics.jsonl')
 
 
+def extra_sampling_flops(model_cfg, rollout: Rollout, stats: dict[str, Any], *, group_size: int,
+                         continuations: int) -> float:
+  """Model FLOPs a step spent sampling beyond its training batch (models/flops.py's convention): dynamic sampling's
+  extra draws (each a batch of the training batch's shape: prefill, decode to the batch's longest output, reference
+  forward) and prefix resampling's continuations (prefill of each prompt ++ prefix, then K continuations each)."""
+  total = 0.0
+  rows, prompt_len = rollout.prompt_mask.shape
+  width = rollout.completion_mask.shape[1]
+  if stats.get('dynamic_draws'):
+    draw = flops.grpo_step_flops(model_cfg, num_prompts=rows // group_size, group_size=group_size,
+                                 prompt_len=prompt_len, completion_len=width,
+                                 decode_len=int(np.asarray(rollout.completion_mask).sum(-1).max()), reference=True,
+                                 num_epochs=0)
+    total += stats['dynamic_draws'] * draw['total']
+  if 'prefix_prompts' in stats:
+    cont = flops.grpo_step_flops(model_cfg, num_prompts=stats['prefix_prompts'], group_size=continuations,
+                                 prompt_len=stats['prefix_prompt_len'], completion_len=width,
+                                 decode_len=stats['prefix_decode_len'], reference=False, num_epochs=0)
+    total += cont['total']
+  return total
+
+
 def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
                reference=None, learned_reward: Callable | None = None, step_scores: Callable | None = None) -> Stage:
   """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps from `params` (iteration 1) or
@@ -284,6 +306,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
                                 num_epochs=rl.num_epochs)
+    work['model_flops'] += extra_sampling_flops(setup.model_cfg, rollout, stats, group_size=rl.group_size,
+                                                continuations=rl.prefix_continuations)
     logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
               'iteration': iteration}
     return ({**state, 'policy': policy_state, 'kl_controller': control_kl(controller, metrics['kl'], rl)},

@@ -85,7 +85,8 @@ def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, 
   mean reward. scale: core.advantages.prefix_value_advantages's.
   Stats: prefix_continuation_tokens (continuation tokens kept, within the budget; the rollout's own are
   completion_len x N), prefix_value_change (mean |V_{s+1} - V_s| over segments, unscaled), prefix_value_first (mean
-  value at the first cut), prefix_truncated (fraction of continuations cut by the budget), prefix_sample_time.
+  value at the first cut), prefix_truncated (fraction of continuations cut by the budget), prefix_sample_time; and
+  the continuation sampling's shape (prefix_prompts, prefix_prompt_len, prefix_decode_len) for its FLOPs.
   """
   tokens, mask = np.asarray(rollout.completion_tokens), np.asarray(rollout.completion_mask)
   n, c = tokens.shape
@@ -117,5 +118,7 @@ def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, 
            'prefix_value_change': float(np.abs(np.diff(chain, axis=1)).mean()),
            'prefix_value_first': float(values[:, 0].mean()) if num_cuts else float('nan'),
            'prefix_truncated': float((cont_mask.sum(axis=1) > budget).mean()),
-           'prefix_sample_time': sample_time}
+           'prefix_sample_time': sample_time,
+           'prefix_decode_len': int(cont_mask.sum(axis=1).max()),  # decode steps the sampler ran (the logged FLOPs)
+           'prefix_prompts': int(prompt_tokens.shape[0]), 'prefix_prompt_len': int(prompt_tokens.shape[1])}
   return rollout._replace(advantages=np.asarray(advantages).reshape(n, c)), stats
