@@ -42,3 +42,18 @@ def count_compiles(fn):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return out, len(compiles)
+
+
+def grpo_steps(cfg, num_steps: int = 3):
+  """Run the first `num_steps` GRPO steps of `cfg` in process, from its initial params; returns (XLA compilations
+  per step, metrics per step as floats, the final stage state)."""
+  from grpo_jax.pipeline import grpo
+  from grpo_jax.pipeline.setup import build_setup
+  setup = build_setup(cfg)
+  stage = grpo.make_stage(setup, setup.init_params)
+  state, compiles, rows = stage.state, [], []
+  for i in range(num_steps):
+    (state, metrics), n = count_compiles(lambda: stage.step(state, i))  # noqa: B023
+    compiles.append(n)
+    rows.append({k: float(v) for k, v in metrics.items()})
+  return compiles, rows, state

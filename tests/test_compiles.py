@@ -4,7 +4,7 @@ import functools
 
 import jax
 import numpy as np
-from conftest import count_compiles, load_config
+from conftest import count_compiles, grpo_steps, load_config
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import ConfigDict
@@ -22,12 +22,7 @@ from grpo_jax.rollout.rollout import Rollout
 def test_second_and_third_grpo_steps_compile_nothing():
   cfg = load_config('tiny')  # beta > 0 (the reference forward runs), 2 epochs x 2 minibatches
   cfg.cpu_devices = 0
-  setup = build_setup(cfg)
-  stage = grpo.make_stage(setup, setup.init_params)
-  state, per_step = stage.state, []
-  for i in range(3):
-    (state, _), n = count_compiles(lambda: stage.step(state, i))  # noqa: B023
-    per_step.append(n)
+  per_step, _, _ = grpo_steps(cfg)
   assert per_step[0] > 0  # the listener does see compilations
   assert per_step[1:] == [0, 0], per_step
 

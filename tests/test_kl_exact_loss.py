@@ -7,15 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles, load_config
+from conftest import grpo_steps, load_config
 from flax import nnx
 
 from grpo_jax.core.kl import sequence_exact_kl
 from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.models.transformer import ModelConfig, Transformer
-from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.config_checks import check_config
-from grpo_jax.pipeline.setup import build_setup
 from grpo_jax.rollout.reference import make_exact_kl_fn
 from grpo_jax.rollout.rollout import Rollout
 
@@ -93,13 +91,8 @@ def test_a_stage_with_the_exact_kl_compiles_once():
   cfg = load_config('tiny')  # beta 0.04, 2 epochs x 2 minibatches
   cfg.cpu_devices, cfg.rl.kl_estimator = 0, 'exact'
   check_config(cfg, 1)
-  setup = build_setup(cfg)
-  stage = grpo.make_stage(setup, setup.init_params)
-  state, compiles, kls = stage.state, [], []
-  for i in range(3):
-    (state, metrics), n = count_compiles(functools.partial(stage.step, state, i))
-    compiles.append(n)
-    kls.append(float(metrics['kl']))
+  compiles, rows, _ = grpo_steps(cfg)
+  kls = [row['kl'] for row in rows]
   assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles
   assert all(np.isfinite(k) and k >= 0 for k in kls) and kls[-1] > 0, kls
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles, load_config
+from conftest import grpo_steps, load_config
 from flax import nnx
 
 from grpo_jax.core.losses import LossConfig, grpo_loss, grpo_objective, mean_abs_diff, tis_weights
@@ -218,13 +218,7 @@ def test_a_step_with_tis_and_filters_starts_on_policy_and_compiles_once():
   cfg.cpu_devices, cfg.rl.tis_cap, cfg.rl.trainer_sampling_filters = 0, 2.0, True
   cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p = 0.9, 12, 0.95
   check_config(cfg, 1)
-  setup = build_setup(cfg)
-  stage = grpo.make_stage(setup, setup.init_params)
-  state, compiles, rows = stage.state, [], []
-  for i in range(3):
-    (state, metrics), n = count_compiles(functools.partial(stage.step, state, i))
-    compiles.append(n)
-    rows.append({k: float(v) for k, v in metrics.items()})
+  compiles, rows, _ = grpo_steps(cfg)
   assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles
   for row in rows:  # the same params on both sides: the gap is float rounding, every weight about 1
     assert row['logprob_diff_sampler_trainer'] < 1e-4
