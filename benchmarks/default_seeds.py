@@ -23,7 +23,12 @@ from grpo_jax.experiments.runs import copy_sft
 VARIANTS = {'default': ('', []), 'sft_matched': ('sft_matched', []), 'one_device': ('', ['--config.cpu_devices=0'])}
 # GRPO knobs around the default, each continuing from a copy of the seed's 'default' SFT checkpoint (run that first).
 GRPO_VARIANTS = {'lr_1e-4': ['--config.rl.lr=1e-4'], 'lr_2.5e-5': ['--config.rl.lr=2.5e-5'],
-                 'beta_0.04': ['--config.rl.beta=0.04'], 'steps_100': ['--config.rl.num_steps=100']}
+                 'beta_0.04': ['--config.rl.beta=0.04'], 'steps_100': ['--config.rl.num_steps=100'],
+                 # issue 17's switches: do they move the result beyond seed noise?
+                 'token_mean': ['--config.rl.loss_aggregation=token_mean'],
+                 'clip_higher': ['--config.rl.clip_eps_high=0.28'],
+                 'dynamic_sampling': ['--config.rl.dynamic_sampling=True'],
+                 'dr_grpo': ['--config.rl.loss_aggregation=constant', '--config.rl.advantage=group_mean']}
 
 
 def run_one(root: str, out: str, variant: str, seed: int) -> None:
@@ -33,7 +38,7 @@ def run_one(root: str, out: str, variant: str, seed: int) -> None:
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   if variant in GRPO_VARIANTS:
     copy_sft(os.path.join(root, f'seed{seed}', 'default'), workdir)
-    args = [*args, '--allow_config_change=rl']
+    args = [*args, '--allow_config_change=rl,ppo']  # ppo: SFT stages saved before the section existed
   status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log', preset)
   row = {'variant': variant, 'seed': seed, 'status': status, 'wall_s': wall, 'peak_rss_mb': rss}
   if status == 0:
