@@ -288,14 +288,13 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
           group_size=rl.group_size, continuations=rl.prefix_continuations, cut_fractions=tuple(rl.prefix_cuts),
           tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage])
       stats.update(prefix_stats)
+    if exact_kl is not None or trainer_old is not None:  # pi_old as plain params, merged once for both
+      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
+                                                                                   policy.lora.scale)
     if exact_kl is not None:  # pi_old against the reference over the whole vocabulary, on a few rows
       rows = np.linspace(0, rollout.advantages.shape[0] - 1, exact_kl_rows).astype(int)
-      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
-                                                                                   policy.lora.scale)
       stats['kl_exact'] = exact_kl(merged, reference, *(np.asarray(x)[rows] for x in rollout[:4]))
     if trainer_old is not None:
-      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
-                                                                                   policy.lora.scale)
       rollout, mismatch = sampler_vs_trainer(trainer_old, merged, rollout, rows=None if replace_old else mismatch_rows,
                                              tis_cap=rl.tis_cap)
       stats.update(mismatch)
