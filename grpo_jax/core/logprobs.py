@@ -32,7 +32,7 @@ def token_entropy(logits: jax.Array) -> jax.Array:
 
 def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, completion_tokens: jax.Array,
                       completion_mask: jax.Array, *, return_entropy: bool = False, chunk_size: int = 0,
-                      remat: str = 'none'):
+                      remat: str = 'none', group_size: int = 1):
   """Logprobs of each completion token given prompt + earlier completion tokens, one full forward pass.
 
   Args:
@@ -43,9 +43,15 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
       `chunk_size` completion positions at a time, so at most [b, chunk_size, v] float32 logits exist at once,
       in the backward pass too (each chunk's logits are recomputed there rather than stored).
     remat: the model's rematerialization policy (model.REMAT_POLICIES) for the training forward.
+    group_size: G > 1: rows come in groups of G contiguous rows sharing one prompt (a GRPO batch); each prompt
+      (rows 0, G, 2G, ...; the others' are not read) runs through the model once and its G completions attend
+      to it (model.grouped_hidden_states). The same values as G = 1 on such a batch, within float rounding.
   Returns:
     logprobs [b, c] float32 (and entropy [b, c] if return_entropy).
   """
+  if group_size > 1:
+    return _grouped_logprobs(model, prompt_tokens, prompt_mask, completion_tokens, completion_mask,
+                             return_entropy=return_entropy, chunk_size=chunk_size, remat=remat, group_size=group_size)
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
   p = prompt_tokens.shape[1]
@@ -61,6 +67,24 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   if return_entropy:
     return logprobs, token_entropy(completion_logits)
   return logprobs
+
+
+def _grouped_logprobs(model, prompt_tokens, prompt_mask, completion_tokens, completion_mask, *, return_entropy,
+                      chunk_size, remat, group_size):
+  """sequence_logprobs with each group's prompt run once (group_size > 1)."""
+  b = completion_tokens.shape[0]
+  if b % group_size:
+    raise ValueError(f'{b} rows do not split into groups of group_size={group_size}')
+  last_prompt, completion = model.grouped_hidden_states(prompt_tokens[::group_size], prompt_mask[::group_size],
+                                                        completion_tokens, completion_mask, remat=remat)
+  # The hidden state at slot j predicts the token at slot j + 1: the last prompt slot, then completion slots.
+  hidden = jnp.concatenate([jnp.repeat(last_prompt, group_size, axis=0)[:, None], completion[:, :-1]], axis=1)
+  if chunk_size:
+    out = _chunked_logprobs(model.logits_from_hidden, hidden, completion_tokens, chunk_size, return_entropy)
+    return out if return_entropy else out[0]
+  logits = model.logits_from_hidden(hidden)  # [b, c, v]
+  logprobs = token_logprobs(logits, completion_tokens)
+  return (logprobs, token_entropy(logits)) if return_entropy else logprobs
 
 
 def _chunked_logprobs(head, hidden: jax.Array, tokens: jax.Array, chunk_size: int, return_entropy: bool):

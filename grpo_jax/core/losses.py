@@ -45,6 +45,9 @@ class LossConfig:
   logprob_chunk: > 0: the LM head and logprobs run over this many completion positions at a time
     (core/logprobs.sequence_logprobs chunk_size); memory only, same values.
   remat: what each block keeps for the backward pass (models/transformer.REMAT_POLICIES); memory only.
+  shared_prompt_group: G > 1: the batch's rows come in groups of G sharing one prompt, and the policy forward runs
+    each prompt once (core/logprobs.sequence_logprobs group_size); compute only, same values. 1 = every row's
+    prompt runs. The exact-KL term (kl_estimator 'exact') still runs every row's prompt.
   logits_filter: None, or a function logits [..., V] -> logits [..., V] (the sampler's temperature / top-k / top-p,
     rollout/reference.sampling_filter): pi_theta's logprobs and entropy are then those of the filtered
     distribution the sampler draws from (rl.trainer_sampling_filters). A token the filter excludes (logprob -inf)
@@ -62,6 +65,7 @@ class LossConfig:
   entropy_coef: float = 0.0
   logprob_chunk: int = 0
   remat: str = 'none'
+  shared_prompt_group: int = 1
   logits_filter: Callable[[jax.Array], jax.Array] | None = None
   reference_model: Callable[[Any], Any] | None = None  # 'exact': ref params -> the reference model
 
@@ -80,6 +84,8 @@ class LossConfig:
                        'kl_in_reward nor logits_filter')
     if self.loss_aggregation not in LOSS_AGGREGATIONS:
       raise ValueError(f'unknown loss aggregation {self.loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
+    if not isinstance(self.shared_prompt_group, int) or self.shared_prompt_group < 1:
+      raise ValueError(f'shared_prompt_group must be an int >= 1 (1 = off), got {self.shared_prompt_group!r}')
     if self.importance_ratio not in IMPORTANCE_RATIOS:
       raise ValueError(f'unknown importance ratio {self.importance_ratio!r}; known: {list(IMPORTANCE_RATIOS)}')
 
@@ -227,7 +233,8 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
     model = FilteredLogits(model, config.logits_filter)
   logprobs, entropy = sequence_logprobs(model, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
                                         batch.completion_mask, return_entropy=True,
-                                        chunk_size=config.logprob_chunk, remat=config.remat)
+                                        chunk_size=config.logprob_chunk, remat=config.remat,
+                                        group_size=config.shared_prompt_group)
   loss_mask, ref_logprobs = batch.completion_mask, batch.ref_logprobs
   if config.logits_filter is not None:  # tokens outside either filtered support: no ratio, no loss (see LossConfig)
     inside = jnp.isfinite(jax.lax.stop_gradient(logprobs)) & jnp.isfinite(batch.old_logprobs)
@@ -266,6 +273,9 @@ class FilteredLogits:
 
   def hidden_states(self, *args, **kwargs) -> jax.Array:
     return self.model.hidden_states(*args, **kwargs)
+
+  def grouped_hidden_states(self, *args, **kwargs) -> tuple[jax.Array, jax.Array]:
+    return self.model.grouped_hidden_states(*args, **kwargs)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     return self.logits_filter(self.model.logits_from_hidden(hidden))

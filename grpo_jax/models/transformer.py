@@ -11,7 +11,8 @@ file imports no adapter code; `lora.py` imports it and fills the dicts (`lora.tr
 the `lora` in checkpoint paths such as `blocks/0/attn/lora/wq/a`.
 
 Einsum letters: b batch, t query time, s key time, d model, n query heads, k kv heads, g queries per kv
-head, q = (g, t) merged, h head dim, f mlp, v vocab, l layer.
+head, q = (g, t) merged, h head dim, f mlp, v vocab, l layer, r a completion's index in its prompt's group (where b
+counts prompts: Attention.grouped).
 """
 from __future__ import annotations
 
@@ -224,6 +225,60 @@ class Attention(nnx.Module):
     layer_cache: (k [b, s, k, h], v [b, s, k, h]) of this layer, or None. With a cache, this step's keys
     and values are written into slots cache_index.. (in place) and attention runs over all s slots.
     """
+    dt = jnp.dtype(self.cfg.dtype)
+    q, k, v = self._project(x, positions)
+    if layer_cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 3)
+      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 2)
+      k_all, v_all = constrain(k_all, KEY_AXES), constrain(v_all, VALUE_AXES)  # the decode loop's carry
+      new_cache = (k_all, v_all)
+    else:
+      k_all, v_all, new_cache = k, v, None
+    b, t, n, h = q.shape
+    s = k_all.shape[3]
+    q = self._query_rows(q)
+    scores = jnp.einsum('bkqh,bkhs->bkqs', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
+    allowed = key_mask[:, None, :] & self._visible(q_slots, jnp.arange(s))[None]  # [b, t, s]
+    probs = self._softmax(scores, allowed)
+    out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
+    return self._output(out, t), new_cache
+
+  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int):
+    """Attention of prompts [P, p] run once and their completions [N, c] (N = P * group_size, each group's rows
+    contiguous): the prompts attend causally among themselves; each completion row attends to its group's prompt
+    keys and, causally, to its own earlier completion keys, as if it were the row prompt ++ completion (prompt
+    slots 0 .. p-1, completion slot j at p + j). The prompt keys and values are never repeated over the group:
+    the completion-to-prompt scores contract queries [P, G, ...] with keys [P, ...], so autodiff sums each
+    prompt key's and value's gradient over its group.
+
+    xp [P, p, d], xc [N, c, d]; positions and masks [P, p] / [N, c]. Returns ([P, p, d], [N, c, d]).
+    """
+    dt = jnp.dtype(self.cfg.dtype)
+    qp, kp, vp = self._project(xp, prompt_positions)  # [P, p, n, h], [P, k, h, p], [P, k, p, h]
+    qc, kc, vc = self._project(xc, completion_positions)  # [N, c, n, h], [N, k, h, c], [N, k, c, h]
+    p, (big_p, g), (n_rows, c, _, h) = xp.shape[1], (xp.shape[0], group_size), qc.shape
+    kp, vp, kc, vc = kp.astype(dt), vp.astype(dt), kc.astype(dt), vc.astype(dt)
+    # The prompts among themselves: the plain causal attention.
+    p_slots = jnp.arange(p)
+    scores = jnp.einsum('bkqh,bkhs->bkqs', self._query_rows(qp), kp).astype(jnp.float32) * h ** -0.5
+    probs = self._softmax(scores, prompt_mask[:, None, :] & self._visible(p_slots, p_slots)[None])
+    out_p = jnp.einsum('bkqs,bksh->bkqh', probs, vp)
+    # Completions: scores against the group's prompt keys and their own keys, one softmax over both.
+    q = self._query_rows(qc)  # [N, k, q, h]
+    kv, qlen = q.shape[1], q.shape[2]
+    to_prompt = jnp.einsum('brkqh,bkhs->brkqs', q.reshape(big_p, g, kv, qlen, h), kp).reshape(n_rows, kv, qlen, p)
+    to_self = jnp.einsum('bkqh,bkhs->bkqs', q, kc)  # [N, k, q, c]
+    scores = jnp.concatenate([to_prompt, to_self], axis=-1).astype(jnp.float32) * h ** -0.5  # [N, k, q, p + c]
+    c_slots = p + jnp.arange(c)
+    key_mask = jnp.concatenate([jnp.repeat(prompt_mask, g, axis=0), completion_mask], axis=1)  # [N, p + c] bool
+    visible = self._visible(c_slots, jnp.concatenate([p_slots, c_slots]))  # [c, p + c]
+    probs = self._softmax(scores, key_mask[:, None, :] & visible[None])
+    from_prompt = jnp.einsum('brkqs,bksh->brkqh', probs[..., :p].reshape(big_p, g, kv, qlen, p), vp)
+    out_c = from_prompt.reshape(n_rows, kv, qlen, h) + jnp.einsum('bkqs,bksh->bkqh', probs[..., p:], vc)
+    return self._output(out_p, p), self._output(out_c, c)
+
+  def _project(self, x, positions):
+    """x [b, t, d] -> q [b, t, n, h], keys [b, k, h, t], values [b, k, t, h] (biases, qk-norm, RoPE applied)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     q = _plus_adapter(self, 'wq', x, dense(x, self.wq[...].astype(dt)))  # [b, t, n, h]
     k = _plus_adapter(self, 'wk', x, dense(x, self.wk[...].astype(dt)))  # [b, t, k, h]
@@ -238,31 +293,36 @@ class Attention(nnx.Module):
     q = constrain(q, ('batch', 'length', 'q_heads', 'head_dim'))
     # Head-major from here on (keys [b, k, h, s], values [b, k, s, h], as cached): both attention matmuls are
     # plain batched matmuls over (b, k) and the cache is read in place, with no transpose of it per token.
-    k, v = constrain(k.transpose(0, 2, 3, 1), KEY_AXES), constrain(v.transpose(0, 2, 1, 3), VALUE_AXES)
-    if layer_cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 3)
-      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 2)
-      k_all, v_all = constrain(k_all, KEY_AXES), constrain(v_all, VALUE_AXES)  # the decode loop's carry
-      new_cache = (k_all, v_all)
-    else:
-      k_all, v_all, new_cache = k, v, None
+    return q, constrain(k.transpose(0, 2, 3, 1), KEY_AXES), constrain(v.transpose(0, 2, 1, 3), VALUE_AXES)
+
+  def _query_rows(self, q):
+    """[b, t, n, h] -> [b, k, g * t, h]: each kv head's queries as the rows of one matmul."""
     b, t, n, h = q.shape
-    kv, groups, s = cfg.num_kv_heads, n // cfg.num_kv_heads, k_all.shape[3]
-    q = q.reshape(b, t, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, h)
-    scores = jnp.einsum('bkqh,bkhs->bkqs', q, k_all.astype(dt)).astype(jnp.float32) * h ** -0.5
-    scores = scores.reshape(b, kv, groups, t, s)
-    k_slots = jnp.arange(s)
-    visible = k_slots[None, :] <= q_slots[:, None]  # [t, s]
-    if cfg.sliding_window:
+    kv = self.cfg.num_kv_heads
+    return q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, h)
+
+  def _visible(self, q_slots, k_slots):
+    """[t, s] bool: causal, and within sliding_window slots when set."""
+    visible = k_slots[None, :] <= q_slots[:, None]
+    if self.cfg.sliding_window:
       # On slots, not positions: a row's real tokens are contiguous (left padding; the sampler only appends
       # masked slots after EOS), so slot distance is position distance, as in transformers' mask.
-      visible &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
-    allowed = key_mask[:, None, :] & visible[None]  # [b, t, s]
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, groups * t, s)
-    out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
-    out = out.reshape(b, kv, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    return _plus_adapter(self, 'wo', out, dense(out, self.wo[...].astype(dt), 2)), new_cache
+      visible &= q_slots[:, None] - k_slots[None, :] < self.cfg.sliding_window
+    return visible
+
+  def _softmax(self, scores, allowed):
+    """scores [b, k, g * t, s] float32, allowed [b, t, s] -> probs [b, k, g * t, s] in the compute dtype."""
+    b, kv, _, s = scores.shape
+    t = allowed.shape[1]
+    scores = jnp.where(allowed[:, None, None], scores.reshape(b, kv, -1, t, s), _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1).astype(self.cfg.dtype).reshape(b, kv, -1, s)
+
+  def _output(self, out, t):
+    """[b, k, g * t, h] attention outputs -> [b, t, d] through wo."""
+    dt = jnp.dtype(self.cfg.dtype)
+    b, kv, _, h = out.shape
+    out = out.reshape(b, kv, -1, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, h)
+    return _plus_adapter(self, 'wo', out, dense(out, self.wo[...].astype(dt), 2))
 
 
 class MLP(nnx.Module):
@@ -296,6 +356,14 @@ class Block(nnx.Module):
     attn_out, new_cache = self.attn(self.attn_norm(x), positions, key_mask, q_slots, layer_cache, cache_index)
     x = x + attn_out
     return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL_AXES), new_cache
+
+  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int):
+    """The block on prompts [P, p, d] run once and their completions [N, c, d] (Attention.grouped)."""
+    ap, ac = self.attn.grouped(self.attn_norm(xp), self.attn_norm(xc), prompt_positions, completion_positions,
+                               prompt_mask, completion_mask, group_size)
+    xp, xc = xp + ap, xc + ac
+    return (constrain(xp + self.mlp(self.mlp_norm(xp)), RESIDUAL_AXES),
+            constrain(xc + self.mlp(self.mlp_norm(xc)), RESIDUAL_AXES))
 
 
 class Transformer(nnx.Module):
@@ -332,6 +400,40 @@ class Transformer(nnx.Module):
     positions = positions_from_mask(mask) if positions is None else positions
     return self._forward(tokens, positions, mask, None, 0, remat)[0]
 
+  def grouped_hidden_states(self, prompt_tokens: jax.Array, prompt_mask: jax.Array, completion_tokens: jax.Array,
+                            completion_mask: jax.Array, *, remat: str = 'none') -> tuple[jax.Array, jax.Array]:
+    """hidden_states of the rows prompt ++ completion when each prompt is shared by a group of completions, with
+    each prompt run through the blocks once (not once per row): the training forward of a GRPO batch.
+
+    Args:
+      prompt_tokens, prompt_mask: [P, p] left-padded prompts, one per group.
+      completion_tokens, completion_mask: [N, c] right-padded completions, N = P * G, group i's G rows contiguous
+        (rows i * G .. i * G + G - 1 follow prompt i).
+      remat: as in __call__.
+    Returns:
+      (last_prompt_hidden [P, d], completion_hidden [N, c, d]): what hidden_states of the N rows prompt ++
+      completion (positions from their mask) holds at the last prompt slot (it predicts completion token 0) and at
+      the completion slots, in the compute dtype.
+    """
+    num_prompts, n_rows = prompt_tokens.shape[0], completion_tokens.shape[0]
+    if n_rows % num_prompts:
+      raise ValueError(f'{n_rows} completion rows are not a whole number of groups of {num_prompts} prompts')
+    g = n_rows // num_prompts
+    prompt_mask, completion_mask = prompt_mask.astype(bool), completion_mask.astype(bool)
+    prompt_positions = positions_from_mask(prompt_mask)
+    # positions_from_mask of prompt ++ completion, completion part: counting on from the prompt's real tokens.
+    prompt_len = jnp.repeat(prompt_mask.sum(-1, dtype=jnp.int32), g)[:, None]  # [N, 1]
+    completion_positions = jnp.maximum(prompt_len + jnp.cumsum(completion_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    xp, xc = self._embed(prompt_tokens), self._embed(completion_tokens)
+    masks = (prompt_positions, completion_positions, prompt_mask, completion_mask)
+    policy = REMAT_POLICIES[remat]
+    for block in self.blocks:
+      if policy is None:
+        xp, xc = block.grouped(xp, xc, *masks, g)
+      else:
+        xp, xc = _remat_grouped_block(block, xp, xc, masks, g, policy)
+    return xp[:, -1], xc
+
   def logits_from_hidden(self, x: jax.Array) -> jax.Array:
     """Final norm + LM head: [..., d] hidden states -> [..., v] float32 logits."""
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
@@ -352,13 +454,7 @@ class Transformer(nnx.Module):
     return self.logits_from_hidden(x), cache
 
   def _forward(self, tokens, positions, mask, cache, cache_index, remat='none'):
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    # The table whole along d first (an fsdp all-gather, as for any weight): gathering rows of the d-split table
-    # gave a d-split [b, t, d] that XLA could only re-split by batch by replicating it.
-    x = constrain(self.embed[...], ('vocab', 'act_embed')).astype(dt)[tokens]
-    if cfg.embed_scale:
-      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)  # the normalizer rounded to the compute dtype, as in HF
-    x = constrain(x, RESIDUAL_AXES)  # batch-split, d whole: the gather from the fsdp-split table is all-gathered
+    x = self._embed(tokens)
     t = tokens.shape[1]
     q_slots = cache_index + jnp.arange(t)
     key_mask = mask if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, cache_index, 1)
@@ -375,6 +471,16 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask)
     return x, new_cache
 
+  def _embed(self, tokens):
+    """[b, t] ids -> [b, t, d] embeddings in the compute dtype."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    # The table whole along d first (an fsdp all-gather, as for any weight): gathering rows of the d-split table
+    # gave a d-split [b, t, d] that XLA could only re-split by batch by replicating it.
+    x = constrain(self.embed[...], ('vocab', 'act_embed')).astype(dt)[tokens]
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)  # the normalizer rounded to the compute dtype, as in HF
+    return constrain(x, RESIDUAL_AXES)  # batch-split, d whole: the gather from the fsdp-split table is all-gathered
+
 
 def _remat_block(block: Block, x, positions, key_mask, q_slots, policy):
   """One block's uncached forward under jax.checkpoint: its backward recomputes what `policy` did not save.
@@ -388,3 +494,13 @@ def _remat_block(block: Block, x, positions, key_mask, q_slots, policy):
   def run(state, x, positions, key_mask, q_slots):
     return nnx.merge(graphdef, state)(x, positions, key_mask, q_slots)[0]
   return run(state, x, positions, key_mask, q_slots)
+
+
+def _remat_grouped_block(block: Block, xp, xc, masks, group_size: int, policy):
+  """Block.grouped under jax.checkpoint, as _remat_block (the same reason for passing the state in)."""
+  graphdef, state = nnx.split(block)
+
+  @functools.partial(jax.checkpoint, policy=policy)
+  def run(state, xp, xc, masks):
+    return nnx.merge(graphdef, state).grouped(xp, xc, *masks, group_size)
+  return run(state, xp, xc, masks)
