@@ -145,7 +145,8 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
     rollout, stats = collect_rollout(
         policy.sampler, setup.reference_forward, policy_state.params, state['reference'], prompts, sample_rng,
         group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=raw_rewards,
-        verifier=setup.verifier, reward_source=rl.reward_source, reward_mix=rl.reward_mix)
+        verifier=setup.verifier, reward_source=rl.reward_source, reward_mix=rl.reward_mix,
+        length_buckets=grpo.length_buckets(cfg))
     mask = np.asarray(rollout.completion_mask)
     jax.block_until_ready(rollout.ref_logprobs)  # the reference forward, before the critic's (see update)
     old_values = np.asarray(value_fn(critic_state.params, *rollout[:4]), np.float32)  # [N, c]

@@ -24,6 +24,7 @@ from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import decode
 from grpo_jax.rewards.registry import RewardFn, score
 from grpo_jax.rollout.rollout import Rollout
+from grpo_jax.rollout.trim import pad_columns
 
 
 def cut_positions(mask: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
@@ -76,7 +77,7 @@ def join_continuations(completion_tokens: np.ndarray, cuts: np.ndarray, tokens: 
 
 def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, params, rng: jax.Array, *,
                   group_size: int, continuations: int, cut_fractions: Sequence[float], tokenizer, reward_fn: RewardFn,
-                  scale: str = 'group') -> tuple[Rollout, dict[str, float]]:
+                  scale: str = 'group', max_len: int | None = None) -> tuple[Rollout, dict[str, float]]:
   """The rollout with per-token prefix-value advantages [N, c] in place of its outcome ones, and statistics.
 
   sampler(params, prompt_tokens [N * J, p + c], prompt_mask, rng) -> Completions [N * J * K, c]: K continuations
@@ -87,6 +88,8 @@ def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, 
   completion_len x N), prefix_value_change (mean |V_{s+1} - V_s| over segments, unscaled), prefix_value_first (mean
   value at the first cut), prefix_truncated (fraction of continuations cut by the budget), prefix_sample_time; and
   the continuation sampling's shape (prefix_prompts, prefix_prompt_len, prefix_decode_len) for its FLOPs.
+  max_len: the output budget (max_new_tokens) a prefix + continuation must fit; default the rollout's width (which
+  is narrower when the batch was cut to a length bucket: rollout/trim.py).
   """
   tokens, mask = np.asarray(rollout.completion_tokens), np.asarray(rollout.completion_mask)
   n, c = tokens.shape
@@ -102,7 +105,8 @@ def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, 
   if cont_tokens.shape[0] != n * num_cuts * continuations:
     raise ValueError(f'the continuation sampler returned {cont_tokens.shape[0]} rows for {n * num_cuts} prefixes x '
                      f'K={continuations}; build it with make_sampler(..., group_size=K)')
-  joined, joined_mask = join_continuations(tokens, cuts, cont_tokens, cont_mask, pad_id=pad_id)
+  budget_tokens = tokens if max_len is None else pad_columns([tokens], max_len)[0]
+  joined, joined_mask = join_continuations(budget_tokens, cuts, cont_tokens, cont_mask, pad_id=pad_id)
   answers = [prompts.answers[i // group_size] for i in range(n)]
   texts = decode(tokenizer, tokens, mask) + decode(tokenizer, joined, joined_mask)
   scores, _ = score(reward_fn, texts, answers + [a for a in answers for _ in range(num_cuts * continuations)])
@@ -113,7 +117,7 @@ def prefix_credit(rollout: Rollout, prompts: TokenizedSplit, sampler: Callable, 
   chain = np.concatenate([np.repeat(rewards.reshape(shape).mean(-1), group_size)[:, None], values, rewards[:, None]],
                          axis=1)  # [N, J + 2]
   kept = joined_mask.sum(axis=1) - np.repeat(cuts.reshape(-1), continuations)  # continuation tokens within budget
-  budget = c - np.repeat(cuts.reshape(-1), continuations)
+  budget = budget_tokens.shape[1] - np.repeat(cuts.reshape(-1), continuations)
   stats = {'prefix_continuation_tokens': int(kept.sum()),
            'prefix_value_change': float(np.abs(np.diff(chain, axis=1)).mean()),
            'prefix_value_first': float(values[:, 0].mean()) if num_cuts else float('nan'),

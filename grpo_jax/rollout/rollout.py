@@ -6,7 +6,7 @@ rewards.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -19,6 +19,7 @@ from grpo_jax.rewards.registry import RewardFn, score
 from grpo_jax.rewards.steps import StepVerifier
 from grpo_jax.rollout.sampling import Completions
 from grpo_jax.rollout.steps import step_boundaries, step_texts
+from grpo_jax.rollout.trim import bucket_width, pad_columns, trim_columns
 
 REWARD_SOURCES = ('verifier', 'reward_model', 'mix')
 
@@ -94,7 +95,8 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
                     prompts: TokenizedSplit, rng: jax.Array, *, group_size: int, tokenizer, reward_fn: RewardFn,
                     advantage_fn: Callable, verifier: RewardFn | None = None, learned_reward: Callable | None = None,
                     reward_source: str = 'verifier', reward_mix: float = 0.5, eos_ids: tuple[int, ...] = (),
-                    overlong_penalty_len: int = 0, mask_truncated: bool = False, return_rewards: bool = False):
+                    overlong_penalty_len: int = 0, mask_truncated: bool = False, return_rewards: bool = False,
+                    length_buckets: Sequence[int] = ()):
   """Sample G outputs per prompt from pi_old = the current params, score them, compute advantages.
 
   ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N, c], or
@@ -105,6 +107,8 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   advantages; mask_truncated zeroes the completion mask of outputs that used the whole budget without an EOS of
   `eos_ids` (truncated_outputs), so they carry no loss weight while their rewards still enter the group baseline.
   With `eos_ids` the stats also hold truncated_frac.
+  length_buckets: the widths (trim.completion_buckets) the completion arrays are cut to, the smallest that holds
+  the batch's longest completion (stats' completion_width), before the reference forward; () = the sampler's width.
   Returns the Rollout and its statistics (reward, accuracy, group spread, lengths, sampling speed; with a reward
   model its mean score and its agreement with the verifier); with return_rewards also the rewards [P, G] the
   advantages were computed from.
@@ -116,14 +120,17 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   prompt_mask = np.repeat(prompts.prompt_mask, group_size, axis=0)
   # Host copies first: once a running computation reads a buffer, copying it to the host waits for that run.
   tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  width = bucket_width(mask, length_buckets)
+  device_tokens, device_mask, old_logprobs = trim_columns((out.tokens, out.mask, out.logprobs), width)
   # Dispatched before the rewards and fed the sampler's device arrays: the reference forward runs while the
   # host decodes and verifies, and the completions make no round trip through host memory to reach it.
-  ref_logprobs = out.logprobs
+  ref_logprobs = old_logprobs
   if ref_logprobs_fn is not None:
-    ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, out.tokens, out.mask)
+    ref_logprobs = ref_logprobs_fn(ref_params, prompt_tokens, prompt_mask, device_tokens, device_mask)
   answers = [a for a in prompts.answers for _ in range(group_size)]
   scores = score_groups(decode(tokenizer, tokens, mask), answers, reward_fn, verifier)
-  learned = None if learned_reward is None else learned_reward(prompt_tokens, prompt_mask, tokens, mask)
+  learned = None if learned_reward is None else learned_reward(prompt_tokens, prompt_mask,
+                                                               *trim_columns((tokens, mask), width))
   rewards = combine_rewards(scores.rewards, learned, source=reward_source, mix=reward_mix)
   penalty = None
   if overlong_penalty_len:
@@ -134,13 +141,15 @@ def collect_rollout(sampler: Callable, ref_logprobs_fn: Callable | None, params,
   truncated = None if not eos_ids else truncated_outputs(tokens, mask, eos_ids)
   # The sampled mask stays for the stats and the reference forward above; the loss reads the masked one.
   loss_mask = np.where(truncated[:, None], 0, mask).astype(mask.dtype) if mask_truncated else mask
-  rollout = Rollout(prompt_tokens, prompt_mask, tokens, loss_mask, out.logprobs, ref_logprobs, advantages)
+  rollout = Rollout(prompt_tokens, prompt_mask, *trim_columns((tokens, loss_mask), width), old_logprobs, ref_logprobs,
+                    advantages)
   stats = {
       'reward': float(rewards.mean()),
       'accuracy': float((scores.correct >= 1).mean()),
       'reward_failures': scores.failures,  # verifier timeouts / errors, scored 0
       **group_signal(group_rewards, scores.correct.reshape(-1, group_size)),
       'completion_len': float(mask.sum(axis=-1).mean()),
+      'completion_width': width,  # the columns the trainer computes (a length bucket)
       'sample_time': sample_time,
       'sampled_tokens_per_s': float(mask.sum() / max(sample_time, 1e-9)),
   }
@@ -187,7 +196,9 @@ def choose_groups(signal: list[np.ndarray], num_groups: int) -> tuple[list[tuple
 
 def take_groups(rollouts: list[Rollout], picks: list[tuple[int, int]], group_size: int) -> Rollout:
   """The Rollout made of groups picks [(draw, group)] of `rollouts`, in that order (each group's G rows contiguous,
-  as every Rollout is)."""
+  as every Rollout is), at the widest of their completion widths (narrower draws padded: trim.pad_columns)."""
+  width = max(r.completion_mask.shape[1] for r in rollouts)
+  rollouts = [Rollout(*r[:2], *pad_columns(r[2:], width)) for r in rollouts]
   rows = [(d, g * group_size + j) for d, g in picks for j in range(group_size)]
   return Rollout(*(np.stack([np.asarray(rollouts[d][k])[r] for d, r in rows]) for k in range(len(Rollout._fields))))
 

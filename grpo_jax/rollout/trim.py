@@ -1,0 +1,54 @@
+"""No compute on padding: a batch's completion arrays cut to its longest completion, rounded up to one of a few
+fixed widths (buckets), so the reference forward, the trainer's forward and backward and the logprob chunks run over
+[N, width] rather than [N, max_new_tokens], and each function compiles at most once per bucket.
+
+Columns past every row's last real token hold only padding (mask 0): every loss reads tokens through the mask,
+so cutting them changes no value (tests/test_trim.py), except a normalizer that counts columns (Dr. GRPO's
+'constant' aggregation), which therefore divides by the budget, not the width (core/losses.py).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def completion_buckets(max_len: int, num_buckets: int, multiple: int = 8) -> tuple[int, ...]:
+  """The widths a batch may be cut to: num_buckets evenly spaced fractions k / num_buckets of max_len (k = 1 ..
+  num_buckets), each rounded up to a multiple of `multiple` (the logprob chunk, so chunks hold no extra padding),
+  capped at max_len; increasing, without repeats, the last always max_len. num_buckets <= 1: (max_len,)."""
+  if max_len < 1:
+    raise ValueError(f'max_len must be positive, got {max_len}')
+  widths = {max_len}
+  for k in range(1, max(num_buckets, 1)):
+    widths.add(min(max_len, multiple * math.ceil(max_len * k / num_buckets / multiple)))
+  return tuple(sorted(widths))
+
+
+def bucket_width(mask: np.ndarray, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds every row's real tokens: mask [N, c] (right-padded) -> a width <= c.
+  The mask's own width when no bucket is smaller (or `buckets` is empty: no trimming)."""
+  mask = np.asarray(mask)
+  c = mask.shape[1]
+  real = np.flatnonzero(mask.any(axis=0))
+  longest = int(real[-1]) + 1 if real.size else 0
+  return min([w for w in buckets if longest <= w < c] + [c])
+
+
+def trim_columns(arrays: Sequence, width: int) -> list:
+  """Each [N, c, ...] array (numpy or jax) cut to [N, width, ...]; [N] arrays (per-output advantages) and arrays
+  no wider than `width` unchanged (not copied)."""
+  return [x if np.ndim(x) < 2 or x.shape[1] <= width else x[:, :width] for x in arrays]
+
+
+def pad_columns(arrays: Sequence, width: int) -> list[np.ndarray]:
+  """Each [N, c, ...] array padded with zeros to [N, width, ...] on the host (a zero mask: padding); [N] arrays
+  unchanged. The inverse of trim_columns where it cut only padding."""
+  out = []
+  for x in arrays:
+    x = np.asarray(x)
+    if x.ndim >= 2 and x.shape[1] < width:
+      x = np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    out.append(x)
+  return out
