@@ -1,6 +1,9 @@
 """Side-by-side: grpo_jax vs TRL on the identical GRPO workload, from the two scripts' JSON lines.
 
   python benchmarks/compare.py results.jsonl     (written by benchmarks/run.sh)
+
+Rows are grouped by workload and completion length: the key column shows L for the baseline's workload (rows
+without a 'workload' key) and 'gsm8k/L' for the GSM8K-shaped one (benchmarks/gsm8k_workload.py).
 """
 import json
 import sys
@@ -25,19 +28,22 @@ def main(path: str) -> None:
   rows = [json.loads(line) for line in open(path) if line.strip()]
   runs = {}
   for r in rows:
-    runs.setdefault(r['max_completion_length'], {}).setdefault(r['impl'], []).append(r)
-  by_key = {length: {impl: mean_of_runs(rs) for impl, rs in impls.items()} for length, impls in runs.items()}
-  print(f"{'L':>4} {'impl':>26} {'step s':>8} {'tok/s':>8} {'gen-only tok/s':>15} {'RSS MB':>8} {'clean':>6}")
-  for length, impls in sorted(by_key.items()):
+    runs.setdefault((r.get('workload', ''), r['max_completion_length']), {}).setdefault(r['impl'], []).append(r)
+  by_key = {key: {impl: mean_of_runs(rs) for impl, rs in impls.items()} for key, impls in runs.items()}
+  label = {key: f'{key[0]}/{key[1]}' if key[0] else key[1] for key in by_key}
+  width = max([4] + [len(str(x)) for x in label.values()])
+  print(f"{'L':>{width}} {'impl':>26} {'step s':>8} {'tok/s':>8} {'gen-only tok/s':>15} {'RSS MB':>8} {'clean':>6}")
+  for key, impls in sorted(by_key.items()):
+    length = label[key]
     for name, r in impls.items():
       each = f"  (mean of runs: {', '.join(f'{t:.3f}' for t in r['runs'])} s)" if 'runs' in r else ''
-      print(f"{length:>4} {name:>26} {step_time(r):>8.3f} {r['gen_tokens_per_s']:>8.0f} "
+      print(f"{length:>{width}} {name:>26} {step_time(r):>8.3f} {r['gen_tokens_per_s']:>8.0f} "
             f"{r['gen_only_tokens_per_s']:>15.0f} {r['peak_rss_mb']:>8.0f} {r['clean_steps']:>6}{each}")
     trl = impls.get('trl')
     for name, ours in impls.items():
       if trl is None or not name.startswith('grpo_jax'):
         continue
-      print(f"{length:>4} {name:>26} / TRL: step speed-up x{step_time(trl) / step_time(ours):.2f}  "
+      print(f"{length:>{width}} {name:>26} / TRL: step speed-up x{step_time(trl) / step_time(ours):.2f}  "
             f"tok/s x{ours['gen_tokens_per_s'] / trl['gen_tokens_per_s']:.2f}  "
             f"gen-only x{ours['gen_only_tokens_per_s'] / trl['gen_only_tokens_per_s']:.2f}  "
             f"RSS x{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} (ours / TRL)")

@@ -1,6 +1,7 @@
 """grpo_jax on the workload of ../shared/bench/trl_grpo_baseline.py (read its docstring), same JSON keys.
 
   python benchmarks/grpo_step_bench.py --steps 10 --max-completion-length 32 --fixed-length
+  python benchmarks/grpo_step_bench.py --workload gsm8k --steps 5     # benchmarks/gsm8k_workload.py's spec
 
 Model: Qwen2-shaped (vocab 49, hidden 256, mlp 688, 4 layers, 4 heads of 64, 2 kv heads, q/k/v bias, tied
 embeddings), random init, fp32. Per step: 4 prompts "<bos>Q: {a}+{b}= A:" x G=8, sampled at temperature 1,
@@ -8,6 +9,12 @@ reward = first integer equals a+b, group advantages, reference forward (beta 0.0
 (lr 1e-5, clip 1.0). The step is the trainer's own code path, built as the trainer builds it
 (`pipeline/setup.build_setup`, `pipeline/grpo.make_grpo_train_step`): `collect_rollout` + `grpo.update`.
 Step 1 (compilation) is excluded, as TRL's warm-up step is.
+
+--workload gsm8k (the twin of benchmarks/trl_gsm8k.py): ~150-token prompts left-padded to 160, G = 16, P = 4,
+completions of 256 at most whose lengths are forced to the workload's seeded draw (benchmarks/gsm8k_step.py says
+how, on the trainer's own sampler). Its roofline counts only the FLOPs the step must do (gsm8k_step.must_do_flops:
+each prompt once per group, completions up to their EOS); 'padded_step_gflops' is the same count on the padded
+shapes the step runs.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import statistics
 import string
 import sys
 import time
+from ast import literal_eval
 
 import jax
 import numpy as np
@@ -38,6 +46,8 @@ from grpo_jax.pipeline.train_state import init_state, make_optimizer
 from grpo_jax.rollout.rollout import collect_rollout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gsm8k_workload  # noqa: E402
+from gsm8k_step import forced_length_sampler, must_do_flops, prompt_split  # noqa: E402
 from roofline import matmul_peak_flops  # noqa: E402
 
 CHARACTERS = string.digits + ' +-*/=:' + 'QA' + string.ascii_lowercase  # 45 + 4 specials = 49
@@ -68,12 +78,12 @@ def prompts(tokenizer, n: int, seed: int = 0) -> TokenizedSplit:
   return TokenizedSplit(tokens, np.ones_like(tokens), empty, empty, [str(a + b) for a, b in pairs])
 
 
-def workload_config(args) -> ConfigDict:
+def workload_config(args, prompt_len: int = 13) -> ConfigDict:
   """The trainer's config (configs/default.py) set to this workload: the model above, P prompts x G, the TRL
-  script's optimizer and KL weight, the first-integer reward."""
+  script's optimizer and KL weight, the first-integer reward; then the --set overrides."""
   cfg = default.get_config()
   cfg.model.update(MODEL)
-  cfg.max_prompt_len, cfg.max_new_tokens = 13, args.max_completion_length  # every prompt is 13 tokens
+  cfg.max_prompt_len, cfg.max_new_tokens = prompt_len, args.max_completion_length  # addition: 13 tokens each
   cfg.decode_block = args.decode_block
   cfg.rl.num_prompts, cfg.rl.group_size = args.prompts_per_step, args.num_generations
   cfg.rl.num_epochs, cfg.rl.num_minibatches, cfg.rl.grad_accum_steps = 1, 1, args.micro_batches
@@ -81,15 +91,31 @@ def workload_config(args) -> ConfigDict:
   cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p = 1.0, 0, 1.0
   cfg.eval.batch_size = args.prompts_per_step  # unused; must split over the devices
   cfg.sft.max_steps = 0
+  for item in args.set:  # e.g. rl.grad_accum_steps=4: dotted config path = Python literal (else a string)
+    path, _, text = item.partition('=')
+    *parents, leaf = path.split('.')
+    node = cfg
+    for name in parents:
+      node = node[name]
+    try:
+      value = literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value  # an unknown field or a wrong type is ml_collections' error
   return cfg
 
 
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--workload', choices=('addition', 'gsm8k'), default='addition',
+                  help="addition: trl_grpo_baseline.py's; gsm8k: benchmarks/gsm8k_workload.py's (its own defaults "
+                       'for the three flags below)')
   ap.add_argument('--steps', type=int, default=10)
-  ap.add_argument('--max-completion-length', type=int, default=32)
-  ap.add_argument('--num-generations', type=int, default=8)
-  ap.add_argument('--prompts-per-step', type=int, default=4)
+  ap.add_argument('--max-completion-length', type=int, default=None, help='addition: 32; gsm8k: 256 only')
+  ap.add_argument('--num-generations', type=int, default=None, help='addition: 8; gsm8k: 16')
+  ap.add_argument('--prompts-per-step', type=int, default=None,
+                  help=f'addition: 4; gsm8k: {gsm8k_workload.PROMPTS_PER_STEP}')
+  ap.add_argument('--seed', type=int, default=0, help="gsm8k: the workload's prompts and lengths")
   ap.add_argument('--beta', type=float, default=0.04)
   ap.add_argument('--fixed-length', action='store_true', help='suppress EOS: every completion is full length')
   ap.add_argument('--micro-batches', type=int, default=1,
@@ -101,21 +127,39 @@ def main() -> int:
                   help="config.cpu_devices: XLA CPU devices that share each batch (the trainer's default 2; 0 = one)")
   ap.add_argument('--compile-cache', default='',
                   help='config.compile_cache_dir: load compiled executables from this dir (a rerun: run twice)')
+  ap.add_argument('--set', action='append', default=[], metavar='PATH=VALUE',
+                  help='a config override, e.g. --set rl.grad_accum_steps=4 (repeatable; named in impl)')
   args = ap.parse_args()
   if args.steps < 2:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
+  gsm8k = args.workload == 'gsm8k'
+  defaults = ((gsm8k_workload.MAX_COMPLETION, gsm8k_workload.G, gsm8k_workload.PROMPTS_PER_STEP) if gsm8k
+              else (32, 8, 4))
+  for name, value in zip(('max_completion_length', 'num_generations', 'prompts_per_step'), defaults, strict=True):
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  if gsm8k and (args.fixed_length or args.max_completion_length != gsm8k_workload.MAX_COMPLETION):
+    ap.error(f'--workload gsm8k forces its own lengths (at most {gsm8k_workload.MAX_COMPLETION}): no '
+             '--fixed-length, no other --max-completion-length')
 
   t_start = time.perf_counter()
   distributed.use_cpu_devices(args.cpu_devices)
   distributed.use_compile_cache(args.compile_cache)
   G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
-  cfg = workload_config(args)
-  check_config(cfg, jax.device_count())
   tokenizer = build_tokenizer(characters=CHARACTERS)
+  lengths = None
+  if gsm8k:  # the prompts and forced lengths trl_gsm8k.py draws, from the same code
+    data = prompt_split(tokenizer, gsm8k_workload.prompts(args.steps, P, seed=args.seed),
+                        width=gsm8k_workload.PROMPT_TOKENS_MAX)
+    lengths = gsm8k_workload.completion_lengths(args.steps, P * G, seed=args.seed)
+  else:
+    data = prompts(tokenizer, P * args.steps)
+  cfg = workload_config(args, prompt_len=data.prompt_tokens.shape[1])
+  check_config(cfg, jax.device_count())
   setup = build_setup(cfg, tokenizer=tokenizer, data=False)  # what the trainer builds, on this tokenizer
-  if args.fixed_length:
+  if args.fixed_length or gsm8k:
     setup.eos_ids = (-1,)  # no token ever ends a row (before the first policy() call builds the samplers)
-  policy, params = setup.policy(), setup.init_params
+  policy, params = setup.policy(grpo.NAME), setup.init_params  # as grpo.make_stage asks for it
   cfg_model = setup.model_cfg
   ref_params = jax.tree.map(lambda x: x.copy(), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -124,22 +168,29 @@ def main() -> int:
   train_step = grpo.make_grpo_train_step(setup, policy, state, tx)
   hparams = grpo.loss_hparams(cfg)
   ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
-  data = prompts(tokenizer, P * args.steps)
   rng = jax.random.key(0)
+  eos_id, space_id = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(' ')
 
   marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
   for step in range(args.steps):
     batch = data.take(np.arange(step * P, (step + 1) * P))
     sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
-    rollout, stats = collect_rollout(policy.sampler, ref_fn, state.params, ref_params, batch, sample_rng,
+    sampler = policy.sampler
+    if gsm8k:
+      sampler = forced_length_sampler(sampler, lengths[step], eos_id=eos_id, pad_id=tokenizer.pad_token_id,
+                                      replace_id=space_id)
+    rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng,
                                      group_size=G, tokenizer=tokenizer, reward_fn=setup.reward_fn,
-                                     advantage_fn=advantage_fn)
+                                     advantage_fn=advantage_fn, verifier=setup.verifier)
     state, metrics = grpo.update(train_step, state, rollout, shuffle_rng, hparams, num_epochs=1, num_minibatches=1)
     jax.block_until_ready(metrics)
     marks.append(cpu_sample())
     gen_times.append(stats['sample_time'])
     gen_tokens.append(int(rollout.completion_mask.sum()))
     rewards.append(stats['reward'])
+    if gsm8k and gen_tokens[-1] != sum(lengths[step]):
+      raise AssertionError(f'step {step}: {gen_tokens[-1]} completion tokens, the forced lengths sum to '
+                           f'{sum(lengths[step])}')
 
   # Read before this script's own extra work (matmul peak, phase timings), which TRL's script does not do.
   peak_rss_steps_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -173,13 +224,22 @@ def main() -> int:
   phase_time['policy_forward_backward'] = best_time(one_update)
   flops = grpo_step_flops(cfg_model, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1],
                           completion_len=L, reference=ref_fn is not None)
+  extra = {}
+  if gsm8k:  # the roofline counts what the step must do; the padded count is what it runs
+    prompt_lens = data.prompt_mask.sum(axis=1).tolist()
+    must = [must_do_flops(cfg_model, prompt_lens=prompt_lens[k * P:(k + 1) * P], completion_lens=lengths[k],
+                          group_size=G, reference=ref_fn is not None) for k in range(1, args.steps)]
+    extra = {**gsm8k_workload.summary(prompt_lens, lengths), 'seed': args.seed,
+             'padded_prompt_width': [data.prompt_tokens.shape[1]] * args.steps,
+             'padded_step_gflops': round(flops['total'] / 1e9, 2)}
+    flops = {k: statistics.mean(m[k] for m in must) for k in must[0]}  # the timed steps' mean
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
       'impl': 'grpo_jax' + (f'/{jax.device_count()}dev' if args.cpu_devices != 2 else '')
               + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
               + (f'/block{args.decode_block}' if args.decode_block else '')
-              + ('/cache' if args.compile_cache else ''),
+              + ('/cache' if args.compile_cache else '') + ''.join(f'/{item}' for item in args.set),
       'micro_batches': args.micro_batches, 'decode_block': args.decode_block, 'devices': jax.device_count(),
       'compile_cache': bool(args.compile_cache),
       'jax_version': jax.__version__, 'steps': args.steps,
@@ -209,6 +269,7 @@ def main() -> int:
       'phase_fraction_of_peak': {k: round(flops[k] / v / peak, 3) for k, v in phase_time.items()},
       'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg_model.vocab_size, **MODEL,
                 'n_params': int(n_params), 'dtype': 'float32'},
+      **extra,
   }
   sys.stdout.flush()
   print(json.dumps(result))

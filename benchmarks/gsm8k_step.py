@@ -1,0 +1,96 @@
+"""Our side of the GSM8K-shaped benchmark (benchmarks/gsm8k_workload.py): its prompts as the trainer's batch, a
+wrapper that forces each completion's length on the trainer's own sampler, and the FLOPs the step must do.
+
+Forcing lengths: grpo_jax/rollout/sampling.py has no logits hook, so the wrapped sampler is built never to stop
+(eos_ids (-1,): every row decodes max_new_tokens, as in a step whose longest row runs to the budget, which every
+step of this workload has) and its output is cut afterwards: row r keeps lengths[r] tokens, the last one replaced
+by EOS, the rest pad with mask 0. The decode work is the same as with an EOS sampled in the loop (the batch decodes
+to its longest row either way). What differs from a real EOS: the logprob kept at the forced EOS (and at an EOS the
+sampler drew earlier, replaced by `replace_id` because EOS is suppressed there) is that of the token the sampler
+drew, not of the token now in its place; the loss runs on the same shapes, so the timing does not change.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.data.batches import TokenizedSplit
+from grpo_jax.models.flops import forward_flops
+from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.rollout.sampling import Completions
+
+
+def prompt_split(tokenizer, rows: Sequence[tuple[str, str]], width: int) -> TokenizedSplit:
+  """(text, answer) rows as the trainer's prompt batch: <bos> + one token per character, left-padded to `width`
+  (TRL pads to each step's longest, which the workload makes `width` in every step)."""
+  ids = [[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)['input_ids'] for text, _ in rows]
+  if max(map(len, ids)) > width:
+    raise ValueError(f'a prompt has {max(map(len, ids))} tokens, more than width={width}')
+  tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(ids), width), np.int32)
+  for i, row in enumerate(ids):
+    tokens[i, width - len(row):], mask[i, width - len(row):] = row, 1
+  empty = np.zeros((len(ids), 1), np.int32)
+  return TokenizedSplit(tokens, mask, empty, empty, [answer for _, answer in rows])
+
+
+@functools.partial(jax.jit, static_argnames=('eos_id', 'pad_id', 'replace_id'))
+def force_lengths(out: Completions, lengths: jax.Array, *, eos_id: int, pad_id: int, replace_id: int) -> Completions:
+  """Completions [b, c] cut so that row r has lengths[r] tokens (EOS included, 1 <= lengths[r] <= c): token
+  lengths[r] - 1 is EOS, tokens after it pad (mask 0, logprob 0), and an EOS drawn before it becomes replace_id.
+  lengths [b] int."""
+  position = jnp.arange(out.tokens.shape[1])[None, :]  # [1, c]
+  end = lengths[:, None]  # [b, 1]
+  keep = position < end
+  tokens = jnp.where(out.tokens == eos_id, replace_id, out.tokens)
+  tokens = jnp.where(position == end - 1, eos_id, jnp.where(keep, tokens, pad_id))
+  return Completions(tokens.astype(out.tokens.dtype), keep.astype(out.mask.dtype),
+                     jnp.where(keep, out.logprobs, 0.0).astype(out.logprobs.dtype))
+
+
+def forced_length_sampler(sampler: Callable, lengths: Sequence[int], *, eos_id: int, pad_id: int,
+                          replace_id: int) -> Callable:
+  """sampler(params, prompt_tokens [P, p], prompt_mask, rng) -> Completions [P*G, c], with row r cut to lengths[r]
+  (force_lengths). `sampler` must not stop rows itself (built with eos_ids (-1,))."""
+  lengths = np.asarray(lengths, np.int32)
+
+  def sample(params, prompt_tokens, prompt_mask, rng):
+    out = sampler(params, prompt_tokens, prompt_mask, rng)
+    if out.tokens.shape[0] != lengths.shape[0] or lengths.max() > out.tokens.shape[1] or lengths.min() < 1:
+      raise ValueError(f'lengths for {lengths.shape[0]} rows in [1, {out.tokens.shape[1]}] needed; got '
+                       f'{lengths.shape[0]} in [{lengths.min()}, {lengths.max()}]')
+    return force_lengths(out, lengths, eos_id=eos_id, pad_id=pad_id, replace_id=replace_id)
+
+  return sample
+
+
+def must_do_flops(cfg: ModelConfig, *, prompt_lens: Sequence[int], completion_lens: Sequence[int],
+                  group_size: int, reference: bool, num_epochs: int = 1) -> dict[str, float]:
+  """Model FLOPs one GRPO step cannot avoid (grpo_jax/models/flops.py's convention), by phase, and their 'total'.
+
+  prompt_lens [P]: real prompt tokens (no padding); completion_lens [P*G]: tokens up to and including each row's
+  EOS, groups contiguous. Each prompt's tokens run once per group (not G times): in the prefill, and in every
+  training forward (a shared-prompt forward whose completions attend to the prompt's keys). Row r of group i:
+      forward   = sum_i F(1, p_i, 0) + sum_r F(1, L_r, p_i)
+      prefill   = sum_i F(1, p_i, 0)
+      decode    = sum_r F(1, max L, p_i)    the batch decodes until its longest row ends
+      reference = forward (when beta > 0);  policy = 3 * num_epochs * forward
+  """
+  prompt_lens, completion_lens = list(prompt_lens), list(completion_lens)
+  if len(completion_lens) != len(prompt_lens) * group_size:
+    raise ValueError(f'{len(completion_lens)} completion lengths for {len(prompt_lens)} prompts x G={group_size}')
+  prompt_of = [prompt_lens[r // group_size] for r in range(len(completion_lens))]
+  prefill = sum(forward_flops(cfg, batch=1, new_tokens=p) for p in prompt_lens)
+  forward = prefill + sum(forward_flops(cfg, batch=1, new_tokens=n, cached=p)
+                          for n, p in zip(completion_lens, prompt_of, strict=True))
+  longest = max(completion_lens)
+  phases = {'prefill': prefill,
+            'decode': sum(forward_flops(cfg, batch=1, new_tokens=longest, cached=p) for p in prompt_of),
+            'reference_forward': forward if reference else 0.0,
+            'policy_forward_backward': 3.0 * num_epochs * forward}
+  phases['total'] = sum(phases.values())
+  return phases
