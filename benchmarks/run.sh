@@ -8,16 +8,17 @@
 # micro-batches, rl.grad_accum_steps; the KV cache grown 32 slots at a time, config.decode_block); and TUNED as a
 # rerun that loads its compiled executables from config.compile_cache_dir (filled by an untimed first run).
 #   WORKLOAD=gsm8k bash benchmarks/run.sh  # the GSM8K-shaped workload (benchmarks/gsm8k_workload.py): ~150-token
-#                                          # prompts, G=16, P=4, forced lengths 30-256; 5 steps; the same four
-#                                          # grpo_jax runs between two of benchmarks/trl_gsm8k.py
+#                                          # prompts, G=16, PROMPTS=4 per step, forced lengths 30-256; 6 steps; the
+#                                          # same four grpo_jax runs between two of benchmarks/trl_gsm8k.py
 set -euo pipefail
 source "$(dirname "$0")/../launch/_env.sh"
 BASELINE="${BASELINE:-$ROOT/../shared/bench/trl_grpo_baseline.py}"
-TRL_VENV="$ROOT/benchmarks/.venv-trl"
+TRL_VENV="${TRL_VENV:-$ROOT/benchmarks/.venv-trl}"
 WORKLOAD="${WORKLOAD:-addition}"
 case "$WORKLOAD" in addition|gsm8k) ;; *) echo "unknown WORKLOAD=$WORKLOAD (addition | gsm8k)" >&2; exit 1 ;; esac
 LENGTHS="${LENGTHS:-32 128}"
-if [ "$WORKLOAD" = gsm8k ]; then STEPS="${STEPS:-5}"; else STEPS="${STEPS:-10}"; fi
+if [ "$WORKLOAD" = gsm8k ]; then STEPS="${STEPS:-6}"; else STEPS="${STEPS:-10}"; fi
+PROMPTS="${PROMPTS:-4}"  # gsm8k: prompts per step (x G=16 completions)
 TUNED="${TUNED:---micro-batches 4 --decode-block 32}"
 if [ "$WORKLOAD" = gsm8k ]; then OUT="${OUT:-$ROOT/benchmarks/results_gsm8k.jsonl}"; fi
 OUT="${OUT:-$ROOT/benchmarks/results.jsonl}"
@@ -31,20 +32,23 @@ if [ ! -x "$TRL_VENV/bin/python" ]; then
   "$TRL_VENV/bin/pip" install -q trl==1.16.0 transformers==5.24.0 datasets==5.2.0 accelerate==1.15.0
 fi
 if [ "$WORKLOAD" = gsm8k ]; then
-  echo "[bench] workload=gsm8k steps=$STEPS out=$OUT ($(nproc) cores, $(uname -m))"
+  echo "[bench] workload=gsm8k prompts=$PROMPTS steps=$STEPS out=$OUT ($(nproc) cores, $(uname -m))"
   : > "$OUT"
   echo "[bench] TRL gsm8k"
-  BASELINE="$BASELINE" "$TRL_VENV/bin/python" "$ROOT/benchmarks/trl_gsm8k.py" --steps "$STEPS" | tail -n 1 >> "$OUT"
+  BASELINE="$BASELINE" "$TRL_VENV/bin/python" "$ROOT/benchmarks/trl_gsm8k.py" --steps "$STEPS" \
+    --prompts-per-step "$PROMPTS" | tail -n 1 >> "$OUT"
   # shellcheck disable=SC2086  # TUNED is a list of flags
-  python "$ROOT/benchmarks/grpo_step_bench.py" --workload gsm8k --steps 2 $TUNED --compile-cache "$CACHE/gsm8k" \
-    > /dev/null  # fills the cache for the rerun below
+  python "$ROOT/benchmarks/grpo_step_bench.py" --workload gsm8k --prompts-per-step "$PROMPTS" --steps 2 $TUNED \
+    --compile-cache "$CACHE/gsm8k" > /dev/null  # fills the cache for the rerun below
   for ARGS in "" "--cpu-devices 0" "$TUNED" "$TUNED --compile-cache $CACHE/gsm8k"; do
     echo "[bench] grpo_jax gsm8k $ARGS"
     # shellcheck disable=SC2086  # ARGS is a list of flags
-    python "$ROOT/benchmarks/grpo_step_bench.py" --workload gsm8k --steps "$STEPS" $ARGS | tail -n 1 >> "$OUT"
+    python "$ROOT/benchmarks/grpo_step_bench.py" --workload gsm8k --prompts-per-step "$PROMPTS" --steps "$STEPS" \
+      $ARGS | tail -n 1 >> "$OUT"
   done
   echo "[bench] TRL gsm8k again (the machine drifts: ratios use the mean of TRL's runs before and after ours)"
-  BASELINE="$BASELINE" "$TRL_VENV/bin/python" "$ROOT/benchmarks/trl_gsm8k.py" --steps "$STEPS" | tail -n 1 >> "$OUT"
+  BASELINE="$BASELINE" "$TRL_VENV/bin/python" "$ROOT/benchmarks/trl_gsm8k.py" --steps "$STEPS" \
+    --prompts-per-step "$PROMPTS" | tail -n 1 >> "$OUT"
   python "$ROOT/benchmarks/compare.py" "$OUT"
   exit 0
 fi
