@@ -98,6 +98,7 @@ def test_minibatches_must_divide_rollout(preset):
   with pytest.raises(ValueError, match=rf'rl\.num_minibatches={bad}'):
     check_config(cfg, 1)
   cfg.rl.num_minibatches = rollout  # a divisor (one example per minibatch) is fine
+  cfg.rl.shared_prompt = False  # (with it on, minibatches hold whole groups: tests/test_shared_prompt.py)
   check_config(cfg, 1)
 
 

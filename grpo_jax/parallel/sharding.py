@@ -201,15 +201,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def split_micro_batches(tree, k: int):
+def split_micro_batches(tree, k: int, group_size: int = 1):
   """Leaves [B, ...] -> [k, B / k, ...]. Micro-batch j holds rows j, j + k, j + 2k, ...: as batch_sharding
-  gives each device a contiguous block of rows, every micro-batch keeps an equal share of every device's rows."""
-  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), tree)
+  gives each device a contiguous block of rows, every micro-batch keeps an equal share of every device's rows.
+  group_size = G > 1: the same over whole groups of G contiguous rows (micro-batch j holds groups j, j + k, ...,
+  each group's rows contiguous and in order), so a group's rows stay together (B divisible by k * G)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // (k * group_size), k, group_size, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(k, -1, *x.shape[3:])
+  return jax.tree.map(split, tree)
 
 
-def merge_micro_batches(tree):
+def merge_micro_batches(tree, group_size: int = 1):
   """The inverse of split_micro_batches: leaves [k, B / k, ...] -> [B, ...], rows in their original order."""
-  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)
+  def merge(x):
+    k = x.shape[0]
+    x = x.reshape(k, -1, group_size, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(-1, *x.shape[3:])
+  return jax.tree.map(merge, tree)
 
 
 def replicated_arrays(tree, min_size: int) -> list[str]:

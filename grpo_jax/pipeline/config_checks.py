@@ -433,6 +433,15 @@ def check_batch_layout(cfg, num_devices: int) -> None:
       raise ValueError(f'config.{section}.grad_accum_steps={k!r} must be a positive int that divides the '
                        f'{section} (mini)batch of {size}')
     micro[section] = size // k
+  shared = cfg.rl.get('shared_prompt', False)  # absent from configs saved before it existed: off
+  if not isinstance(shared, bool):
+    raise ValueError(f'config.rl.shared_prompt must be True or False, got {shared!r}')
+  splits = cfg.rl.num_minibatches * cfg.rl.grad_accum_steps
+  if shared and cfg.rl.num_prompts % splits:
+    raise ValueError(f'config.rl.shared_prompt=True keeps each prompt\'s G outputs in one micro-batch: '
+                     f'rl.num_prompts={cfg.rl.num_prompts} must be divisible by rl.num_minibatches * '
+                     f'rl.grad_accum_steps = {cfg.rl.num_minibatches} * {cfg.rl.grad_accum_steps}, or set '
+                     'rl.shared_prompt=False')
   sizes = mesh_shape({a: cfg.mesh[a] for a in MESH_AXES}, num_devices)
   rules, _ = layout_rules(cfg)  # malformed config.sharding.* rules fail here, named
   data_parallel = math.prod(sizes[a] for a in rules.mesh_axes('batch'))

@@ -23,7 +23,7 @@ from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline.loop import Stage
-from grpo_jax.pipeline.setup import Policy, Setup
+from grpo_jax.pipeline.setup import Policy, Setup, shared_prompt_group
 from grpo_jax.pipeline.train_state import (
   TrainState,
   combine_metrics,
@@ -55,6 +55,7 @@ def loss_config(cfg, *, reference_model: Callable | None = None) -> LossConfig:
                     kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
                     loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
                     entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat,
+                    shared_prompt_group=shared_prompt_group(cfg),
                     logits_filter=trainer_filter(cfg), reference_model=reference_model)
 
 
@@ -80,16 +81,21 @@ def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
   return make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=config),
                          state_shardings(state, setup.mesh, setup.rules), setup.batch_sharding, setup.mesh,
                          setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
-                         trainable=None if policy.lora is None else lora.TRAINABLE)
+                         trainable=None if policy.lora is None else lora.TRAINABLE,
+                         group_size=config.shared_prompt_group)
 
 
 def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.Array, hparams: dict, *,
-           num_epochs: int, num_minibatches: int) -> tuple[TrainState, dict]:
-  """mu epochs over the rollout, each a fresh shuffle split into minibatches; pi_old stays fixed."""
-  n = rollout.advantages.shape[0]
+           num_epochs: int, num_minibatches: int, group_size: int = 1) -> tuple[TrainState, dict]:
+  """mu epochs over the rollout, each a fresh shuffle split into minibatches; pi_old stays fixed.
+
+  group_size = G > 1 shuffles whole groups (G contiguous rows: one prompt's outputs, which the shared-prompt step
+  reads as such; rl.shared_prompt), each group's rows staying contiguous and in order; 1 shuffles rows."""
+  n = rollout.advantages.shape[0] // group_size
   all_metrics = []
   for epoch in range(num_epochs):
     order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
+    order = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)  # group_size 1: the same rows
     for idx in np.split(order, num_minibatches):
       state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)), hparams)
       all_metrics.append(metrics)
@@ -301,7 +307,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     controller = state['kl_controller']
     hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, hparams,
-                                   num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
+                                   num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches,
+                                   group_size=shared_prompt_group(cfg))
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
                                 num_epochs=rl.num_epochs)

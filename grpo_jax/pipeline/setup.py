@@ -218,6 +218,12 @@ class Setup:
     return lora.merge_into_base(params, policy.lora.scale, out_shardings=self.param_shardings)
 
 
+def shared_prompt_group(cfg) -> int:
+  """G when the GRPO update and the reference forward run each prompt once for its G outputs (rl.shared_prompt;
+  off in a config saved before the switch existed), else 1: every row's prompt runs."""
+  return cfg.rl.group_size if cfg.rl.get('shared_prompt', False) else 1
+
+
 def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: ModelConfig | None = None,
                 data: bool = True, abstract: bool = False,
                 before_params: Callable[[Any, ModelConfig], None] | None = None) -> Setup:
@@ -253,7 +259,8 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
   # with LoRA, on the policy's own frozen base (adapters off), not a copy.
   reference_forward = make_sequence_logprobs_fn(
       graphdef, param_shardings=param_shardings, mesh=mesh, rules=rules, chunk_size=cfg.model.logprob_chunk,
-      num_micro_batches=cfg.rl.num_minibatches * cfg.rl.grad_accum_steps)  # the train step's micro-batch size
+      num_micro_batches=cfg.rl.num_minibatches * cfg.rl.grad_accum_steps,  # the train step's micro-batch size
+      group_size=shared_prompt_group(cfg))
   reference_forward = distributed.host_io(reference_forward, batch_sharding, batch_argnums=(1, 2, 3, 4))
   return Setup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, splits=splits, mesh=mesh, rules=rules,
                sampler_rules=sampler_rules, batch_sharding=batch_sharding, graphdef=graphdef,

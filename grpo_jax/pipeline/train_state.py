@@ -150,7 +150,7 @@ LossFn = Callable[[nnx.Module, Any, dict[str, jax.Array]], tuple[jax.Array, dict
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
                     state_sharding, batch_sharding, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES, *,
                     grad_accum_steps: int = 1, micro_weight: Callable[[Any], jax.Array] | None = None,
-                    trainable=None):
+                    trainable=None, group_size: int = 1):
   """jit(train_step(state, batch, hparams) -> (state, metrics)) with donated state and pinned shardings;
   activations follow `rules` (sharding.constrain). hparams: a dict of scalar arrays for loss_fn (replicated).
   If it holds 'lr_scale', the optimizer's learning rate is multiplied by it this step (scaled_update): a KL
@@ -165,6 +165,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   micro-batch values with those weights; metrics named '*_min' / '*_max' (ratio_min, ratio_max) become the min / max
   over the micro-batches (metric_reduction).
 
+  group_size: G > 1 keeps each group of G contiguous rows (one prompt's outputs, which a shared-prompt loss_fn
+  reads as such) inside one micro-batch (sharding.split_micro_batches); B must then divide by k * G.
+
   trainable: an nnx filter as in init_state: only those params get gradients and updates; the rest pass through
   the step unchanged and, being constants of the differentiated function, have no weight gradient computed.
 
@@ -178,7 +181,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   def accumulated_grads_of(params, batch, hparams, frozen=()):
     k = grad_accum_steps
-    micro = sharding.split_micro_batches(batch, k)  # each keeps an equal share of every device's rows
+    micro = sharding.split_micro_batches(batch, k, group_size)  # each keeps an equal share of every device's rows
     weights = jax.vmap(micro_weight)(micro) if micro_weight else jnp.ones(k)  # [k]
     total = weights.sum()
     weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0).astype(jnp.float32)

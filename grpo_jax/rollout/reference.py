@@ -19,7 +19,7 @@ from grpo_jax.rollout.sampling import filter_logits
 
 def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
                               rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0,
-                              num_micro_batches: int = 1):
+                              num_micro_batches: int = 1, group_size: int = 1):
   """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
   -> [B, c]. With `param_shardings` and `mesh`, params keep their layout, the four token arrays shard over the
   batch axes and activations follow `rules` (as in the train step), so no device holds the whole batch's
@@ -29,24 +29,28 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
   each keeps an equal share of every device's rows), so only one micro-batch's activations are live. The
   trainer uses the train step's micro-batch size, which already fits; whether it is faster depends on the
   row length (benchmarks/RESULTS.md).
+
+  group_size = G > 1: the B rows are B / G groups of G contiguous rows sharing one prompt; each prompt runs once
+  (sequence_logprobs group_size) and micro-batches hold whole groups (B divisible by num_micro_batches * G).
   """
   batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, rules)
 
   def logprobs_of(params, *arrays):
     model = nnx.merge(graphdef, params)
     if num_micro_batches == 1:
-      return sequence_logprobs(model, *arrays, chunk_size=chunk_size)
+      return sequence_logprobs(model, *arrays, chunk_size=chunk_size, group_size=group_size)
     k = num_micro_batches
-    if arrays[0].shape[0] % k:
-      raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches')
-    micro = sharding.split_micro_batches(arrays, k)  # [k, B / k, ...] each
+    if arrays[0].shape[0] % (k * group_size):
+      raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches'
+                       + (f' of whole groups of {group_size}' if group_size > 1 else ''))
+    micro = sharding.split_micro_batches(arrays, k, group_size)  # [k, B / k, ...] each
 
     def one_micro_batch(xs):
       if batch_sharding is not None:
         xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
-      return sequence_logprobs(model, *xs, chunk_size=chunk_size)
+      return sequence_logprobs(model, *xs, chunk_size=chunk_size, group_size=group_size)
 
-    return sharding.merge_micro_batches(jax.lax.map(one_micro_batch, micro))  # [k, B / k, c] -> [B, c]
+    return sharding.merge_micro_batches(jax.lax.map(one_micro_batch, micro), group_size)  # [k, B / k, c] -> [B, c]
 
   in_shardings = None if param_shardings is None else (param_shardings, *['batch'] * 4)
   return sharding.jit_sharded(logprobs_of, mesh, rules, in_shardings, where='make_sequence_logprobs_fn')
@@ -92,17 +96,20 @@ def sampling_filter(*, temperature: float, top_k: int = 0, top_p: float = 1.0) -
 
 def make_trainer_logprobs_fn(graphdef: nnx.GraphDef, *, logits_filter: Callable | None = None,
                              param_shardings=None, mesh: Mesh | None = None,
-                             rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0):
+                             rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0,
+                             group_size: int = 1):
   """jit-compiled fn(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> (raw, filtered),
   each [B, c]: the trainer's log pi_old of the sampled tokens under the model's own (temperature 1) distribution,
   which is what the sampler reports (sampling.Completions.logprobs), and under `logits_filter` (the distribution
-  the sampler draws from; None: raw again). Shardings as in make_sequence_logprobs_fn."""
+  the sampler draws from; None: raw again). Shardings as in make_sequence_logprobs_fn; group_size as there (only
+  for batches of whole groups: not for a few evenly spaced rows)."""
   def logprobs_of(params, *arrays):
     model = nnx.merge(graphdef, params)
-    raw = sequence_logprobs(model, *arrays, chunk_size=chunk_size)
+    raw = sequence_logprobs(model, *arrays, chunk_size=chunk_size, group_size=group_size)
     if logits_filter is None:
       return raw, raw
-    return raw, sequence_logprobs(FilteredLogits(model, logits_filter), *arrays, chunk_size=chunk_size)
+    return raw, sequence_logprobs(FilteredLogits(model, logits_filter), *arrays, chunk_size=chunk_size,
+                                  group_size=group_size)
 
   in_shardings = None if param_shardings is None else (param_shardings, *['batch'] * 4)
   return sharding.jit_sharded(logprobs_of, mesh, rules, in_shardings, where='make_trainer_logprobs_fn')
