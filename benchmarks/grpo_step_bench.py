@@ -132,6 +132,8 @@ def main() -> int:
   args = ap.parse_args()
   if args.steps < 2:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
+  if any('=' not in item for item in args.set):
+    ap.error(f'--set takes PATH=VALUE, got {args.set}')
   gsm8k = args.workload == 'gsm8k'
   defaults = ((gsm8k_workload.MAX_COMPLETION, gsm8k_workload.G, gsm8k_workload.PROMPTS_PER_STEP) if gsm8k
               else (32, 8, 4))
