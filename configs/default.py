@@ -106,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.dynamic_sampling_max_draws = 3  # extra prompt batches per step at most; still short: zero-signal groups fill in
   c.rl.overlong_penalty_len = 0  # L_cache (DAPO): reward - 0..1 over the last L_cache tokens of max_new_tokens; 0 = off
   c.rl.mask_truncated = False  # outputs that hit max_new_tokens without an EOS get zero loss weight (DAPO)
+  # The reference forward and the update run over the batch's longest completion rounded up to one of this many
+  # widths (k / n of max_new_tokens): at most this many compiles of each; 1 = always max_new_tokens wide.
+  c.rl.length_buckets = 4
   c.rl.mismatch_rows = 4  # rows per step whose sampler logprobs are checked against the trainer's forward; 0 = off
   c.rl.tis_cap = 0.0  # > 0: truncated importance sampling, token weight min(pi_trainer / pi_sampler, cap); 0 = off
   c.rl.trainer_sampling_filters = False  # True: trainer logprobs of the sampler's temperature/top-k/top-p distribution

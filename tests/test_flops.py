@@ -63,6 +63,19 @@ def test_grpo_step_flops_by_hand():
   assert no_ref['reference_forward'] == 0 and no_ref['decode'] == 6 * (2 * 184 * 2 + 16 * 9)
 
 
+def test_shared_prompt_flops_by_hand():
+  # As above, the reference and policy passes with each prompt run once: 2 prompts of 3 tokens (the prefill's
+  # 1200 each), then 6 rows of 2 completion tokens after 3 cached keys (4 + 5 keys each).
+  out = flops.grpo_step_flops(TINY, num_prompts=2, group_size=3, prompt_len=3, completion_len=2, decode_len=1,
+                              reference=True, num_epochs=2, shared_prompt=True)
+  full = 2 * 1200 + 6 * (2 * 184 * 2 + 16 * (4 + 5))
+  assert out['reference_forward'] == full and out['policy_forward_backward'] == 3 * 2 * full
+  repeated = flops.grpo_step_flops(TINY, num_prompts=2, group_size=3, prompt_len=3, completion_len=2, decode_len=1,
+                                   reference=True, num_epochs=2)
+  assert out['prefill'] == repeated['prefill'] and out['decode'] == repeated['decode']
+  assert out['total'] < repeated['total']
+
+
 def test_grpo_step_work_from_masks():
   prompt_mask = np.array([[0, 1, 1]] * 3 + [[1, 1, 1]] * 3)  # [6, 3]: 2 + 3 real tokens per group row
   completion_mask = np.array([[1, 0]] * 5 + [[0, 0]])  # longest row: 1 token, so one decode step ran

@@ -66,6 +66,7 @@ class LossConfig:
   logprob_chunk: int = 0
   remat: str = 'none'
   shared_prompt_group: int = 1
+  max_len: int = 0  # the completion budget T of 'constant' aggregation (grpo_loss); 0 = the batch's width
   logits_filter: Callable[[jax.Array], jax.Array] | None = None
   reference_model: Callable[[Any], Any] | None = None  # 'exact': ref params -> the reference model
 
@@ -98,7 +99,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
               mask: jax.Array, *, clip_eps: float = 0.2, beta: float | jax.Array = 0.04, kl_estimator: str = 'k3',
               clip_eps_high: float | None = None, dual_clip: float = 0.0, loss_aggregation: str = 'sequence_mean',
               importance_ratio: str = 'token', kl_in_reward: bool = False, entropy: jax.Array | None = None,
-              entropy_coef: float = 0.0, kl_values: jax.Array | None = None
+              entropy_coef: float = 0.0, kl_values: jax.Array | None = None, max_len: int = 0
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Negative clipped surrogate with a KL penalty; by default averaged per output, then over outputs.
 
@@ -111,8 +112,9 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
   kl_estimator's value at the sampled token's pi_old and reference logprobs (a constant: pi_old is fixed, like the
   reward), as a per-token reward -beta * KL_t' credited with gamma = lambda = 1 in RLHF PPO.
 
-  With x_it the per-token objective, m_it the mask, N outputs, T = the mask's time dimension (the completion budget),
-  the objective by loss_aggregation is:
+  With x_it the per-token objective, m_it the mask, N outputs, T = max_len (the completion budget; 0 = the mask's
+  time dimension, which is narrower when the batch was cut to a length bucket: rollout/trim.py), the objective by
+  loss_aggregation is:
     'sequence_mean'  (1/N) sum_i (1/|o_i|) sum_t m_it x_it   (the paper; a token of a long output counts less)
     'token_mean'     sum_it m_it x_it / sum_it m_it          (DAPO: every token of the batch counts the same)
     'constant'       sum_it m_it x_it / (N * T)              (Dr. GRPO: no length-dependent normalizer)
@@ -138,6 +140,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     entropy_coef: a Python number; 0 leaves the term out.
     kl_values: [N, T] the per-token KL itself (kl_estimator 'exact': core/kl.sequence_exact_kl), differentiated,
       in place of an estimator's value at the sampled tokens; not with kl_in_reward.
+    max_len: T of 'constant' (static); 0 = mask.shape[1].
   Returns:
     (scalar loss, metrics dict of scalars): loss; kl (to the reference, token mean); ratio, ratio_min, ratio_max
     (over real tokens; 1 when there is none); clip_frac_low / clip_frac_high, the tokens whose gradient the lower /
@@ -195,7 +198,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
   elif loss_aggregation == 'token_mean':
     objective = (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   elif loss_aggregation == 'constant':
-    objective = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    objective = (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
   else:  # 'sequence_sum'
     objective = (per_token * mask).sum(axis=-1).mean()
   loss = -objective
@@ -255,7 +258,8 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
                             kl_estimator=config.kl_estimator, clip_eps_high=config.upper_clip_eps,
                             dual_clip=config.dual_clip, loss_aggregation=config.loss_aggregation,
                             importance_ratio=config.importance_ratio, kl_in_reward=config.kl_in_reward,
-                            entropy=entropy, entropy_coef=config.entropy_coef, kl_values=kl_values)
+                            entropy=entropy, entropy_coef=config.entropy_coef, kl_values=kl_values,
+                            max_len=config.max_len)
   mask = batch.completion_mask.astype(jnp.float32)
   metrics['entropy'] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, metrics

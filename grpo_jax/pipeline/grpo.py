@@ -38,6 +38,7 @@ from grpo_jax.rollout.prefix_credit import prefix_credit
 from grpo_jax.rollout.reference import make_exact_kl_fn, make_trainer_logprobs_fn, sampling_filter
 from grpo_jax.rollout.rollout import Rollout, collect_rollout, dynamic_sampling, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
+from grpo_jax.rollout.trim import completion_buckets
 
 NAME = 'grpo'  # setup.STAGES[1]
 
@@ -55,6 +56,7 @@ def loss_config(cfg, *, reference_model: Callable | None = None) -> LossConfig:
                     kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
                     loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
                     entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat,
+                    max_len=cfg.max_new_tokens,
                     shared_prompt_group=shared_prompt_group(cfg),
                     logits_filter=trainer_filter(cfg), reference_model=reference_model)
 
@@ -66,6 +68,12 @@ def trainer_filter(cfg):
   if not rl.trainer_sampling_filters:
     return None
   return sampling_filter(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+
+
+def length_buckets(cfg) -> tuple[int, ...]:
+  """The completion widths a step's batch is cut to (rollout/trim.py): rl.length_buckets of max_new_tokens, in
+  multiples of the logprob chunk (at least 8)."""
+  return completion_buckets(cfg.max_new_tokens, cfg.rl.length_buckets, multiple=max(8, cfg.model.logprob_chunk))
 
 
 def loss_hparams(cfg) -> dict[str, jax.Array]:
@@ -248,6 +256,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
   warned_no_delimiter = False
+  buckets = length_buckets(cfg)
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
@@ -266,7 +275,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
           policy.sampler, reference_forward, policy_state.params, reference, batch, key,
           group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
           verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
-          reward_mix=rl.reward_mix, **overlong, **({'return_rewards': True} if rl.dynamic_sampling else {}))
+          reward_mix=rl.reward_mix, length_buckets=buckets, **overlong,
+          **({'return_rewards': True} if rl.dynamic_sampling else {}))
 
     prompts, collected = draw(0)
     if rl.dynamic_sampling:  # the first draw's stats (reward, accuracy, signal) stay those of a fresh batch
@@ -292,7 +302,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
       rollout, prefix_stats = prefix_credit(
           rollout, prompts, policy.continuation_sampler, policy_state.params, jax.random.fold_in(sample_rng, 1),
           group_size=rl.group_size, continuations=rl.prefix_continuations, cut_fractions=tuple(rl.prefix_cuts),
-          tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage])
+          tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage],
+          max_len=cfg.max_new_tokens)
       stats.update(prefix_stats)
     if exact_kl is not None or trainer_old is not None:  # pi_old as plain params, merged once for both
       merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
@@ -311,7 +322,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
                                    group_size=shared_prompt_group(cfg))
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
-                                num_epochs=rl.num_epochs)
+                                num_epochs=rl.num_epochs, shared_prompt=shared_prompt_group(cfg) > 1)
     work['model_flops'] += extra_sampling_flops(setup.model_cfg, rollout, stats, group_size=rl.group_size,
                                                 continuations=rl.prefix_continuations)
     logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
