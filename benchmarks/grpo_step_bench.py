@@ -41,7 +41,7 @@ from grpo_jax.models.flops import grpo_step_flops
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.config_checks import check_config
-from grpo_jax.pipeline.setup import build_setup
+from grpo_jax.pipeline.setup import build_setup, shared_prompt_group
 from grpo_jax.pipeline.train_state import init_state, make_optimizer
 from grpo_jax.rollout.rollout import collect_rollout
 
@@ -97,6 +97,8 @@ def workload_config(args, prompt_len: int = 13) -> ConfigDict:
     node = cfg
     for name in parents:
       node = node[name]
+    if leaf not in node:  # the config is not locked: a mistyped name would add a field nothing reads
+      raise ValueError(f'--set {item}: config has no field {path}')
     try:
       value = literal_eval(text)
     except (ValueError, SyntaxError):
@@ -184,7 +186,8 @@ def main() -> int:
     rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng,
                                      group_size=G, tokenizer=tokenizer, reward_fn=setup.reward_fn,
                                      advantage_fn=advantage_fn, verifier=setup.verifier)
-    state, metrics = grpo.update(train_step, state, rollout, shuffle_rng, hparams, num_epochs=1, num_minibatches=1)
+    state, metrics = grpo.update(train_step, state, rollout, shuffle_rng, hparams, num_epochs=1, num_minibatches=1,
+                                 group_size=shared_prompt_group(cfg))
     jax.block_until_ready(metrics)
     marks.append(cpu_sample())
     gen_times.append(stats['sample_time'])
