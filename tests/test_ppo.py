@@ -342,3 +342,20 @@ def test_ppo_command_on_two_cpu_devices(tmp_path):
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['rl_algorithm'] == 'ppo' and summary['grpo_steps'] == 6
   assert [r['step'] for r in _rows(tmp_path) if r['stage'] == 'ppo'] == list(range(1, 7))
+
+
+def test_ppo_step_with_the_shared_prompt_forward_equals_the_repeated_one():
+  # The policy's shared-prompt step reads each group's prompt from its first row, so the PPO update must shuffle whole
+  # groups as GRPO's does: row-shuffled minibatches would pair completions with other rows' prompts.
+  from grpo_jax.pipeline import ppo
+  from grpo_jax.pipeline.setup import build_setup
+  rows = {}
+  for shared in (False, True):
+    cfg = _tiny_ppo()
+    cfg.ppo.critic_warmup_steps, cfg.rl.shared_prompt = 0, shared
+    cfg.rl.num_minibatches = 1  # whole-batch updates: the two shuffles then differ only in row order
+    setup = build_setup(cfg)
+    stage = ppo.make_stage(setup, setup.init_params)
+    _, metrics = stage.step(stage.state, 0)
+    rows[shared] = {k: float(metrics[k]) for k in ('loss', 'ratio', 'clip_frac', 'entropy', 'value_loss')}
+  assert rows[True] == pytest.approx(rows[False], rel=1e-4, abs=1e-6)

@@ -93,17 +93,22 @@ def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
                          group_size=config.shared_prompt_group)
 
 
+def shuffled_rows(key: jax.Array, num_rows: int, group_size: int = 1) -> np.ndarray:
+  """A random order of num_rows rows [num_rows] that moves whole groups of group_size contiguous rows, each group's
+  rows staying contiguous and in order (group_size 1: a permutation of the rows)."""
+  order = np.asarray(jax.random.permutation(key, num_rows // group_size))
+  return (order[:, None] * group_size + np.arange(group_size)).reshape(-1)
+
+
 def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.Array, hparams: dict, *,
            num_epochs: int, num_minibatches: int, group_size: int = 1) -> tuple[TrainState, dict]:
   """mu epochs over the rollout, each a fresh shuffle split into minibatches; pi_old stays fixed.
 
   group_size = G > 1 shuffles whole groups (G contiguous rows: one prompt's outputs, which the shared-prompt step
   reads as such; rl.shared_prompt), each group's rows staying contiguous and in order; 1 shuffles rows."""
-  n = rollout.advantages.shape[0] // group_size
   all_metrics = []
   for epoch in range(num_epochs):
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
-    order = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)  # group_size 1: the same rows
+    order = shuffled_rows(jax.random.fold_in(rng, epoch), rollout.advantages.shape[0], group_size)
     for idx in np.split(order, num_minibatches):
       state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)), hparams)
       all_metrics.append(metrics)

@@ -58,17 +58,18 @@ def raw_rewards(group_rewards: np.ndarray) -> np.ndarray:
 
 def update(policy_step: Callable | None, critic_step: Callable, policy_state: TrainState, critic_state: TrainState,
            rollout: Rollout, values: critic_lib.ValueBatch, rng: jax.Array, *, num_epochs: int,
-           num_minibatches: int) -> tuple[TrainState, TrainState, dict, dict]:
+           num_minibatches: int, group_size: int = 1) -> tuple[TrainState, TrainState, dict, dict]:
   """mu epochs over the rollout, each a fresh shuffle split into minibatches; each minibatch updates the policy
   (unless policy_step is None: the critic's warm-up) and the critic on the same rows. pi_old and the old values stay
-  fixed. Returns (policy_state, critic_state, policy metrics, critic metrics)."""
+  fixed. group_size > 1 shuffles whole groups (the shared-prompt policy step's; grpo.shuffled_rows).
+  Returns (policy_state, critic_state, policy metrics, critic metrics)."""
   n = rollout.completion_mask.shape[0]
   policy_metrics, critic_metrics = [], []
   # Each update is waited for before the next is dispatched: the policy's and the critic's steps share no data, so
   # XLA:CPU may run them at once, and with every pool thread of one device blocked in an all-reduce whose other
   # device has no thread left, the run aborts after the rendezvous timeout (seen with cpu_devices=2 under load).
   for epoch in range(num_epochs):
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
+    order = grpo.shuffled_rows(jax.random.fold_in(rng, epoch), n, group_size)
     for idx in np.split(order, num_minibatches):
       if policy_step is not None:
         policy_state, metrics = policy_step(policy_state, Rollout(*(np.asarray(x)[idx] for x in rollout)), {})
@@ -86,7 +87,7 @@ def _masked_stats(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
 
 
 def step_work(model_cfg: ModelConfig, prompt_mask: np.ndarray, completion_mask: np.ndarray, *, group_size: int,
-              num_epochs: int, train_policy: bool) -> dict[str, float]:
+              num_epochs: int, train_policy: bool, shared_prompt: bool = False) -> dict[str, float]:
   """The logged work of one PPO step (models/flops.py's convention): GRPO's phases (sampling, the reference forward,
   the policy's mu forward + backward passes, none in the critic's warm-up) plus the critic's value forward and its mu
   forward + backward passes, on a model whose LM head is the scalar value head. prompt_mask [N, p],
@@ -95,7 +96,7 @@ def step_work(model_cfg: ModelConfig, prompt_mask: np.ndarray, completion_mask: 
   shape = dict(num_prompts=rows // group_size, group_size=group_size, prompt_len=prompt_len,
                completion_len=completion_mask.shape[1])
   phases = flops.grpo_step_flops(model_cfg, **shape, decode_len=int(completion_mask.sum(-1).max()), reference=True,
-                                 num_epochs=num_epochs)
+                                 num_epochs=num_epochs, shared_prompt=shared_prompt)
   value_model = dataclasses.replace(model_cfg, vocab_size=1)
   full = flops.forward_flops(value_model, batch=rows, new_tokens=prompt_len + completion_mask.shape[1])
   total = phases['total'] - (0.0 if train_policy else phases['policy_forward_backward']) + (1 + 3 * num_epochs) * full
@@ -126,7 +127,8 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
   config = loss_config(cfg)
   policy_step = make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=config),
                                 state_shardings(state, mesh, rules), setup.batch_sharding, mesh, rules,
-                                grad_accum_steps=rl.grad_accum_steps, micro_weight=grpo_micro_weight(config))
+                                grad_accum_steps=rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
+                                group_size=config.shared_prompt_group)
   policy_step = distributed.host_io(policy_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
   critic_step = make_train_step(critic_graphdef, critic_tx, critic_lib.value_loss_fn(pc.value_clip),
                                 state_shardings(critic_state, mesh, rules), setup.batch_sharding, mesh, rules,
@@ -157,9 +159,10 @@ def make_stage(setup: Setup, params, *, reference=None) -> Stage:
     warming_up = i < pc.critic_warmup_steps
     policy_state, critic_state, policy_metrics, critic_metrics = update(
         None if warming_up else policy_step, critic_step, policy_state, critic_state, rollout, values, shuffle_rng,
-        num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches)
+        num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches, group_size=config.shared_prompt_group)
     work = step_work(setup.model_cfg, np.asarray(rollout.prompt_mask), mask, group_size=rl.group_size,
-                     num_epochs=rl.num_epochs, train_policy=not warming_up)
+                     num_epochs=rl.num_epochs, train_policy=not warming_up,
+                     shared_prompt=config.shared_prompt_group > 1)
     advantage_mean, advantage_std = _masked_stats(raw, mask)
     nonfinite = critic_metrics['nonfinite']
     if policy_metrics:
