@@ -43,7 +43,7 @@ from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.setup import build_setup, shared_prompt_group
 from grpo_jax.pipeline.train_state import init_state, make_optimizer
-from grpo_jax.rollout.rollout import collect_rollout
+from grpo_jax.rollout.rollout import Rollout, collect_rollout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsm8k_workload  # noqa: E402
@@ -221,9 +221,12 @@ def main() -> int:
   if ref_fn is not None:
     phase_time['reference_forward'] = best_time(lambda: ref_fn(ref_params, *arrays))
   holder = [state]
+  # As host arrays, the form grpo.update hands the step: the rollout's device arrays keep the layouts of the
+  # functions that made them (the reference forward's), which the jitted step's batch sharding need not match.
+  host_rollout = Rollout(*(np.asarray(x) for x in rollout))
 
   def one_update():
-    holder[0], m = train_step(holder[0], rollout, hparams)
+    holder[0], m = train_step(holder[0], host_rollout, hparams)
     return m
 
   phase_time['policy_forward_backward'] = best_time(one_update)
