@@ -13,8 +13,8 @@ Step 1 (compilation) is excluded, as TRL's warm-up step is.
 --workload gsm8k (the twin of benchmarks/trl_gsm8k.py): ~150-token prompts left-padded to 160, G = 16, P = 4,
 completions of 256 at most whose lengths are forced to the workload's seeded draw (benchmarks/gsm8k_step.py says
 how, on the trainer's own sampler). Its roofline counts only the FLOPs the step must do (gsm8k_step.must_do_flops:
-each prompt once per group, completions up to their EOS); 'padded_step_gflops' is the same count on the padded
-shapes the step runs.
+each prompt once per group, completions up to their EOS); 'padded_step_gflops' is models/flops.grpo_step_flops
+on the padded shapes the step runs (each prompt once per group too under rl.shared_prompt).
 """
 from __future__ import annotations
 
@@ -172,6 +172,7 @@ def main() -> int:
   train_step = grpo.make_grpo_train_step(setup, policy, state, tx)
   hparams = grpo.loss_hparams(cfg)
   ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
+  buckets = grpo.length_buckets(cfg)  # the widths collect_rollout cuts completions to, as make_stage passes them
   rng = jax.random.key(0)
   eos_id, space_id = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(' ')
 
@@ -185,7 +186,7 @@ def main() -> int:
                                       replace_id=space_id)
     rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng,
                                      group_size=G, tokenizer=tokenizer, reward_fn=setup.reward_fn,
-                                     advantage_fn=advantage_fn, verifier=setup.verifier)
+                                     advantage_fn=advantage_fn, verifier=setup.verifier, length_buckets=buckets)
     state, metrics = grpo.update(train_step, state, rollout, shuffle_rng, hparams, num_epochs=1, num_minibatches=1,
                                  group_size=shared_prompt_group(cfg))
     jax.block_until_ready(metrics)
@@ -231,7 +232,8 @@ def main() -> int:
 
   phase_time['policy_forward_backward'] = best_time(one_update)
   flops = grpo_step_flops(cfg_model, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1],
-                          completion_len=L, reference=ref_fn is not None)
+                          completion_len=rollout.completion_mask.shape[1], reference=ref_fn is not None,
+                          shared_prompt=shared_prompt_group(cfg) > 1)
   extra = {}
   if gsm8k:  # the roofline counts what the step must do; the padded count is what it runs
     prompt_lens = data.prompt_mask.sum(axis=1).tolist()
