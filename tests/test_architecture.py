@@ -86,7 +86,9 @@ def layer_of(module: str) -> str | None:
 
 
 def python_files(directory: Path) -> list[Path]:
-  return sorted(p for p in directory.rglob('*.py') if '__pycache__' not in p.parts)
+  # Hidden folders are not the project's code: benchmarks/.venv-trl holds TRL's installed packages.
+  hidden = lambda p: any(part.startswith('.') for part in p.relative_to(directory).parts)  # noqa: E731
+  return sorted(p for p in directory.rglob('*.py') if '__pycache__' not in p.parts and not hidden(p))
 
 
 def package_modules(root: Path) -> frozenset[str]:
