@@ -435,8 +435,6 @@ def check_batch_layout(cfg, num_devices: int) -> None:
                        f'{section} (mini)batch of {size}')
     micro[section] = size // k
   shared = cfg.rl.get('shared_prompt', False)  # absent from configs saved before it existed: off
-  if not isinstance(shared, bool):
-    raise ValueError(f'config.rl.shared_prompt must be True or False, got {shared!r}')
   splits = cfg.rl.num_minibatches * cfg.rl.grad_accum_steps
   if shared and cfg.rl.num_prompts % splits:
     raise ValueError(f'config.rl.shared_prompt=True keeps each prompt\'s G outputs in one micro-batch: '
