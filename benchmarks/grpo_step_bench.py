@@ -113,7 +113,8 @@ def main() -> int:
                   help="addition: trl_grpo_baseline.py's; gsm8k: benchmarks/gsm8k_workload.py's (its own defaults "
                        'for the three flags below)')
   ap.add_argument('--steps', type=int, default=10)
-  ap.add_argument('--max-completion-length', type=int, default=None, help='addition: 32; gsm8k: 256 only')
+  ap.add_argument('--max-completion-length', type=int, default=None,
+                  help='addition: 32; gsm8k: the budget, 256 (the longest forced length) or more')
   ap.add_argument('--num-generations', type=int, default=None, help='addition: 8; gsm8k: 16')
   ap.add_argument('--prompts-per-step', type=int, default=None,
                   help=f'addition: 4; gsm8k: {gsm8k_workload.PROMPTS_PER_STEP}')
@@ -142,9 +143,9 @@ def main() -> int:
   for name, value in zip(('max_completion_length', 'num_generations', 'prompts_per_step'), defaults, strict=True):
     if getattr(args, name) is None:
       setattr(args, name, value)
-  if gsm8k and (args.fixed_length or args.max_completion_length != gsm8k_workload.MAX_COMPLETION):
+  if gsm8k and (args.fixed_length or args.max_completion_length < gsm8k_workload.MAX_COMPLETION):
     ap.error(f'--workload gsm8k forces its own lengths (at most {gsm8k_workload.MAX_COMPLETION}): no '
-             '--fixed-length, no other --max-completion-length')
+             f'--fixed-length, no --max-completion-length below {gsm8k_workload.MAX_COMPLETION}')
 
   t_start = time.perf_counter()
   distributed.use_cpu_devices(args.cpu_devices)
@@ -163,7 +164,10 @@ def main() -> int:
   setup = build_setup(cfg, tokenizer=tokenizer, data=False)  # what the trainer builds, on this tokenizer
   if args.fixed_length or gsm8k:
     setup.eos_ids = (-1,)  # no token ever ends a row (before the first policy() call builds the samplers)
+  if gsm8k:  # the forced sampler decodes to the longest forced length; its output is padded to the budget
+    cfg.max_new_tokens = gsm8k_workload.MAX_COMPLETION
   policy, params = setup.policy(grpo.NAME), setup.init_params  # as grpo.make_stage asks for it
+  cfg.max_new_tokens = L
   cfg_model = setup.model_cfg
   ref_params = jax.tree.map(lambda x: x.copy(), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -183,7 +187,7 @@ def main() -> int:
     sampler = policy.sampler
     if gsm8k:
       sampler = forced_length_sampler(sampler, lengths[step], eos_id=eos_id, pad_id=tokenizer.pad_token_id,
-                                      replace_id=space_id)
+                                      replace_id=space_id, budget=L)
     rollout, stats = collect_rollout(sampler, ref_fn, state.params, ref_params, batch, sample_rng,
                                      group_size=G, tokenizer=tokenizer, reward_fn=setup.reward_fn,
                                      advantage_fn=advantage_fn, verifier=setup.verifier, length_buckets=buckets)

@@ -53,9 +53,10 @@ def force_lengths(out: Completions, lengths: jax.Array, *, eos_id: int, pad_id: 
 
 
 def forced_length_sampler(sampler: Callable, lengths: Sequence[int], *, eos_id: int, pad_id: int,
-                          replace_id: int) -> Callable:
+                          replace_id: int, budget: int = 0) -> Callable:
   """sampler(params, prompt_tokens [P, p], prompt_mask, rng) -> Completions [P*G, c], with row r cut to lengths[r]
-  (force_lengths). `sampler` must not stop rows itself (built with eos_ids (-1,))."""
+  (force_lengths). `sampler` must not stop rows itself (built with eos_ids (-1,)). budget > c: the completions
+  padded to [P*G, budget], as a sampler with that budget returns them once every row has stopped by column c."""
   lengths = np.asarray(lengths, np.int32)
 
   def sample(params, prompt_tokens, prompt_mask, rng):
@@ -63,7 +64,10 @@ def forced_length_sampler(sampler: Callable, lengths: Sequence[int], *, eos_id: 
     if out.tokens.shape[0] != lengths.shape[0] or lengths.max() > out.tokens.shape[1] or lengths.min() < 1:
       raise ValueError(f'lengths for {lengths.shape[0]} rows in [1, {out.tokens.shape[1]}] needed; got '
                        f'{lengths.shape[0]} in [{lengths.min()}, {lengths.max()}]')
-    return force_lengths(out, lengths, eos_id=eos_id, pad_id=pad_id, replace_id=replace_id)
+    out = force_lengths(out, lengths, eos_id=eos_id, pad_id=pad_id, replace_id=replace_id)
+    extra = max(budget - out.tokens.shape[1], 0)
+    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, extra)), constant_values=value)  # noqa: E731
+    return Completions(pad(out.tokens, pad_id), pad(out.mask, 0), pad(out.logprobs, 0.0)) if extra else out
 
   return sample
 

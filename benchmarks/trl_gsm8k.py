@@ -102,6 +102,8 @@ def main() -> int:
   ap.add_argument('--prompts-per-step', type=int, default=workload.PROMPTS_PER_STEP)
   ap.add_argument('--num-generations', type=int, default=workload.G)
   ap.add_argument('--threads', type=int, default=2)
+  ap.add_argument('--max-completion-length', type=int, default=workload.MAX_COMPLETION,
+                  help=f'the budget: {workload.MAX_COMPLETION} (the longest forced length) or more')
   ap.add_argument('--seed', type=int, default=0, help="the workload's prompts and lengths (not the model's init)")
   ap.add_argument('--verbose', action='store_true', help="TRL's per-step logs (to stderr)")
   args = ap.parse_args()
@@ -120,7 +122,7 @@ def main() -> int:
   record = {'prompt_tokens': [], 'padded_prompt_width': [], 'lengths': []}
   patch_trl(trl, lengths, record)
   baseline.build_dataset = build_dataset
-  sys.argv = [baseline.__file__, '--steps', str(args.steps), '--max-completion-length', str(workload.MAX_COMPLETION),
+  sys.argv = [baseline.__file__, '--steps', str(args.steps), '--max-completion-length', str(args.max_completion_length),
               '--num-generations', str(G), '--prompts-per-step', str(P), '--threads', str(args.threads),
               *(['--verbose'] if args.verbose else [])]
   out = io.StringIO()
