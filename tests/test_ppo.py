@@ -344,6 +344,32 @@ def test_ppo_command_on_two_cpu_devices(tmp_path):
   assert [r['step'] for r in _rows(tmp_path) if r['stage'] == 'ppo'] == list(range(1, 7))
 
 
+@pytest.mark.parametrize('group_size', [1, 4])
+def test_ppo_update_minibatches_hold_whole_groups_in_order(group_size):
+  from grpo_jax.pipeline import ppo
+  n, seen = 16, {'policy': [], 'critic': []}
+
+  def recording(name):
+    def step(state, batch, hparams):
+      seen[name].append(np.asarray(batch[0])[:, 0])  # each row's id, stored in its first prompt token
+      return state, {'loss': jnp.float32(0.0)}
+    return step
+
+  ids = np.arange(n)[:, None]
+  rollout = Rollout(ids, ids, ids, ids, ids, ids, np.arange(n))
+  values = critic_lib.ValueBatch(ids, ids, ids, ids, ids, ids)
+  ppo.update(recording('policy'), recording('critic'), None, None, rollout, values, jax.random.key(0), num_epochs=2,
+             num_minibatches=2, group_size=group_size)
+  assert len(seen['policy']) == len(seen['critic']) == 4
+  assert all(np.array_equal(a, b) for a, b in zip(seen['policy'], seen['critic'], strict=True))
+  for rows in seen['policy']:
+    groups = rows.reshape(-1, group_size)
+    assert (groups % group_size == np.arange(group_size)).all()  # each group's rows contiguous and in order
+    assert (groups // group_size == groups[:, :1] // group_size).all()
+  assert sorted(np.concatenate(seen['policy'][:2])) == list(range(n))  # an epoch visits every row once
+
+
+@pytest.mark.slow  # two PPO stages built and stepped; the test above checks the shuffle fast
 def test_ppo_step_with_the_shared_prompt_forward_equals_the_repeated_one():
   # The policy's shared-prompt step reads each group's prompt from its first row, so the PPO update must shuffle whole
   # groups as GRPO's does: row-shuffled minibatches would pair completions with other rows' prompts.
