@@ -41,6 +41,7 @@ from grpo_jax.models.flops import grpo_step_flops
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.config_checks import check_config
+from grpo_jax.pipeline.loop import COMPILES
 from grpo_jax.pipeline.setup import build_setup, shared_prompt_group
 from grpo_jax.pipeline.train_state import init_state, make_optimizer
 from grpo_jax.rollout.rollout import Rollout, collect_rollout
@@ -181,6 +182,7 @@ def main() -> int:
   eos_id, space_id = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(' ')
 
   marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
+  compiles = [COMPILES.count]  # XLA compilations before the steps, then after each step
   for step in range(args.steps):
     batch = data.take(np.arange(step * P, (step + 1) * P))
     sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, step))
@@ -195,6 +197,7 @@ def main() -> int:
                                  group_size=shared_prompt_group(cfg))
     jax.block_until_ready(metrics)
     marks.append(cpu_sample())
+    compiles.append(COMPILES.count)
     gen_times.append(stats['sample_time'])
     gen_tokens.append(int(rollout.completion_mask.sum()))
     rewards.append(stats['reward'])
@@ -275,6 +278,7 @@ def main() -> int:
       'cpu_count': os.cpu_count(), 'G': G, 'prompts_per_step': P, 'completions_per_step': P * G,
       'max_completion_length': L, 'fixed_length': args.fixed_length, 'beta': args.beta,
       'reward_mean': round(statistics.mean(rewards), 4),
+      'compiles_per_step': [b - a for a, b in zip(compiles[:-1], compiles[1:], strict=True)],
       'matmul_peak_gflops': round(peak / 1e9, 1),
       'step_gflops': round(flops['total'] / 1e9, 2),
       'roofline_step_s': round(roofline_s, 4),
