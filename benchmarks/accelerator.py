@@ -14,8 +14,11 @@ weight once plus the keys and values of the slots attended so far (at least prom
 bytes / the device's HBM bandwidth (grpo_jax/models/flops.py). Target: >= 70% of roofline.
 
 Train: one GRPO train step (clipped objective with k3 KL, AdamW on an fp32 master copy, grad clipping) on
---train_rows rows of prompt_len + new_tokens tokens, in --grad_accum micro-batches. MFU = 3 x the forward's
-model FLOPs / step time / the device's bf16 peak. Target: >= 40%.
+--train_rows rows of prompt_len + new_tokens tokens (groups of G rows sharing a prompt), in --grad_accum
+micro-batches, both ways the trainer can run it: 'train' with each prompt's forward once per group
+(rl.shared_prompt, the default) and 'train_repeated_prompt' with prompt ++ completion per row. MFU = 3 x the
+forward's model FLOPs (the path's own count: flops.grpo_step_flops) / step time / the device's bf16 peak.
+Target: >= 40%.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ MODELS = {
 }
 PRESETS = {  # flag defaults per preset; flags given on the command line win
     '1b': dict(batch=64, prompt_len=128, new_tokens=256, train_rows=32, grad_accum=4, repeats=5),
-    'tiny': dict(batch=16, prompt_len=8, new_tokens=8, train_rows=8, grad_accum=2, repeats=2),
+    'tiny': dict(batch=16, prompt_len=8, new_tokens=8, train_rows=16, grad_accum=2, repeats=2),
 }
 GROUP_SIZE = 8
 
@@ -88,25 +91,30 @@ def measure_decode(graphdef, params, cfg: ModelConfig, args, spec) -> dict:
   return out
 
 
-def measure_train(graphdef, params, cfg: ModelConfig, args, device_kind: str) -> dict:
+def measure_train(graphdef, params, cfg: ModelConfig, args, device_kind: str, *, shared_prompt: bool) -> dict:
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   opt_cfg = ConfigDict(dict(lr=1e-6, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0,
                             master_dtype='float32'))
   tx = make_optimizer(opt_cfg, 100, param_dtype=cfg.param_dtype)
   state = init_state(params, tx, mesh)
-  loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=args.remat))
+  group = GROUP_SIZE if shared_prompt else 1
+  loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=args.remat, shared_prompt_group=group))
   train_step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, mesh), sharding.batch_sharding(mesh),
-                               mesh, grad_accum_steps=args.grad_accum)
+                               mesh, grad_accum_steps=args.grad_accum, group_size=group)
   rng = np.random.default_rng(1)
   rows, p, c = args.train_rows, args.prompt_len, args.new_tokens
   logprobs = lambda: (-3.0 + 0.1 * rng.standard_normal((rows, c))).astype(np.float32)  # noqa: E731
-  rollout = Rollout(rng.integers(3, cfg.vocab_size, (rows, p)).astype(np.int32), np.ones((rows, p), np.int32),
+  prompts = np.repeat(rng.integers(3, cfg.vocab_size, (rows // GROUP_SIZE, p)), GROUP_SIZE, axis=0).astype(np.int32)
+  rollout = Rollout(prompts, np.ones((rows, p), np.int32),
                     rng.integers(3, cfg.vocab_size, (rows, c)).astype(np.int32), np.ones((rows, c), np.int32),
                     logprobs(), logprobs(), rng.standard_normal(rows).astype(np.float32))
   state, metrics = jax.block_until_ready(train_step(state, rollout, BETA))  # compiles
   step = median_step_time(train_step, state, rollout, args.repeats)
-  model_flops = 3 * flops.forward_flops(cfg, batch=rows, new_tokens=p + c)
-  out = {'rows': rows, 'tokens_per_row': p + c, 'grad_accum': args.grad_accum, 'remat': args.remat,
+  model_flops = flops.grpo_step_flops(cfg, num_prompts=rows // GROUP_SIZE, group_size=GROUP_SIZE, prompt_len=p,
+                                      completion_len=c, reference=False, shared_prompt=shared_prompt
+                                      )['policy_forward_backward']
+  out = {'shared_prompt': shared_prompt, 'rows': rows, 'tokens_per_row': p + c, 'grad_accum': args.grad_accum,
+         'remat': args.remat,
          'step_s': step, 'model_flops': model_flops, 'tokens_per_s': rows * (p + c) / step,
          'loss_is_finite': bool(np.isfinite(float(metrics['loss'])))}
   utilization = flops.mfu(model_flops, step, 1, device_kind, cfg.dtype)
@@ -128,8 +136,9 @@ def main() -> int:
   for name, value in PRESETS[args.preset].items():
     if getattr(args, name) is None:
       setattr(args, name, value)
-  if args.batch % GROUP_SIZE or args.new_tokens < 2 or args.train_rows % args.grad_accum:
-    ap.error(f'need --batch divisible by G={GROUP_SIZE}, --new_tokens >= 2, --train_rows divisible by --grad_accum')
+  if args.batch % GROUP_SIZE or args.new_tokens < 2 or args.train_rows % (args.grad_accum * GROUP_SIZE):
+    ap.error(f'need --batch divisible by G={GROUP_SIZE}, --new_tokens >= 2, --train_rows divisible by --grad_accum '
+             f'x G={GROUP_SIZE}')
 
   device = jax.devices()[0]
   found = flops.device_spec(device.device_kind)
@@ -143,16 +152,21 @@ def main() -> int:
   if args.skip != 'decode':
     result['decode'] = measure_decode(graphdef, params, cfg, args, spec)
   if args.skip != 'train':
-    result['train'] = measure_train(graphdef, params, cfg, args, device.device_kind)
+    # A copy for the first: the train step donates its state, and the state holds the params' buffers.
+    result['train'] = measure_train(graphdef, jax.tree.map(jnp.copy, params), cfg, args, device.device_kind,
+                                    shared_prompt=True)
+    result['train_repeated_prompt'] = measure_train(graphdef, params, cfg, args, device.device_kind,
+                                                    shared_prompt=False)
   decode, train = result.get('decode', {}), result.get('train', {})
   print(f"[{device.device_kind}] {result['model']['n_params'] / 1e9:.2f}B params, bf16", file=sys.stderr)
   if decode:
     print(f"decode: {decode['decode_tokens_per_s']:.0f} tok/s at batch {args.batch}, "
           f"{1e3 * decode['token_step_s']:.2f} ms/step; roofline fraction "
           f"{decode.get('fraction_of_roofline', float('nan')):.2f} (target >= 0.70)", file=sys.stderr)
-  if train:
-    print(f"train: {train['step_s']:.3f} s/step, {train['tokens_per_s']:.0f} tok/s; MFU "
-          f"{train.get('mfu', float('nan')):.2f} (target >= 0.40)", file=sys.stderr)
+  for name in ('train', 'train_repeated_prompt') if train else ():
+    t = result[name]
+    print(f"{name}: {t['step_s']:.3f} s/step, {t['tokens_per_s']:.0f} tok/s; MFU "
+          f"{t.get('mfu', float('nan')):.2f} (target >= 0.40)", file=sys.stderr)
   print(json.dumps(result))
   return 0
 

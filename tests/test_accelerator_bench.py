@@ -25,8 +25,14 @@ def test_tiny_preset_runs_and_reports_both_phases():
   cfg = ModelConfig(**MODELS['tiny'], param_dtype='bfloat16', dtype='bfloat16')
   kv = sum(2 * 2 * 2 * 16 * (8 + i) * 16 * 2 for i in range(1, 9)) / 8
   assert decode['roofline_bytes_per_step'] == flops.matmul_params(cfg) * 2 + kv
-  # 3 x forward FLOPs of 8 rows of 16 tokens: 2 N_mm per token plus the causal attention term.
-  attention = 4 * 2 * 4 * 16 * (16 * 17 // 2)
-  assert train['model_flops'] == 3 * 8 * (2 * flops.matmul_params(cfg) * 16 + attention)
+  # 3 x forward FLOPs of 16 rows of 16 tokens: 2 N_mm per token plus the causal attention term; with the shared
+  # prompt, 2 prompts of 8 tokens, then 16 rows of 8 completion tokens after 8 cached keys.
+  per_key = 4 * 2 * 4 * 16
+  repeated = result['train_repeated_prompt']
+  assert not repeated['shared_prompt'] and train['shared_prompt'] and repeated['loss_is_finite']
+  assert repeated['model_flops'] == 3 * 16 * (2 * flops.matmul_params(cfg) * 16 + per_key * (16 * 17 // 2))
+  shared = (2 * (2 * flops.matmul_params(cfg) * 8 + per_key * (8 * 9 // 2))
+            + 16 * (2 * flops.matmul_params(cfg) * 8 + per_key * sum(range(9, 17))))
+  assert train['model_flops'] == 3 * shared < repeated['model_flops']
   if result['device_spec'] is None:  # CPU: no peak or bandwidth, so no fractions are made up
     assert 'mfu' not in train and 'fraction_of_roofline' not in decode
