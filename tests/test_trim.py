@@ -161,3 +161,29 @@ def test_length_buckets_config_check():
   cfg.rl.length_buckets = 0
   with pytest.raises(ValueError, match=r'rl.length_buckets must be an int >= 1'):
     check_config(cfg, 1)
+
+
+def test_update_cuts_each_minibatch_to_its_own_bucket():
+  rng = np.random.default_rng(0)
+  n, c, buckets = 16, 32, (8, 16, 24, 32)
+  lengths = np.where(np.arange(n) < 8, rng.integers(1, 9, n), rng.integers(17, 33, n))  # short rows, then long
+  mask = (np.arange(c)[None] < lengths[:, None]).astype(np.int32)
+  ids = np.arange(n)[:, None]
+  rollout = Rollout(ids, ids, np.where(mask > 0, 5, 0), mask, np.zeros((n, c), np.float32),
+                    np.zeros((n, c), np.float32), np.zeros(n, np.float32))
+  seen = []
+
+  def step(state, batch, hparams):
+    mask = np.asarray(batch.completion_mask)
+    seen.append((np.asarray(batch.prompt_tokens)[:, 0], mask.shape[1], mask))
+    return state, {'loss': np.float32(0.0)}
+
+  grpo.update(step, None, rollout, jax.random.key(0), {}, num_epochs=3, num_minibatches=2, group_size=8,
+              length_buckets=buckets)
+  widths = []
+  for rows, width, cut in seen:
+    assert width == bucket_width(mask[rows], buckets)
+    np.testing.assert_array_equal(cut, mask[rows][:, :width])
+    assert not mask[rows][:, width:].any()  # only padding was cut
+    widths.append(width)
+  assert set(widths) == {8, 32}  # the short group's minibatch runs 8 wide, the long one's the whole 32

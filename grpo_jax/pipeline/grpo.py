@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,7 +38,7 @@ from grpo_jax.rollout.prefix_credit import prefix_credit
 from grpo_jax.rollout.reference import make_exact_kl_fn, make_trainer_logprobs_fn, sampling_filter
 from grpo_jax.rollout.rollout import Rollout, collect_rollout, dynamic_sampling, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
-from grpo_jax.rollout.trim import completion_buckets
+from grpo_jax.rollout.trim import bucket_width, completion_buckets, trim_columns
 
 NAME = 'grpo'  # setup.STAGES[1]
 
@@ -101,16 +101,21 @@ def shuffled_rows(key: jax.Array, num_rows: int, group_size: int = 1) -> np.ndar
 
 
 def update(train_step: Callable, state: TrainState, rollout: Rollout, rng: jax.Array, hparams: dict, *,
-           num_epochs: int, num_minibatches: int, group_size: int = 1) -> tuple[TrainState, dict]:
+           num_epochs: int, num_minibatches: int, group_size: int = 1, length_buckets: Sequence[int] = ()
+           ) -> tuple[TrainState, dict]:
   """mu epochs over the rollout, each a fresh shuffle split into minibatches; pi_old stays fixed.
 
   group_size = G > 1 shuffles whole groups (G contiguous rows: one prompt's outputs, which the shared-prompt step
-  reads as such; rl.shared_prompt), each group's rows staying contiguous and in order; 1 shuffles rows."""
+  reads as such; rl.shared_prompt), each group's rows staying contiguous and in order; 1 shuffles rows.
+  length_buckets: each minibatch is cut to its own longest completion's bucket (rollout/trim.py), which may be
+  narrower than the rollout's."""
   all_metrics = []
   for epoch in range(num_epochs):
     order = shuffled_rows(jax.random.fold_in(rng, epoch), rollout.advantages.shape[0], group_size)
     for idx in np.split(order, num_minibatches):
-      state, metrics = train_step(state, Rollout(*(np.asarray(x)[idx] for x in rollout)), hparams)
+      minibatch = Rollout(*(np.asarray(x)[idx] for x in rollout))
+      width = bucket_width(minibatch.completion_mask, length_buckets)
+      state, metrics = train_step(state, Rollout(*minibatch[:2], *trim_columns(minibatch[2:], width)), hparams)
       all_metrics.append(metrics)
   return state, combine_metrics(all_metrics)  # means, but ratio_min / ratio_max a min / max
 
@@ -324,7 +329,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, hparams,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches,
-                                   group_size=shared_prompt_group(cfg))
+                                   group_size=shared_prompt_group(cfg), length_buckets=buckets)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
                                 num_epochs=rl.num_epochs, shared_prompt=shared_prompt_group(cfg) > 1)
