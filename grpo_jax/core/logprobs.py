@@ -58,9 +58,8 @@ def sequence_logprobs(model, prompt_tokens: jax.Array, prompt_mask: jax.Array, c
   if chunk_size:
     hidden = model.hidden_states(tokens, positions_from_mask(mask), mask, remat=remat)
     # The hidden state at slot j predicts the token at slot j + 1.
-    out = _chunked_logprobs(model.logits_from_hidden, hidden[:, p - 1:-1], completion_tokens, chunk_size,
-                            return_entropy)
-    return out if return_entropy else out[0]
+    return _head_logprobs(model.logits_from_hidden, hidden[:, p - 1:-1], completion_tokens, chunk_size,
+                          return_entropy)
   logits = model(tokens, positions_from_mask(mask), mask, remat=remat)
   completion_logits = logits[:, p - 1:-1]
   logprobs = token_logprobs(completion_logits, completion_tokens)
@@ -79,11 +78,17 @@ def _grouped_logprobs(model, prompt_tokens, prompt_mask, completion_tokens, comp
                                                         completion_tokens, completion_mask, remat=remat)
   # The hidden state at slot j predicts the token at slot j + 1: the last prompt slot, then completion slots.
   hidden = jnp.concatenate([jnp.repeat(last_prompt, group_size, axis=0)[:, None], completion[:, :-1]], axis=1)
+  return _head_logprobs(model.logits_from_hidden, hidden, completion_tokens, chunk_size, return_entropy)
+
+
+def _head_logprobs(head, hidden: jax.Array, tokens: jax.Array, chunk_size: int, return_entropy: bool):
+  """token_logprobs (and token_entropy) of head(hidden) [b, c, d] -> [b, c] (a pair with return_entropy): over
+  `chunk_size` time steps at a time (_chunked_logprobs) when > 0, else all at once."""
   if chunk_size:
-    out = _chunked_logprobs(model.logits_from_hidden, hidden, completion_tokens, chunk_size, return_entropy)
+    out = _chunked_logprobs(head, hidden, tokens, chunk_size, return_entropy)
     return out if return_entropy else out[0]
-  logits = model.logits_from_hidden(hidden)  # [b, c, v]
-  logprobs = token_logprobs(logits, completion_tokens)
+  logits = head(hidden)  # [b, c, v]
+  logprobs = token_logprobs(logits, tokens)
   return (logprobs, token_entropy(logits)) if return_entropy else logprobs
 
 

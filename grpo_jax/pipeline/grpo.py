@@ -266,7 +266,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
   warned_no_delimiter = False
-  buckets = length_buckets(cfg)
+  buckets, group = length_buckets(cfg), shared_prompt_group(cfg)
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
@@ -329,10 +329,10 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
     policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, hparams,
                                    num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches,
-                                   group_size=shared_prompt_group(cfg), length_buckets=buckets)
+                                   group_size=group, length_buckets=buckets)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
-                                num_epochs=rl.num_epochs, shared_prompt=shared_prompt_group(cfg) > 1)
+                                num_epochs=rl.num_epochs, shared_prompt=group > 1)
     work['model_flops'] += extra_sampling_flops(setup.model_cfg, rollout, stats, group_size=rl.group_size,
                                                 continuations=rl.prefix_continuations)
     logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
