@@ -48,6 +48,8 @@ class LossConfig:
   shared_prompt_group: G > 1: the batch's rows come in groups of G sharing one prompt, and the policy forward runs
     each prompt once (core/logprobs.sequence_logprobs group_size); compute only, same values. 1 = every row's
     prompt runs. The exact-KL term (kl_estimator 'exact') still runs every row's prompt.
+  pack_rows: R > 0 (with shared_prompt_group): each group's outputs run packed into R rows (core/packing.py; R at
+    least packing.rows_needed of the batch); compute only, same values. 0 = one row per output.
   logits_filter: None, or a function logits [..., V] -> logits [..., V] (the sampler's temperature / top-k / top-p,
     rollout/reference.sampling_filter): pi_theta's logprobs and entropy are then those of the filtered
     distribution the sampler draws from (rl.trainer_sampling_filters). A token the filter excludes (logprob -inf)
@@ -66,6 +68,7 @@ class LossConfig:
   logprob_chunk: int = 0
   remat: str = 'none'
   shared_prompt_group: int = 1
+  pack_rows: int = 0
   max_len: int = 0  # the completion budget T of 'constant' aggregation (grpo_loss); 0 = the batch's width
   logits_filter: Callable[[jax.Array], jax.Array] | None = None
   reference_model: Callable[[Any], Any] | None = None  # 'exact': ref params -> the reference model
@@ -87,6 +90,9 @@ class LossConfig:
       raise ValueError(f'unknown loss aggregation {self.loss_aggregation!r}; known: {list(LOSS_AGGREGATIONS)}')
     if not isinstance(self.shared_prompt_group, int) or self.shared_prompt_group < 1:
       raise ValueError(f'shared_prompt_group must be an int >= 1 (1 = off), got {self.shared_prompt_group!r}')
+    if not isinstance(self.pack_rows, int) or self.pack_rows < 0 or (self.pack_rows and self.shared_prompt_group < 2):
+      raise ValueError(f'pack_rows must be an int >= 0 (0 = off), > 0 only with shared_prompt_group > 1; got '
+                       f'{self.pack_rows!r} with shared_prompt_group={self.shared_prompt_group}')
     if self.importance_ratio not in IMPORTANCE_RATIOS:
       raise ValueError(f'unknown importance ratio {self.importance_ratio!r}; known: {list(IMPORTANCE_RATIOS)}')
 
@@ -237,7 +243,7 @@ def grpo_objective(model, batch, hparams: dict[str, jax.Array], *, config: LossC
   logprobs, entropy = sequence_logprobs(model, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
                                         batch.completion_mask, return_entropy=True,
                                         chunk_size=config.logprob_chunk, remat=config.remat,
-                                        group_size=config.shared_prompt_group)
+                                        group_size=config.shared_prompt_group, pack_rows=config.pack_rows)
   loss_mask, ref_logprobs = batch.completion_mask, batch.ref_logprobs
   if config.logits_filter is not None:  # tokens outside either filtered support: no ratio, no loss (see LossConfig)
     inside = jnp.isfinite(jax.lax.stop_gradient(logprobs)) & jnp.isfinite(batch.old_logprobs)

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.core.logprobs import positions_from_mask
+from grpo_jax.core.logprobs import grouped_completion_positions, positions_from_mask
+from grpo_jax.core.packing import PackedLayout
 from grpo_jax.parallel.sharding import constrain
 
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
@@ -243,13 +244,18 @@ class Attention(nnx.Module):
     out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
     return self._output(out, t), new_cache
 
-  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int):
+  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int,
+              completion_slots=None, completion_segments=None):
     """Attention of prompts [P, p] run once and their completions [N, c] (N = P * group_size, each group's rows
     contiguous): the prompts attend causally among themselves; each completion row attends to its group's prompt
     keys and, causally, to its own earlier completion keys, as if it were the row prompt ++ completion (prompt
     slots 0 .. p-1, completion slot j at p + j). The prompt keys and values are never repeated over the group:
     the completion-to-prompt scores contract queries [P, G, ...] with keys [P, ...], so autodiff sums each
     prompt key's and value's gradient over its group.
+
+    Packed rows (core/packing.py): completion_slots and completion_segments [N, c] give each column's slot j in its
+    own completion and which completion it belongs to; a column then attends only to earlier slots of its own
+    segment (and the prompt), so a row holds several completions. None: column j is slot j of one completion.
 
     xp [P, p, d], xc [N, c, d]; positions and masks [P, p] / [N, c]. Returns ([P, p, d], [N, c, d]).
     """
@@ -269,10 +275,16 @@ class Attention(nnx.Module):
     to_prompt = jnp.einsum('brkqh,bkhs->brkqs', q.reshape(big_p, g, kv, qlen, h), kp).reshape(n_rows, kv, qlen, p)
     to_self = jnp.einsum('bkqh,bkhs->bkqs', q, kc)  # [N, k, q, c]
     scores = jnp.concatenate([to_prompt, to_self], axis=-1).astype(jnp.float32) * h ** -0.5  # [N, k, q, p + c]
-    c_slots = p + jnp.arange(c)
     key_mask = jnp.concatenate([jnp.repeat(prompt_mask, g, axis=0), completion_mask], axis=1)  # [N, p + c] bool
-    visible = self._visible(c_slots, jnp.concatenate([p_slots, c_slots]))  # [c, p + c]
-    probs = self._softmax(scores, key_mask[:, None, :] & visible[None])
+    if completion_segments is None:
+      c_slots = p + jnp.arange(c)
+      visible = self._visible(c_slots, jnp.concatenate([p_slots, c_slots]))[None]  # [1, c, p + c]
+    else:
+      c_slots = p + completion_slots  # [N, c]
+      visible = self._visible(c_slots, jnp.concatenate([jnp.broadcast_to(p_slots, (n_rows, p)), c_slots], 1))
+      same_segment = completion_segments[:, :, None] == completion_segments[:, None, :]  # [N, c, c]
+      visible &= jnp.concatenate([jnp.ones((n_rows, c, p), bool), same_segment], axis=-1)  # [N, c, p + c]
+    probs = self._softmax(scores, key_mask[:, None, :] & visible)
     from_prompt = jnp.einsum('brkqs,bksh->brkqh', probs[..., :p].reshape(big_p, g, kv, qlen, p), vp)
     out_c = from_prompt.reshape(n_rows, kv, qlen, h) + jnp.einsum('bkqs,bksh->bkqh', probs[..., p:], vc)
     return self._output(out_p, p), self._output(out_c, c)
@@ -302,12 +314,12 @@ class Attention(nnx.Module):
     return q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, h)
 
   def _visible(self, q_slots, k_slots):
-    """[t, s] bool: causal, and within sliding_window slots when set."""
-    visible = k_slots[None, :] <= q_slots[:, None]
+    """q_slots [..., t], k_slots [..., s] -> [..., t, s] bool: causal, and within sliding_window slots when set."""
+    visible = k_slots[..., None, :] <= q_slots[..., :, None]
     if self.cfg.sliding_window:
       # On slots, not positions: a row's real tokens are contiguous (left padding; the sampler only appends
       # masked slots after EOS), so slot distance is position distance, as in transformers' mask.
-      visible &= q_slots[:, None] - k_slots[None, :] < self.cfg.sliding_window
+      visible &= q_slots[..., :, None] - k_slots[..., None, :] < self.cfg.sliding_window
     return visible
 
   def _softmax(self, scores, allowed):
@@ -357,10 +369,11 @@ class Block(nnx.Module):
     x = x + attn_out
     return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL_AXES), new_cache
 
-  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int):
+  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int,
+              completion_slots=None, completion_segments=None):
     """The block on prompts [P, p, d] run once and their completions [N, c, d] (Attention.grouped)."""
     ap, ac = self.attn.grouped(self.attn_norm(xp), self.attn_norm(xc), prompt_positions, completion_positions,
-                               prompt_mask, completion_mask, group_size)
+                               prompt_mask, completion_mask, group_size, completion_slots, completion_segments)
     xp, xc = xp + ap, xc + ac
     return (constrain(xp + self.mlp(self.mlp_norm(xp)), RESIDUAL_AXES),
             constrain(xc + self.mlp(self.mlp_norm(xc)), RESIDUAL_AXES))
@@ -401,7 +414,8 @@ class Transformer(nnx.Module):
     return self._forward(tokens, positions, mask, None, 0, remat)[0]
 
   def grouped_hidden_states(self, prompt_tokens: jax.Array, prompt_mask: jax.Array, completion_tokens: jax.Array,
-                            completion_mask: jax.Array, *, remat: str = 'none') -> tuple[jax.Array, jax.Array]:
+                            completion_mask: jax.Array, *, remat: str = 'none', layout: PackedLayout | None = None
+                            ) -> tuple[jax.Array, jax.Array]:
     """hidden_states of the rows prompt ++ completion when each prompt is shared by a group of completions, with
     each prompt run through the blocks once (not once per row): the training forward of a GRPO batch.
 
@@ -410,10 +424,12 @@ class Transformer(nnx.Module):
       completion_tokens, completion_mask: [N, c] right-padded completions, N = P * G, group i's G rows contiguous
         (rows i * G .. i * G + G - 1 follow prompt i).
       remat: as in __call__.
+      layout: packed rows (core/packing.py): the completion rows each hold several completions of their group, at
+        the positions, slots and segments it gives; G is then the packed rows per prompt.
     Returns:
       (last_prompt_hidden [P, d], completion_hidden [N, c, d]): what hidden_states of the N rows prompt ++
       completion (positions from their mask) holds at the last prompt slot (it predicts completion token 0) and at
-      the completion slots, in the compute dtype.
+      the completion slots, in the compute dtype (packed: each completion's hidden states in its columns).
     """
     num_prompts, n_rows = prompt_tokens.shape[0], completion_tokens.shape[0]
     if n_rows % num_prompts:
@@ -421,15 +437,17 @@ class Transformer(nnx.Module):
     g = n_rows // num_prompts
     prompt_mask, completion_mask = prompt_mask.astype(bool), completion_mask.astype(bool)
     prompt_positions = positions_from_mask(prompt_mask)
-    # positions_from_mask of prompt ++ completion, completion part: counting on from the prompt's real tokens.
-    prompt_len = jnp.repeat(prompt_mask.sum(-1, dtype=jnp.int32), g)[:, None]  # [N, 1]
-    completion_positions = jnp.maximum(prompt_len + jnp.cumsum(completion_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    if layout is None:
+      completion_positions = grouped_completion_positions(prompt_mask, completion_mask)
+      slots = segments = None
+    else:
+      completion_positions, slots, segments = layout
     xp, xc = self._embed(prompt_tokens), self._embed(completion_tokens)
-    masks = (prompt_positions, completion_positions, prompt_mask, completion_mask)
+    masks = (prompt_positions, completion_positions, prompt_mask, completion_mask, slots, segments)
     policy = REMAT_POLICIES[remat]
     for block in self.blocks:
       if policy is None:
-        xp, xc = block.grouped(xp, xc, *masks, g)
+        xp, xc = block.grouped(xp, xc, *masks[:4], g, *masks[4:])
       else:
         xp, xc = _remat_grouped_block(block, xp, xc, masks, g, policy)
     return xp[:, -1], xc
@@ -502,5 +520,5 @@ def _remat_grouped_block(block: Block, xp, xc, masks, group_size: int, policy):
 
   @functools.partial(jax.checkpoint, policy=policy)
   def run(state, xp, xc, masks):
-    return nnx.merge(graphdef, state).grouped(xp, xc, *masks, group_size)
+    return nnx.merge(graphdef, state).grouped(xp, xc, *masks[:4], group_size, *masks[4:])
   return run(state, xp, xc, masks)

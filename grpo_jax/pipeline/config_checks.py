@@ -285,6 +285,8 @@ def _check_sampling_switches(cfg) -> None:
   _int_at_least(cfg, 'rl.overlong_penalty_len', 0)
   _int_at_least(cfg, 'rl.mismatch_rows', 0)
   _int_at_least(cfg, 'rl.length_buckets', 1)
+  if 'pack_buckets' in rl:  # absent from configs saved before it existed: off; without rl.shared_prompt: unused
+    _int_at_least(cfg, 'rl.pack_buckets', 0)
   if rl.mismatch_rows > rl.num_prompts * rl.group_size:
     raise ValueError(f'config.rl.mismatch_rows={rl.mismatch_rows} is more than a rollout\'s '
                      f'{rl.num_prompts * rl.group_size} rows')

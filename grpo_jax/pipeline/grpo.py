@@ -5,6 +5,7 @@ logprobs); experience collection in rollout/.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline.loop import Stage
-from grpo_jax.pipeline.setup import Policy, Setup, shared_prompt_group
+from grpo_jax.pipeline.setup import Policy, Setup, pack_row_buckets, shared_prompt_group
 from grpo_jax.pipeline.train_state import (
   TrainState,
   combine_metrics,
@@ -38,7 +39,7 @@ from grpo_jax.rollout.prefix_credit import prefix_credit
 from grpo_jax.rollout.reference import make_exact_kl_fn, make_trainer_logprobs_fn, sampling_filter
 from grpo_jax.rollout.rollout import Rollout, collect_rollout, dynamic_sampling, process_supervision
 from grpo_jax.rollout.steps import delimiter_token_ids
-from grpo_jax.rollout.trim import bucket_width, completion_buckets, trim_columns
+from grpo_jax.rollout.trim import bucket_width, completion_buckets, per_packed_rows, trim_columns
 
 NAME = 'grpo'  # setup.STAGES[1]
 
@@ -82,10 +83,12 @@ def loss_hparams(cfg) -> dict[str, jax.Array]:
   return {'beta': jnp.asarray(cfg.rl.beta, jnp.float32), 'lr_scale': jnp.asarray(1.0, jnp.float32)}
 
 
-def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx):
-  """The jitted, donated GRPO update on one minibatch: train_step(state, Rollout, hparams) -> (state, metrics)."""
+def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx, *, pack_rows: int = 0):
+  """The jitted, donated GRPO update on one minibatch: train_step(state, Rollout, hparams) -> (state, metrics).
+  pack_rows = R > 0: each group's outputs run packed into R rows (LossConfig.pack_rows)."""
   cfg = setup.cfg
-  config = loss_config(cfg, reference_model=functools.partial(nnx.merge, setup.graphdef))
+  config = dataclasses.replace(loss_config(cfg, reference_model=functools.partial(nnx.merge, setup.graphdef)),
+                               pack_rows=pack_rows)
   return make_train_step(policy.graphdef, tx, functools.partial(grpo_objective, config=config),
                          state_shardings(state, setup.mesh, setup.rules), setup.batch_sharding, setup.mesh,
                          setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
@@ -233,8 +236,11 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     reference = state.params if reference is None else reference
   if policy.lora is None:
     roles['reference'] = jax.tree.map(jnp.copy, reference)  # frozen: the policy's params are donated each step
-  train_step = make_grpo_train_step(setup, policy, state, tx)
-  train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
+  train_step = per_packed_rows(  # one jitted step per packed row count (rl.pack_buckets)
+      lambda rows: distributed.host_io(make_grpo_train_step(setup, policy, state, tx, pack_rows=rows),
+                                       setup.batch_sharding, batch_argnums=(1,), gather=False),
+      lambda state, batch, hparams: batch.completion_mask, group_size=shared_prompt_group(cfg),
+      row_buckets=pack_row_buckets(cfg))
   advantage_fn = get_advantage_fn(rl.advantage)
   exact_kl = None
   # Rounded up to whole rows per data-parallel device, as every batch the mesh shards.

@@ -28,6 +28,7 @@ from grpo_jax.pipeline.evaluate import greedy_eval
 from grpo_jax.rewards.registry import RewardFn, get_reward_fn
 from grpo_jax.rollout.reference import make_sequence_logprobs_fn
 from grpo_jax.rollout.sampling import make_sampler
+from grpo_jax.rollout.trim import completion_buckets, per_packed_rows
 
 # The trainer's stages in the order they run: their checkpoint folders, the 'stage' of metric rows, and the names
 # config.lora.stages takes.
@@ -224,6 +225,13 @@ def shared_prompt_group(cfg) -> int:
   return cfg.rl.group_size if cfg.rl.get('shared_prompt', False) else 1
 
 
+def pack_row_buckets(cfg) -> tuple[int, ...]:
+  """The packed rows per group a GRPO batch may run with (rl.pack_buckets fractions of G, core/packing.py); () when
+  packing is off (rl.pack_buckets 0, absent from configs saved before it existed, or no shared prompt)."""
+  group, num = shared_prompt_group(cfg), cfg.rl.get('pack_buckets', 0)
+  return completion_buckets(group, num, multiple=1) if num and group > 1 else ()
+
+
 def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: ModelConfig | None = None,
                 data: bool = True, abstract: bool = False,
                 before_params: Callable[[Any, ModelConfig], None] | None = None) -> Setup:
@@ -257,11 +265,14 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
     params = jax.device_put(params, param_shardings)
   # Run also when beta = 0: the KL to the reference is measured every step (the paper's step 4). The plain model:
   # with LoRA, on the policy's own frozen base (adapters off), not a copy.
-  reference_forward = make_sequence_logprobs_fn(
-      graphdef, param_shardings=param_shardings, mesh=mesh, rules=rules, chunk_size=cfg.model.logprob_chunk,
-      num_micro_batches=cfg.rl.num_minibatches * cfg.rl.grad_accum_steps,  # the train step's micro-batch size
-      group_size=shared_prompt_group(cfg))
-  reference_forward = distributed.host_io(reference_forward, batch_sharding, batch_argnums=(1, 2, 3, 4))
+  def reference_forward_packed(rows: int):  # one jitted forward per packed row count (rl.pack_buckets)
+    forward = make_sequence_logprobs_fn(
+        graphdef, param_shardings=param_shardings, mesh=mesh, rules=rules, chunk_size=cfg.model.logprob_chunk,
+        num_micro_batches=cfg.rl.num_minibatches * cfg.rl.grad_accum_steps,  # the train step's micro-batch size
+        group_size=shared_prompt_group(cfg), pack_rows=rows)
+    return distributed.host_io(forward, batch_sharding, batch_argnums=(1, 2, 3, 4))
+  reference_forward = per_packed_rows(reference_forward_packed, lambda *args: args[4],
+                                      group_size=shared_prompt_group(cfg), row_buckets=pack_row_buckets(cfg))
   return Setup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, splits=splits, mesh=mesh, rules=rules,
                sampler_rules=sampler_rules, batch_sharding=batch_sharding, graphdef=graphdef,
                param_shardings=param_shardings, init_params=params, reward_fn=get_reward_fn(cfg.rl.reward),

@@ -19,7 +19,7 @@ from grpo_jax.rollout.sampling import filter_logits
 
 def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, mesh: Mesh | None = None,
                               rules: sharding.Rules = sharding.DEFAULT_RULES, chunk_size: int = 0,
-                              num_micro_batches: int = 1, group_size: int = 1):
+                              num_micro_batches: int = 1, group_size: int = 1, pack_rows: int = 0):
   """jit-compiled sequence_logprobs(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
   -> [B, c]. With `param_shardings` and `mesh`, params keep their layout, the four token arrays shard over the
   batch axes and activations follow `rules` (as in the train step), so no device holds the whole batch's
@@ -32,13 +32,14 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
 
   group_size = G > 1: the B rows are B / G groups of G contiguous rows sharing one prompt; each prompt runs once
   (sequence_logprobs group_size) and micro-batches hold whole groups (B divisible by num_micro_batches * G).
+  pack_rows = R > 0: each group's completions run packed into R rows (sequence_logprobs pack_rows).
   """
   batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, rules)
 
   def logprobs_of(params, *arrays):
     model = nnx.merge(graphdef, params)
     if num_micro_batches == 1:
-      return sequence_logprobs(model, *arrays, chunk_size=chunk_size, group_size=group_size)
+      return sequence_logprobs(model, *arrays, chunk_size=chunk_size, group_size=group_size, pack_rows=pack_rows)
     k = num_micro_batches
     if arrays[0].shape[0] % (k * group_size):
       raise ValueError(f'{arrays[0].shape[0]} rows do not split into num_micro_batches={k} equal micro-batches'
@@ -48,7 +49,7 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
     def one_micro_batch(xs):
       if batch_sharding is not None:
         xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
-      return sequence_logprobs(model, *xs, chunk_size=chunk_size, group_size=group_size)
+      return sequence_logprobs(model, *xs, chunk_size=chunk_size, group_size=group_size, pack_rows=pack_rows)
 
     return sharding.merge_micro_batches(jax.lax.map(one_micro_batch, micro), group_size)  # [k, B / k, c] -> [B, c]
 

@@ -5,13 +5,19 @@ fixed widths (buckets), so the reference forward, the trainer's forward and back
 Columns past every row's last real token hold only padding (mask 0): every loss reads tokens through the mask,
 so cutting them changes no value (tests/test_trim.py), except a normalizer that counts columns (Dr. GRPO's
 'constant' aggregation), which therefore divides by the budget, not the width (core/losses.py).
+
+The cut leaves each row padded to the batch's longest completion; packing (core/packing.py) places a group's
+outputs end to end in fewer rows, and `per_packed_rows` picks a batch's row count on the host, as bucket_width
+picks its width.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from grpo_jax.core import packing
 
 
 def completion_buckets(max_len: int, num_buckets: int, multiple: int = 8) -> tuple[int, ...]:
@@ -52,3 +58,18 @@ def pad_columns(arrays: Sequence, width: int) -> list[np.ndarray]:
       x = np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
     out.append(x)
   return out
+
+
+def per_packed_rows(build: Callable[[int], Callable], mask_of: Callable[..., np.ndarray], *, group_size: int,
+                    row_buckets: Sequence[int]) -> Callable:
+  """fn(*args) = build(R)(*args): R = packing.packed_rows of the batch's completion mask (mask_of(*args), [N, c]),
+  the packed rows per group (0: unpacked). Each R's function is built on its first use, so a jitted one compiles
+  once per R (and per width); row_buckets () (packing off): always build(0)."""
+  built = {}
+
+  def call(*args, **kwargs):
+    rows = packing.packed_rows(np.asarray(mask_of(*args)), group_size, row_buckets) if row_buckets else 0
+    if rows not in built:
+      built[rows] = build(rows)
+    return built[rows](*args, **kwargs)
+  return call
