@@ -7,7 +7,7 @@ Model: Qwen2-shaped (vocab 49, hidden 256, mlp 688, 4 layers, 4 heads of 64, 2 k
 embeddings), random init, fp32. Per step: 4 prompts "<bos>Q: {a}+{b}= A:" x G=8, sampled at temperature 1,
 reward = first integer equals a+b, group advantages, reference forward (beta 0.04, k3), one AdamW update
 (lr 1e-5, clip 1.0). The step is the trainer's own code path, built as the trainer builds it
-(`pipeline/setup.build_setup`, `pipeline/grpo.make_grpo_train_step`): `collect_rollout` + `grpo.update`.
+(`pipeline/setup.build_setup`, `pipeline/grpo.make_packed_train_step`): `collect_rollout` + `grpo.update`.
 Step 1 (compilation) is excluded, as TRL's warm-up step is.
 
 --workload gsm8k (the twin of benchmarks/trl_gsm8k.py): ~150-token prompts left-padded to 160, G = 16, P = 4,
@@ -34,6 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from configs import default
+from grpo_jax.core import packing
 from grpo_jax.core.advantages import get_advantage_fn
 from grpo_jax.data.batches import TokenizedSplit
 from grpo_jax.data.tokenizer import build_tokenizer
@@ -42,7 +43,7 @@ from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import grpo
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.loop import COMPILES
-from grpo_jax.pipeline.setup import build_setup, shared_prompt_group
+from grpo_jax.pipeline.setup import build_setup, pack_row_buckets, shared_prompt_group
 from grpo_jax.pipeline.train_state import init_state, make_optimizer
 from grpo_jax.rollout.rollout import Rollout, collect_rollout
 
@@ -174,7 +175,7 @@ def main() -> int:
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tx = make_optimizer(cfg.rl, args.steps)
   state = init_state(params, tx, setup.mesh, setup.rules)
-  train_step = grpo.make_grpo_train_step(setup, policy, state, tx)
+  train_step = grpo.make_packed_train_step(setup, policy, state, tx)
   hparams = grpo.loss_hparams(cfg)
   ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
   buckets = grpo.length_buckets(cfg)  # the widths collect_rollout cuts completions to, as make_stage passes them
@@ -240,7 +241,9 @@ def main() -> int:
   phase_time['policy_forward_backward'] = best_time(one_update)
   flops = grpo_step_flops(cfg_model, num_prompts=P, group_size=G, prompt_len=data.prompt_tokens.shape[1],
                           completion_len=rollout.completion_mask.shape[1], reference=ref_fn is not None,
-                          shared_prompt=shared_prompt_group(cfg) > 1)
+                          shared_prompt=shared_prompt_group(cfg) > 1,
+                          packed_rows=packing.packed_rows(np.asarray(rollout.completion_mask), G,
+                                                          pack_row_buckets(cfg)))
   extra = {}
   if gsm8k:  # the roofline counts what the step must do; the padded count is what it runs
     prompt_lens = data.prompt_mask.sum(axis=1).tolist()

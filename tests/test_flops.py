@@ -74,6 +74,11 @@ def test_shared_prompt_flops_by_hand():
                                    reference=True, num_epochs=2)
   assert out['prefill'] == repeated['prefill'] and out['decode'] == repeated['decode']
   assert out['total'] < repeated['total']
+  # Packed into R = 2 rows per group (core/packing.py): 4 completion rows instead of 6, the rest as before.
+  packed = flops.grpo_step_flops(TINY, num_prompts=2, group_size=3, prompt_len=3, completion_len=2, decode_len=1,
+                                 reference=True, num_epochs=2, shared_prompt=True, packed_rows=2)
+  assert packed['reference_forward'] == 2 * 1200 + 4 * (2 * 184 * 2 + 16 * (4 + 5))
+  assert packed['decode'] == out['decode'] and packed['prefill'] == out['prefill']
 
 
 def test_grpo_step_work_from_masks():

@@ -25,7 +25,8 @@ width c, c' <= c decode steps actually run (the loop stops once every row has em
 
 With the shared-prompt forward (rl.shared_prompt) the reference and policy passes run each prompt once and the
 completions against its keys, as the sampler does: F(N, p + c, 0) becomes F(P, p, 0) + F(N, c, p). The batch's
-completion width c is its length bucket (rollout/trim.py), not the budget.
+completion width c is its length bucket (rollout/trim.py), not the budget. Packed (rl.pack_buckets), the N
+completion rows are P * R rows of width c: F(P, p, 0) + F(P * R, c, p).
 
 The sampler's decode attends over every cache slot (masked), so the hardware does more attention work than
 K counts; MFU by convention credits only the model's work.
@@ -66,16 +67,18 @@ def forward_flops(cfg: ModelConfig, *, batch: int, new_tokens: int, cached: int 
 
 def grpo_step_flops(cfg: ModelConfig, *, num_prompts: int, group_size: int, prompt_len: int, completion_len: int,
                     decode_len: int | None = None, reference: bool, num_epochs: int = 1,
-                    shared_prompt: bool = False) -> dict[str, float]:
+                    shared_prompt: bool = False, packed_rows: int = 0) -> dict[str, float]:
   """Model FLOPs of one GRPO step by phase (see the module docstring), and their 'total'.
 
   decode_len: decode steps run (default completion_len, the worst case); reference: beta > 0; shared_prompt: the
-  reference and policy passes run each prompt once for its group.
+  reference and policy passes run each prompt once for its group; packed_rows = R > 0 (with shared_prompt): their
+  completions run as R rows per group (core/packing.py).
   """
   rows, total_len = num_prompts * group_size, prompt_len + completion_len
   if shared_prompt:
+    trained_rows = num_prompts * packed_rows if packed_rows else rows
     full = (forward_flops(cfg, batch=num_prompts, new_tokens=prompt_len)
-            + forward_flops(cfg, batch=rows, new_tokens=completion_len, cached=prompt_len))
+            + forward_flops(cfg, batch=trained_rows, new_tokens=completion_len, cached=prompt_len))
   else:
     full = forward_flops(cfg, batch=rows, new_tokens=total_len)
   phases = {
@@ -90,7 +93,8 @@ def grpo_step_flops(cfg: ModelConfig, *, num_prompts: int, group_size: int, prom
 
 
 def grpo_step_work(cfg: ModelConfig, prompt_mask: np.ndarray, completion_mask: np.ndarray, *, group_size: int,
-                   reference: bool, num_epochs: int, shared_prompt: bool = False) -> dict[str, float]:
+                   reference: bool, num_epochs: int, shared_prompt: bool = False, packed_rows: int = 0
+                   ) -> dict[str, float]:
   """The logged work of one GRPO step from its rollout's masks (prompt_mask [N, p], completion_mask [N, c]).
 
   model_flops: grpo_step_flops on the rollout's shapes, with the decode steps the sampler ran (its longest row:
@@ -100,7 +104,8 @@ def grpo_step_work(cfg: ModelConfig, prompt_mask: np.ndarray, completion_mask: n
   rows, prompt_len = prompt_mask.shape
   flops = grpo_step_flops(cfg, num_prompts=rows // group_size, group_size=group_size, prompt_len=prompt_len,
                           completion_len=completion_mask.shape[1], decode_len=int(completion_mask.sum(-1).max()),
-                          reference=reference, num_epochs=num_epochs, shared_prompt=shared_prompt)
+                          reference=reference, num_epochs=num_epochs, shared_prompt=shared_prompt,
+                          packed_rows=packed_rows)
   return {'model_flops': flops['total'], 'step_tokens': float(prompt_mask.sum() + completion_mask.sum())}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from grpo_jax.core import packing
 from grpo_jax.core.advantages import PREFIX_SCALE_OF, get_advantage_fn
 from grpo_jax.core.kl import adaptive_kl_beta
 from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective, mean_abs_diff, tis_weights
@@ -94,6 +95,16 @@ def make_grpo_train_step(setup: Setup, policy: Policy, state: TrainState, tx, *,
                          setup.rules, grad_accum_steps=cfg.rl.grad_accum_steps, micro_weight=grpo_micro_weight(config),
                          trainable=None if policy.lora is None else lora.TRAINABLE,
                          group_size=config.shared_prompt_group)
+
+
+def make_packed_train_step(setup: Setup, policy: Policy, state: TrainState, tx) -> Callable:
+  """The stage's train_step(state, Rollout, hparams): make_grpo_train_step behind host_io, one for each packed row
+  count its batches need (rl.pack_buckets; rollout/trim.per_packed_rows), built on first use."""
+  return per_packed_rows(
+      lambda rows: distributed.host_io(make_grpo_train_step(setup, policy, state, tx, pack_rows=rows),
+                                       setup.batch_sharding, batch_argnums=(1,), gather=False),
+      lambda state, batch, hparams: batch.completion_mask, group_size=shared_prompt_group(setup.cfg),
+      row_buckets=pack_row_buckets(setup.cfg))
 
 
 def shuffled_rows(key: jax.Array, num_rows: int, group_size: int = 1) -> np.ndarray:
@@ -236,11 +247,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     reference = state.params if reference is None else reference
   if policy.lora is None:
     roles['reference'] = jax.tree.map(jnp.copy, reference)  # frozen: the policy's params are donated each step
-  train_step = per_packed_rows(  # one jitted step per packed row count (rl.pack_buckets)
-      lambda rows: distributed.host_io(make_grpo_train_step(setup, policy, state, tx, pack_rows=rows),
-                                       setup.batch_sharding, batch_argnums=(1,), gather=False),
-      lambda state, batch, hparams: batch.completion_mask, group_size=shared_prompt_group(cfg),
-      row_buckets=pack_row_buckets(cfg))
+  train_step = make_packed_train_step(setup, policy, state, tx)
   advantage_fn = get_advantage_fn(rl.advantage)
   exact_kl = None
   # Rounded up to whole rows per data-parallel device, as every batch the mesh shards.
@@ -272,7 +279,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
   warned_no_delimiter = False
-  buckets, group = length_buckets(cfg), shared_prompt_group(cfg)
+  buckets, group, row_buckets = length_buckets(cfg), shared_prompt_group(cfg), pack_row_buckets(cfg)
   rng = jax.random.fold_in(setup.rng, 1)
 
   def step(state, i):
@@ -338,7 +345,8 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
                                    group_size=group, length_buckets=buckets)
     work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
                                 group_size=rl.group_size, reference=True,  # it runs also at beta 0
-                                num_epochs=rl.num_epochs, shared_prompt=group > 1)
+                                num_epochs=rl.num_epochs, shared_prompt=group > 1,
+                                packed_rows=packing.packed_rows(rollout.completion_mask, group, row_buckets))
     work['model_flops'] += extra_sampling_flops(setup.model_cfg, rollout, stats, group_size=rl.group_size,
                                                 continuations=rl.prefix_continuations)
     logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
