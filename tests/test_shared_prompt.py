@@ -2,7 +2,7 @@
 to its keys and values. Logprobs, entropies and gradients equal the repeated-prompt path (every row prompt ++
 completion) within float32 rounding: plain, qk-norm + qkv-bias, sliding window, LoRA, remat, chunked head; the
 train step with the switch on and off equal; micro-batches and minibatch shuffles keep whole groups; the same on
-8-device meshes (a subprocess: XLA_FLAGS must be set before jax starts)."""
+8-device meshes, packed (rl.pack_buckets) too (a subprocess: XLA_FLAGS must be set before jax starts)."""
 from __future__ import annotations
 
 import functools
@@ -263,6 +263,7 @@ MESH_SCRIPT = textwrap.dedent('''
     from flax import nnx
     sys.path.insert(0, sys.argv[2])
     from test_shared_prompt import BASE, G, build, grpo_rollout
+    from grpo_jax.core import packing
     from grpo_jax.core.losses import LossConfig, grpo_objective
     from grpo_jax.models.transformer import ModelConfig
     from grpo_jax.parallel import sharding
@@ -275,22 +276,24 @@ MESH_SCRIPT = textwrap.dedent('''
     graphdef, params = build(ModelConfig(**{**BASE, 'num_heads': 8, 'num_kv_heads': 4, 'head_dim': 4}))
     rollout = grpo_rollout(num_prompts=8)  # 32 rows: 8 prompts x G = 4
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))  # linear in the gradient (see the test above)
+    packed = packing.rows_needed(rollout.completion_mask, G)  # also the packed path when that is G
     out = {}
     for name, shape in json.loads(sys.argv[1]).items():
         mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), jax.devices())
         rules = sharding.DEFAULT_RULES
-        for group in (1, G):
+        for group, rows in ((1, 0), (G, 0), (G, packed)):
             state = init_state(jax.tree.map(np.array, params), tx, mesh, rules)
             shardings = state_shardings(state, mesh, rules)
             ref = make_sequence_logprobs_fn(graphdef, param_shardings=shardings.params, mesh=mesh, rules=rules,
-                                            num_micro_batches=2, group_size=group)(state.params, *rollout[:4])
-            config = LossConfig(shared_prompt_group=group)
+                                            num_micro_batches=2, group_size=group, pack_rows=rows
+                                            )(state.params, *rollout[:4])
+            config = LossConfig(shared_prompt_group=group, pack_rows=rows)
             step = make_train_step(graphdef, tx, functools.partial(grpo_objective, config=config), shardings,
                                    sharding.batch_sharding(mesh, rules), mesh, rules, grad_accum_steps=2,
                                    group_size=G)  # both: the same micro-batches, so every metric compares
             state, metrics = grpo.update(step, state, rollout, jax.random.key(0), {'beta': np.float32(0.04)},
                                          num_epochs=1, num_minibatches=2, group_size=G)
-            out[f'{name}/{group}'] = dict(
+            out[f'{name}/{group}/{rows}'] = dict(
                 ref=np.asarray(ref).tolist(), metrics={k: float(v) for k, v in metrics.items()},
                 params=[np.asarray(x).tolist() for x in jax.tree.leaves(nnx.to_pure_dict(state.params))])
     print('RESULT ' + json.dumps(out))
@@ -310,15 +313,20 @@ def test_eight_device_meshes_grouped_equals_repeated(tmp_path, meshes):
                         capture_output=True, text=True, timeout=900, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT '))[len('RESULT '):])
-  for name in meshes:
-    off, on = out[f'{name}/1'], out[f'{name}/{G}']
-    np.testing.assert_allclose(on['ref'], off['ref'], rtol=1e-5, atol=1e-5, err_msg=name)
-    for key in off['metrics']:
-      np.testing.assert_allclose(on['metrics'][key], off['metrics'][key], rtol=1e-4, atol=1e-6, err_msg=key)
+  on_keys = [key for key in out if not key.endswith('/1/0')]  # shared prompt, and shared prompt packed
+  assert len(on_keys) == 2 * len(meshes)
+  real = grpo_rollout(num_prompts=8).completion_mask > 0  # packed logprobs are 0 past each output's last token
+  for key in on_keys:
+    off, on = out[f'{key.split("/")[0]}/1/0'], out[key]
+    np.testing.assert_allclose(np.asarray(on['ref'])[real], np.asarray(off['ref'])[real], rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+    for metric in off['metrics']:
+      np.testing.assert_allclose(on['metrics'][metric], off['metrics'][metric], rtol=1e-4, atol=1e-6,
+                                 err_msg=f'{key} {metric}')
     for a, b in zip(on['params'], off['params'], strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
   # Across layouts too: the first mesh's repeated-prompt step is the reference for every shared one.
   first = next(iter(meshes))
-  for name in meshes:
-    for a, b in zip(out[f'{name}/{G}']['params'], out[f'{first}/1']['params'], strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+  for key in on_keys:
+    for a, b in zip(out[key]['params'], out[f'{first}/1/0']['params'], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
