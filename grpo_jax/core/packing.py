@@ -13,7 +13,6 @@ Shapes: P groups (prompts), G outputs per group, c columns, R packed rows per gr
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -61,18 +60,21 @@ def pack_plan(spans: jax.Array, num_rows: int, width: int) -> tuple[jax.Array, j
   return jax.vmap(one_group)(spans.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _rows_used(spans, width):
-  row, _ = pack_plan(spans, spans.shape[1], width)
-  return jnp.max(row) + 1
-
-
 def rows_needed(mask: np.ndarray, group_size: int) -> int:
-  """The packed rows per group (R) that hold every group of a right-padded batch: mask [N, c], groups of
-  group_size contiguous rows."""
-  mask = np.asarray(mask)
-  spans = np.asarray(completion_spans(mask)).reshape(-1, group_size)
-  return int(_rows_used(spans, mask.shape[1]))
+  """The packed rows per group (R) that hold every group of a batch: mask [N, c], groups of group_size contiguous
+  rows. On the host, in numpy (it runs before each jitted call): pack_plan's placement, first-fit decreasing with
+  the same stable order, counting the rows it opens."""
+  mask = np.asarray(mask).astype(bool)
+  c = mask.shape[1]
+  spans = np.max(np.where(mask, np.arange(1, c + 1), 0), axis=1).reshape(-1, group_size)
+  most = 0
+  for group in spans:
+    fill: list[int] = []
+    for span in group[np.argsort(-group, kind='stable')]:
+      row = next((r for r, used in enumerate(fill) if used + span <= c), len(fill))
+      fill[row:row + 1] = [fill[row] + span] if row < len(fill) else [span]
+    most = max(most, len(fill))
+  return most
 
 
 def packed_rows(mask: np.ndarray, group_size: int, buckets: Sequence[int]) -> int:
