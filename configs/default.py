@@ -136,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.shared_prompt = True  # update + reference forward run each prompt once for its G outputs; False: once per row
   # With rl.shared_prompt (unused without): each group's outputs are packed end to end into R <= G rows of the batch's
   # width, R rounded up to one of this many fractions k / n of G (a compile per R and width); 0 = off (core/packing.py).
-  c.rl.pack_buckets = 4
+  c.rl.pack_buckets = 8
   c.rl.master_dtype = 'float32'  # params stored narrower (model.param_dtype) train via a master copy; '' = none
 
   # rl.algorithm='ppo': RLHF PPO on GRPO's data, sampler, reward and rl.* optimizer/clip/epochs; the per-token reward is
