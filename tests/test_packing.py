@@ -201,5 +201,6 @@ def test_per_packed_rows_builds_one_function_per_row_count():
   full = np.ones((P * G, CLEN), np.int32)  # R = G: not packed
   assert [call(m) for m in (short, short, full, short, full)] == [1, 1, 0, 1, 0]
   assert built == [1, 0]
+  assert call(jax.ShapeDtypeStruct(short.shape, short.dtype)) == 0  # abstract (the planner lowers it): unpacked
   call = per_packed_rows(build_fn, lambda mask: mask, group_size=G, row_buckets=())
   assert call(short) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from grpo_jax.core import packing
@@ -64,11 +65,14 @@ def per_packed_rows(build: Callable[[int], Callable], mask_of: Callable[..., np.
                     row_buckets: Sequence[int]) -> Callable:
   """fn(*args) = build(R)(*args): R = packing.packed_rows of the batch's completion mask (mask_of(*args), [N, c]),
   the packed rows per group (0: unpacked). Each R's function is built on its first use, so a jitted one compiles
-  once per R (and per width); row_buckets () (packing off): always build(0)."""
+  once per R (and per width); row_buckets () (packing off): always build(0). An abstract mask (traced, as by the
+  memory planner's lowering) has no lengths: build(0), the unpacked rows any batch fits in."""
   built = {}
 
   def call(*args, **kwargs):
-    rows = packing.packed_rows(np.asarray(mask_of(*args)), group_size, row_buckets) if row_buckets else 0
+    mask = mask_of(*args)
+    concrete = not isinstance(mask, (jax.core.Tracer, jax.ShapeDtypeStruct))
+    rows = packing.packed_rows(np.asarray(mask), group_size, row_buckets) if row_buckets and concrete else 0
     if rows not in built:
       built[rows] = build(rows)
     return built[rows](*args, **kwargs)
