@@ -156,6 +156,7 @@ def test_kill_inside_reward_model_training_then_resume_matches_uninterrupted(ite
   assert 'reward_model_1: resuming from step' in _resume_and_compare(tmp_path, reference)
 
 
+@pytest.mark.slow  # CI time: test_kill_inside_reward_model_training_... covers resume across iterations in CI
 def test_kill_right_after_an_iteration_boundary_then_resume_matches_uninterrupted(iterative_run, tmp_path):
   reference, _ = iterative_run
   # grpo_1 is finished and saved once the next stage's checkpoint folder appears.
@@ -165,6 +166,7 @@ def test_kill_right_after_an_iteration_boundary_then_resume_matches_uninterrupte
   assert 'grpo_1: resuming' not in stdout  # the finished iteration is restored, not rerun
 
 
+@pytest.mark.slow  # CI time (about a minute); run with the slow tests
 def test_iterations_without_reference_reset_equal_one_iteration(tmp_path):
   """With the verifier's reward and the SFT reference kept, splitting GRPO into iterations changes nothing: the
   policy, optimizer, learning-rate schedule, KL controller, data order and RNG all run on across the boundary."""

@@ -106,6 +106,7 @@ def test_sigkill_mid_grpo_then_resume_matches_uninterrupted(finished_run, tmp_pa
   _resume_and_compare(tmp_path, reference)
 
 
+@pytest.mark.slow  # CI time: test_sigkill_mid_grpo_then_resume_matches_uninterrupted covers resume in CI
 def test_sigterm_saves_checkpoint_then_resume_matches(finished_run, tmp_path):
   reference, _ = finished_run
   in_grpo = lambda rows: any(r['stage'] == 'grpo' and r['step'] >= 1 for r in rows)  # noqa: E731
