@@ -141,7 +141,7 @@ def test_a_packed_row_holds_several_outputs_that_do_not_see_each_other():
   run = lambda arrays: np.asarray(forward(params, *arrays))  # noqa: E731
   before = run(arrays)
   placed = packing.plan(arrays[3], G, rows)
-  segments = np.asarray(packing.layout(placed, arrays[3], np.zeros_like(arrays[3])).segments)
+  segments = np.asarray(packing.layout(placed, np.zeros_like(arrays[3])).segments)
   assert rows < G and (np.sort(segments, axis=1)[:, -1] > np.sort(segments, axis=1)[:, 0]).any()
   spans = np.asarray(packing.completion_spans(arrays[3]))
   j = int(np.flatnonzero((spans > 1) & (spans < CLEN))[0])  # an output that shares its row with others

@@ -105,7 +105,7 @@ def _packed_logprobs(model, prompt_tokens, prompt_mask, completion_tokens, compl
   """_grouped_logprobs on packed rows: prompts [P, p], completions [N, c] -> [N, c] (and entropy)."""
   completion_mask = completion_mask.astype(bool)
   placed = packing.plan(completion_mask, group_size, pack_rows)
-  layout = packing.layout(placed, completion_mask, grouped_completion_positions(prompt_mask, completion_mask))
+  layout = packing.layout(placed, grouped_completion_positions(prompt_mask, completion_mask))
   tokens = packing.pack(placed, completion_tokens)  # [P * R, c]
   last_prompt, hidden = model.grouped_hidden_states(prompt_tokens, prompt_mask, tokens,
                                                     packing.pack(placed, completion_mask, fill=False), remat=remat,

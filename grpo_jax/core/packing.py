@@ -133,8 +133,8 @@ def unpack(packing: Packing, y: jax.Array) -> jax.Array:
   return jnp.where(valid.reshape(p * g, c, *[1] * (y.ndim - 2)), out, 0)
 
 
-def layout(packing: Packing, mask: jax.Array, positions: jax.Array) -> PackedLayout:
-  """The PackedLayout of a batch: mask, positions [N, c] (unpacked)."""
+def layout(packing: Packing, positions: jax.Array) -> PackedLayout:
+  """The PackedLayout of a batch whose unpacked positions are [N, c]."""
   p, g, c = packing.index.shape
   slots = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (p * g, c))
   segments = jnp.broadcast_to(jnp.repeat(jnp.arange(g, dtype=jnp.int32), c).reshape(g, c), (p, g, c))

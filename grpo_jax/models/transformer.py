@@ -244,7 +244,7 @@ class Attention(nnx.Module):
     out = jnp.einsum('bkqs,bksh->bkqh', probs, v_all.astype(dt))
     return self._output(out, t), new_cache
 
-  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int,
+  def grouped(self, xp, xc, group_size: int, prompt_positions, completion_positions, prompt_mask, completion_mask,
               completion_slots=None, completion_segments=None):
     """Attention of prompts [P, p] run once and their completions [N, c] (N = P * group_size, each group's rows
     contiguous): the prompts attend causally among themselves; each completion row attends to its group's prompt
@@ -369,11 +369,10 @@ class Block(nnx.Module):
     x = x + attn_out
     return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL_AXES), new_cache
 
-  def grouped(self, xp, xc, prompt_positions, completion_positions, prompt_mask, completion_mask, group_size: int,
-              completion_slots=None, completion_segments=None):
-    """The block on prompts [P, p, d] run once and their completions [N, c, d] (Attention.grouped)."""
-    ap, ac = self.attn.grouped(self.attn_norm(xp), self.attn_norm(xc), prompt_positions, completion_positions,
-                               prompt_mask, completion_mask, group_size, completion_slots, completion_segments)
+  def grouped(self, xp, xc, group_size: int, *masks):
+    """The block on prompts [P, p, d] run once and their completions [N, c, d] (Attention.grouped: masks are its
+    positions, masks, slots and segments)."""
+    ap, ac = self.attn.grouped(self.attn_norm(xp), self.attn_norm(xc), group_size, *masks)
     xp, xc = xp + ap, xc + ac
     return (constrain(xp + self.mlp(self.mlp_norm(xp)), RESIDUAL_AXES),
             constrain(xc + self.mlp(self.mlp_norm(xc)), RESIDUAL_AXES))
@@ -447,7 +446,7 @@ class Transformer(nnx.Module):
     policy = REMAT_POLICIES[remat]
     for block in self.blocks:
       if policy is None:
-        xp, xc = block.grouped(xp, xc, *masks[:4], g, *masks[4:])
+        xp, xc = block.grouped(xp, xc, g, *masks)
       else:
         xp, xc = _remat_grouped_block(block, xp, xc, masks, g, policy)
     return xp[:, -1], xc
@@ -520,5 +519,5 @@ def _remat_grouped_block(block: Block, xp, xc, masks, group_size: int, policy):
 
   @functools.partial(jax.checkpoint, policy=policy)
   def run(state, xp, xc, masks):
-    return nnx.merge(graphdef, state).grouped(xp, xc, *masks[:4], group_size, *masks[4:])
+    return nnx.merge(graphdef, state).grouped(xp, xc, group_size, *masks)
   return run(state, xp, xc, masks)
