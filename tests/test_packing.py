@@ -204,3 +204,20 @@ def test_per_packed_rows_builds_one_function_per_row_count():
   assert call(jax.ShapeDtypeStruct(short.shape, short.dtype)) == 0  # abstract (the planner lowers it): unpacked
   call = per_packed_rows(build_fn, lambda mask: mask, group_size=G, row_buckets=())
   assert call(short) == 0
+
+
+def test_pack_buckets_config_check(tiny_config):
+  from grpo_jax.pipeline.config_checks import check_config
+  from grpo_jax.pipeline.setup import pack_row_buckets
+  cfg = tiny_config
+  cfg.rl.pack_buckets = -1
+  with pytest.raises(ValueError, match=r'config\.rl\.pack_buckets must be an int >= 0, got -1'):
+    check_config(cfg, 1)
+  with pytest.raises(TypeError, match='pack_buckets'):  # ml_collections keeps the field an int
+    cfg.rl.pack_buckets = 1.5
+  cfg.rl.pack_buckets = 2
+  check_config(cfg, 1)
+  assert pack_row_buckets(cfg) == (cfg.rl.group_size // 2, cfg.rl.group_size)
+  cfg.rl.shared_prompt = False  # packing runs under the shared prompt only: unused, not an error
+  check_config(cfg, 1)
+  assert pack_row_buckets(cfg) == ()
