@@ -19,6 +19,7 @@ setup(
         'tqdm>=4.66',
         'tensorboardX>=2.6',
         'safetensors>=0.4',  # Hugging Face weights in and out (never pickle)
+        'gguf>=0.10',  # llama.cpp .gguf files as model sources (grpo_jax/models/gguf.py); numpy only
         'tensorflow-datasets>=4.9.8',  # dataset builders; array_record format, no TensorFlow needed
         'array-record>=0.5',
         'math-verify>=0.7',  # MATH answer equivalence
@@ -29,6 +30,7 @@ setup(
     extras_require={
         # torch (CPU build when pinned) is only the reference in the transformers parity tests.
         # nbclient / nbformat / ipykernel execute the notebooks (tests/test_notebook.py).
-        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
+        # accelerate: transformers loads a .gguf model only with it (tests/test_gguf.py's reference).
+        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel', 'accelerate'],
     },
 )

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: config.json + *.safetensors of Llama, Mistral, Qwen2, Qwen3 and Gemma.
+"""Hugging Face checkpoints in and out: config.json + *.safetensors of Llama, Mistral, Qwen2, Qwen3 and Gemma;
+in also from a llama.cpp .gguf file (Llama, Qwen2, Qwen3; see gguf.py) given in place of the directory.
 
     from grpo_jax.models import hf
 
@@ -12,6 +13,9 @@ slices they hold (`jax.make_array_from_callback`): no device, and no host buffer
 a tensor at a time. Pickled checkpoints (pytorch_model.bin) are never opened. Every check of the directory
 (config, tensor names, shapes, dtypes) runs before any array is built; NaN / inf values are found while the
 arrays are read, and refused before load_params returns.
+
+A GGUF file's tensors are renamed to HF's names and layouts and read through the same slicing code; quantized
+ones are dequantized to float32 first (gguf.GGUFTensor).
 
 Layouts: HF Linear weights are [out, in]; ours are [in, ...] with the heads split out, e.g. q_proj.weight
 [n*h, d] <-> wq [d, n, h] and o_proj.weight [d, n*h] <-> wo [n, h, d].
@@ -35,6 +39,8 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+# gguf imports this module too (for CheckpointFormatError); neither reads the other's names at import time
+from grpo_jax.models import gguf
 from grpo_jax.models.transformer import MODEL_TYPES, ModelConfig, Transformer
 from grpo_jax.parallel import sharding
 
@@ -172,7 +178,10 @@ def config_to_hf(model_cfg: ModelConfig) -> dict:
 
 
 def read_config(path: str) -> ModelConfig:
-  """ModelConfig of the checkpoint directory `path` (its config.json)."""
+  """ModelConfig of the checkpoint directory `path` (its config.json), or of a .gguf file (its metadata)."""
+  path = gguf.resolve_path(path)
+  if gguf.is_gguf(path):
+    return config_from_hf(gguf.hf_config(path))
   _check_dir(path)
   file = os.path.join(path, 'config.json')
   try:
@@ -281,11 +290,24 @@ def _tensor_files(path: str) -> dict[str, str]:
   return files
 
 
+@contextlib.contextmanager
+def _open_tensors(path: str):
+  """HF tensor name -> a lazily read tensor (get_shape, get_dtype, numpy slicing): safetensors' slices of the
+  directory's files, kept open while the context lasts, or a GGUF file's tensors."""
+  if gguf.is_gguf(path):
+    yield gguf.read_tensors(path)
+    return
+  files = _tensor_files(path)
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
+    yield {name: handles[file].get_slice(name) for name, file in files.items()}
+
+
 def load_params(path: str, model_cfg: ModelConfig, *, dtype=jnp.float32, shardings=None) -> nnx.State:
-  """The nnx.Param state of Transformer(model_cfg), read from the safetensors in `path`.
+  """The nnx.Param state of Transformer(model_cfg), read from the safetensors in `path` (or a .gguf file).
 
   Args:
-    path: a Hugging Face model directory (config.json is not read here; see read_config).
+    path: a Hugging Face model directory (config.json is not read here; see read_config), or a .gguf file.
     model_cfg: the architecture the tensors must fit.
     dtype: dtype (or its name) of the returned arrays; the checkpoint's F16/BF16/F32/F64 are converted.
     shardings: optional, the tree of `sharding.tree_shardings(params, mesh)`; each array is then built directly
@@ -296,21 +318,20 @@ def load_params(path: str, model_cfg: ModelConfig, *, dtype=jnp.float32, shardin
   dtype = jnp.dtype(dtype)  # accepts 'bfloat16', jnp.bfloat16, np.float32, ...
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f'dtype must be a float dtype, got {dtype}')
-  files = _tensor_files(path)
+  path = gguf.resolve_path(path)
   layout = _layout(model_cfg)
   abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)[1]
   shapes = {k: x.shape for k, x in _flat(abstract).items()}
   assert set(shapes) == set(layout), set(shapes) ^ set(layout)  # _layout is out of step with model.py
   targets = _flat(shardings) if shardings is not None else {}
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
-    tensors = {name: handles[file].get_slice(name) for name, file in files.items()}
+  with _open_tensors(path) as tensors:
     _check_tensors(path, tensors, {name: _hf_shape(shapes[k], groups) for k, (name, groups) in layout.items()},
                    model_cfg)
     loaded, nonfinite = {}, set()
     for key, (name, groups) in layout.items():
-      shape, tensor = shapes[key], tensors[name]
+      # Popped: a GGUF tensor's dequantized copy is then freed once its array is built, not held to the end.
+      shape, tensor = shapes[key], tensors.pop(name)
       # The callbacks run here, once per addressable device, before make_array_from_callback returns.
       loaded[key] = jax.make_array_from_callback(
           shape, targets.get(key, default),
@@ -365,11 +386,12 @@ def _check_tensors(path: str, tensors: dict, expected: dict[str, tuple[int, ...]
 
 def load_model(path: str, dtype=jnp.float32, *, compute_dtype=None, mesh: Mesh | None = None
                ) -> tuple[Transformer, ModelConfig]:
-  """(model, model_cfg) from a Hugging Face model directory: config.json and *.safetensors.
+  """(model, model_cfg) from a Hugging Face model directory (config.json and *.safetensors) or a .gguf file.
 
   Params are stored in `dtype`; the forward computes in `compute_dtype` (default: dtype). With a mesh, params
   are sharded by `sharding.tree_shardings`.
   """
+  path = gguf.resolve_path(path)
   model_cfg = dataclasses.replace(read_config(path), param_dtype=jnp.dtype(dtype).name,
                                   dtype=jnp.dtype(compute_dtype or dtype).name)
   model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
