@@ -24,10 +24,6 @@ from grpo_jax.rollout.rollout import Rollout
 from grpo_jax.rollout.sampling import make_sampler
 
 MESH = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-# XLA:CPU's cse_barrier_expander pass drops the optimization barriers that keep jax.checkpoint's recomputation
-# apart from the forward, and CSE then merges the two: on CPU remat saves nothing. GPU and TPU keep the
-# barriers; disabling that one pass shows their plan here.
-KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 GRPO_LOSS = functools.partial(grpo_objective, config=LossConfig())
 HPARAMS = {'beta': np.float32(0.04)}  # what the GRPO loss reads; the SFT loss ignores it
 OPT = dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.1, grad_clip=1.0, master_dtype='float32')
@@ -88,7 +84,9 @@ def test_remat_policies_same_update_and_full_remat_needs_less_memory():
   results = {}
   for remat in ('none', 'full', 'save_dots'):
     loss_fn = functools.partial(grpo_objective, config=LossConfig(remat=remat))
-    compiled, state = compiled_step(graphdef, params, tx, loss_fn, batch, options=KEEP_REMAT)
+    # The trainer's own jit, no extra options: on CPU it keeps jax.checkpoint's barriers (sharding.KEEP_REMAT),
+    # without which XLA:CPU's CSE merges the recomputation back into the forward and remat saves nothing.
+    compiled, state = compiled_step(graphdef, params, tx, loss_fn, batch)
     new_state, metrics = compiled(state, batch, HPARAMS)
     results[remat] = (compiled.memory_analysis().temp_size_in_bytes, metrics, new_state.params)
   temp = {k: v[0] for k, v in results.items()}

@@ -488,3 +488,24 @@ def test_positions_from_mask():
   mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], bool)
   want = [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]]
   np.testing.assert_array_equal(np.asarray(positions_from_mask(mask)), want)
+
+
+def test_prefill_last_only_is_the_last_position_of_the_full_head(model):
+  # The sampler's prefill (last_only): a [b, 1, v] head on the last slot, the same numbers as the full head's last row.
+  rng = np.random.default_rng(7)
+  tokens, mask = left_padded_batch(rng, [6, 2, 4], total=6)
+  positions = positions_from_mask(jnp.asarray(mask))
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def prefill(last_only, state, tokens, positions, mask):
+    m = nnx.merge(graphdef, state)
+    return m.forward_with_cache(tokens, positions, mask, KVCache.zeros(m.cfg, tokens.shape[0], 10), 0,
+                                last_only=last_only)
+
+  full, full_cache = prefill(False, state, jnp.asarray(tokens, jnp.int32), positions, jnp.asarray(mask))
+  last, last_cache = prefill(True, state, jnp.asarray(tokens, jnp.int32), positions, jnp.asarray(mask))
+  assert last.shape == (3, 1, full.shape[-1])
+  np.testing.assert_array_equal(np.asarray(last[:, 0]), np.asarray(full[:, -1]))
+  for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(last_cache), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -457,18 +457,21 @@ class Transformer(nnx.Module):
     return dense(self.final_norm(x), head.astype(self.cfg.dtype)).astype(jnp.float32)
 
   def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
-                         cache_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
+                         cache_index: jax.Array | int, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Causal forward of t new tokens that occupy cache slots cache_index .. cache_index + t - 1 (prefill or
     decode); they attend to the earlier slots in `cache`.
 
     Args:
       tokens, positions, mask: [b, t] as in __call__ (all required).
       cache: KVCache with s >= cache_index + t slots.
+      last_only: the LM head on the last position only (a prefill needs no more): [b, t, v] float32 logits of a
+        512-token prompt batch and a 49k vocabulary are gigabytes, and XLA does not cut the head's matmul to the
+        slice that is read.
     Returns:
-      (logits [b, t, v] float32, the updated cache).
+      (logits [b, t, v] float32 ([b, 1, v] with last_only), the updated cache).
     """
     x, cache = self._forward(tokens, positions, mask.astype(bool), cache, cache_index)
-    return self.logits_from_hidden(x), cache
+    return self.logits_from_hidden(x[:, -1:] if last_only else x), cache
 
   def _forward(self, tokens, positions, mask, cache, cache_index, remat='none'):
     x = self._embed(tokens)

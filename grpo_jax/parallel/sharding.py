@@ -277,12 +277,24 @@ def jit_sharded(fn: Callable, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, i
     with activation_mesh(mesh, rules):
       return fn(*args)
 
+  options = compiler_options()
   if in_shardings is None:
-    return jax.jit(body, donate_argnums=donate_argnums)
+    return jax.jit(body, donate_argnums=donate_argnums, compiler_options=options)
   if mesh is None:
     raise ValueError(f'{where}: param_shardings needs the mesh they live on (mesh=...)')
   named = {'batch': batch_sharding(mesh, rules), 'replicated': replicated(mesh)}
   resolve = lambda s: named[s] if isinstance(s, str) else s  # noqa: E731
   out = None if out_shardings is None else jax.tree.map(resolve, out_shardings)
   return jax.jit(body, in_shardings=jax.tree.map(resolve, tuple(in_shardings)), out_shardings=out,
-                 donate_argnums=donate_argnums)
+                 donate_argnums=donate_argnums, compiler_options=options)
+
+
+# XLA:CPU's cse_barrier_expander drops the optimization barriers jax.checkpoint puts around the recomputation, and
+# CSE then merges the recomputed forward into the saved one: remat (model.remat, chunked logprobs) would keep every
+# activation it was asked to drop. GPU and TPU keep the barriers.
+KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+
+
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for the jitted steps on this backend: on CPU, keep jax.checkpoint's barriers (KEEP_REMAT)."""
+  return dict(KEEP_REMAT) if jax.default_backend() == 'cpu' else None

@@ -30,9 +30,6 @@ from grpo_jax.rollout.rollout import Rollout
 
 GIB = 2**30
 MEMORY_KEYS = ('arguments', 'outputs', 'aliased', 'temporaries')
-# XLA:CPU's cse_barrier_expander drops the optimization barriers of jax.checkpoint, and CSE then merges the
-# recomputation into the forward: remat would save nothing on CPU. TPU and GPU keep them, so the plan does too.
-KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 # (config, --num_layers, mesh) -> compiled sizes: planning again for another HBM size or device kind reuses them.
 _COMPILED: dict[tuple, dict] = {}
 
@@ -125,7 +122,7 @@ def compile_phases(cfg, tokenizer, model_cfg: ModelConfig, mesh) -> dict[str, di
   out = {}
   for name, lower in lowered.items():
     start = time.perf_counter()
-    memory = lower().compile(KEEP_REMAT).memory_analysis()
+    memory = lower().compile(sharding.KEEP_REMAT).memory_analysis()  # as the trainer's jits compile
     out[name] = dict(arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
                      aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
                      compile_s=time.perf_counter() - start)

@@ -74,11 +74,11 @@ def sample(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     ends = list(range(decode_block, max_new_tokens, decode_block)) + [max_new_tokens]
   cache = KVCache.zeros(model.cfg, num_prompts, p + ends[0])
   positions = positions_from_mask(prompt_mask)
-  logits, cache = model.forward_with_cache(prompt_tokens, positions, prompt_mask, cache, 0)
+  logits, cache = model.forward_with_cache(prompt_tokens, positions, prompt_mask, cache, 0, last_only=True)
   next_position = positions[:, -1] + 1  # [num_prompts]
   if group_size > 1:  # the group's G samples continue from one prefill
     logits, cache, next_position = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0),
-                                                (logits[:, -1:], cache, next_position))
+                                                (logits, cache, next_position))
 
   def pick(logits, key):
     if greedy:
