@@ -96,6 +96,10 @@ def test_exact_kl_fn_matches_each_rows_unpadded_logits():
   assert expected > 0.01
   same = make_exact_kl_fn(graphdef)(params, params, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
   assert abs(float(same)) < 1e-6
+  for chunk in (1, 4, 6, 8):  # the heads over chunks of completion positions (4: a padded last chunk)
+    chunked = make_exact_kl_fn(graphdef, chunk_size=chunk)(params, ref_params, prompt_tokens, prompt_mask,
+                                                           completion_tokens, completion_mask)
+    np.testing.assert_allclose(float(chunked), expected, rtol=1e-4)
 
 
 def test_k3_sample_mean_approaches_the_exact_kl():

@@ -255,7 +255,7 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   exact_kl_rows = min(-(-rl.exact_kl_rows // data_parallel) * data_parallel, rl.num_prompts * rl.group_size)
   if rl.exact_kl_rows:
     exact_kl = make_exact_kl_fn(setup.graphdef, mesh=setup.mesh, rules=setup.rules,
-                                param_shardings=setup.param_shardings)
+                                param_shardings=setup.param_shardings, chunk_size=cfg.model.logprob_chunk)
     exact_kl = distributed.host_io(exact_kl, setup.batch_sharding, batch_argnums=(2, 3, 4, 5))
   # The trainer's own forward of pi_old: on every row when the loss reads it (rl.tis_cap, rl.trainer_sampling_filters),
   # else on rl.mismatch_rows rows for the logged sampler-vs-trainer gap alone.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax.core.kl import exact_kl
+from grpo_jax.core.kl import exact_kl, token_exact_kl
 from grpo_jax.core.logprobs import positions_from_mask, sequence_logprobs
 from grpo_jax.core.losses import FilteredLogits
 from grpo_jax.parallel import sharding
@@ -58,27 +58,42 @@ def make_sequence_logprobs_fn(graphdef: nnx.GraphDef, *, param_shardings=None, m
 
 
 def make_exact_kl_fn(graphdef: nnx.GraphDef, *, mesh: Mesh | None = None,
-                     rules: sharding.Rules = sharding.DEFAULT_RULES, param_shardings=None):
+                     rules: sharding.Rules = sharding.DEFAULT_RULES, param_shardings=None, chunk_size: int = 0):
   """jit-compiled fn(params, ref_params, prompt_tokens [n, p], prompt_mask, completion_tokens [n, c],
   completion_mask) -> scalar float32: the exact KL(pi_params || pi_ref_params) over the full vocabulary,
   averaged over the real completion tokens (core/kl.exact_kl). Both params merge with `graphdef` (with LoRA:
   lora.merge_params for the policy, lora.base_params for the reference). Shardings as in
   make_sequence_logprobs_fn, `param_shardings` serving both params trees.
 
-  A measurement, not a loss: it holds both models' [n, c, V] float32 completion logits at once, so call it on
-  as many rows as that fits.
+  A measurement, not a loss. chunk_size 0: both models' [n, c, V] float32 completion logits at once (with a 49k
+  vocabulary, gigabytes for a few rows). > 0: the LM heads and the KL run over chunk_size completion positions at a
+  time, so at most [n, chunk_size, V] logits of each model exist.
   """
   def kl_of(params, ref_params, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
-    # The sequence, positions and logit slice of sequence_logprobs (unchunked): the same conditionals it scores.
+    # The sequence, positions and logit slice of sequence_logprobs: the same conditionals it scores.
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
     positions = positions_from_mask(mask)
     p = prompt_tokens.shape[1]
+    models = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
+    if not chunk_size:  # slot j's logits predict the token at slot j + 1: [n, c, V]
+      logits = [m(tokens, positions, mask)[:, p - 1:-1] for m in models]
+      return exact_kl(*logits, completion_mask)
+    hidden = [m.hidden_states(tokens, positions, mask)[:, p - 1:-1] for m in models]  # [n, c, d] each
+    n, c, d = hidden[0].shape
+    chunks = -(-c // chunk_size)
+    pad = chunks * chunk_size - c
+    split = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(  # noqa: E731
+        n, chunks, chunk_size, *x.shape[2:]).swapaxes(0, 1)
+    real = split(completion_mask.astype(bool))  # padded positions are masked out
 
-    def completion_logits(params):  # slot j's logits predict the token at slot j + 1: [n, c, V]
-      return nnx.merge(graphdef, params)(tokens, positions, mask)[:, p - 1:-1]
+    def one_chunk(xs):
+      h, h_ref, m = xs
+      per_token = token_exact_kl(models[0].logits_from_hidden(h), models[1].logits_from_hidden(h_ref))
+      return jnp.sum(jnp.where(m, per_token, 0.0))
 
-    return exact_kl(completion_logits(params), completion_logits(ref_params), completion_mask)
+    total = jax.lax.map(one_chunk, (split(hidden[0]), split(hidden[1]), real)).sum()
+    return total / jnp.maximum(completion_mask.astype(bool).sum(), 1).astype(jnp.float32)
 
   in_shardings = None if param_shardings is None else (param_shardings, param_shardings, *['batch'] * 4)
   return sharding.jit_sharded(kl_of, mesh, rules, in_shardings, where='make_exact_kl_fn')
