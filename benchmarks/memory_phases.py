@@ -8,8 +8,8 @@ peak resident memory (RSS) measured per phase and the compiled sizes of each pha
 The stage is pipeline/grpo.make_stage, run as the trainer runs it; only its sampler, reference forward and train
 step are wrapped so each blocks until done and reports the peak since the phase began (VmHWM, reset through
 /proc/self/clear_refs before each phase). `before_step` is the resident memory the phases start from (params,
-reference, optimizer state, data); the JSON line also has the planner's per-phase prediction
-(grpo_jax.plan on the same config, one device, host RAM as its memory) for comparison.
+reference, optimizer state, data); the JSON line also has the prediction the trainer checks before its first step
+(plan_gib: pipeline/plan.check_memory, the memory in use plus each phase's planned growth) for comparison.
 """
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grpo_jax.parallel import distributed
-from grpo_jax.pipeline import grpo, host_memory
+from grpo_jax.pipeline import grpo, host_memory, plan
 from grpo_jax.pipeline.config_checks import check_config, parse_flags
 from grpo_jax.pipeline.setup import build_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]), as for grpo_jax.train.',
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 2, 'GRPO steps to run (the first compiles).')
-_PLAN = flags.DEFINE_bool('plan', True, "Also compute grpo_jax.plan's per-phase prediction (compiles each phase "
-                          'again ahead of time).')
+_PLAN = flags.DEFINE_bool('plan', True, "First the trainer's memory check (pipeline/plan.check_memory: each phase "
+                          'compiled ahead of time): its per-phase prediction goes beside the measured peaks.')
 
 GIB = 2**30
 
@@ -66,6 +66,7 @@ def main(argv):
   host_memory.reset_peak_rss()
   setup = build_setup(cfg)
   loaded = host_memory.peak_rss_bytes() / GIB
+  checked = plan.check_memory(cfg, setup) if _PLAN.value else None  # what the trainer checks before its first step
   peaks = PhasePeaks()
   make_train_step = grpo.make_packed_train_step
   grpo.make_packed_train_step = lambda *a, **k: peaks.wrap('train_step', make_train_step(*a, **k))
@@ -92,10 +93,9 @@ def main(argv):
             'step': {'num_prompts': cfg.rl.num_prompts, 'group_size': cfg.rl.group_size,
                      'max_prompt_len': cfg.max_prompt_len, 'max_new_tokens': cfg.max_new_tokens,
                      'remat': cfg.model.remat, 'logprob_chunk': cfg.model.logprob_chunk}}
-  if _PLAN.value:
-    from grpo_jax.pipeline.plan import make_plan  # noqa: PLC0415  (compiles; only when asked)
-    plan = make_plan(cfg, num_devices=jax.device_count(), device_kind='cpu', hbm_gib=64, use_devices=True)
-    result['plan_gib'] = {k: round(v['total'] / GIB, 3) for k, v in plan['phases'].items()}
+  if checked is not None:
+    result['plan_gib'] = {k: round(v / GIB, 3) for k, v in checked['need'].items()}
+    result['plan_in_use_gib'] = round(checked['in_use'] / GIB, 3)
   print(json.dumps(result))
   return 0
 

@@ -205,6 +205,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 1  # steps between metric fetches from device
   c.max_nonfinite_steps = 10  # a step with a non-finite loss / gradient is skipped; this many in a row stop the run
   c.compile_cache_dir = ''  # e.g. ~/.cache/grpo_jax/xla: reruns and resumed runs load compiled steps from it
+  # Before the first step, the GRPO step's memory plan (grpo_jax.plan, compiled on the run's mesh) against the memory
+  # this process has (host RAM on CPU): 'auto' = for real models (model.path set) | 'on' | 'off'
+  c.memory_check = 'auto'
+  c.memory_limit_gib = 0.0  # the budget memory_check plans against; 0 = what this process has
 
   if arg == 'tiny':  # a CPU smoke run: every stage, a few steps each
     c.task.num_train, c.task.num_val, c.task.num_test = 256, 16, 32

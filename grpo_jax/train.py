@@ -43,7 +43,7 @@ def main(argv):
     sys.stderr.write(f'\ngrpo_jax.train: {e}\n')  # after the progress bar's line
     sys.stderr.flush()
     os._exit(1)
-  except (ValueError, FileNotFoundError, CheckpointError, WorkdirError, NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, MemoryError, CheckpointError, WorkdirError, NonFiniteError) as e:
     sys.exit(f'grpo_jax.train: {e}')  # bad input or a stopped run: the message says what and what to do
   except OSError as e:
     if e.errno != errno.ENOSPC:

@@ -134,3 +134,78 @@ def test_deepseekmath_7b_totals():
   # 1024 rows x 1536 tokens, no remat or minibatches: the train step's activations cannot fit 95 GiB.
   assert not report['fits'] and report['peak_phase'] == 'train_step'
   assert report['flops']['total'] == pytest.approx(7.73e16, rel=0.01)  # policy fwd+bwd + sampling
+
+
+def _real_shaped_model_dir(path: Path, *, vocab: int, num_layers: int) -> None:
+  """A random Llama-shaped Hugging Face directory: many layers, a large vocabulary (the embedded tokenizer plus
+  made-up tokens), so the plan is checked where real models spend memory (LM head, depth) at a CI-sized cost."""
+  import numpy as np  # noqa: PLC0415
+
+  from grpo_jax.data.tokenizer import build_tokenizer  # noqa: PLC0415
+  from grpo_jax.models import hf  # noqa: PLC0415
+
+  tokenizer = build_tokenizer()
+  tokenizer.add_tokens([f'<made_up_{i}>' for i in range(vocab - len(tokenizer))])
+  cfg = ModelConfig(vocab_size=len(tokenizer), d_model=64, num_layers=num_layers, num_heads=4, num_kv_heads=2,
+                    head_dim=16, mlp_dim=192, tie_embeddings=True)
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32),
+                                                nnx.to_pure_dict(params)))
+  hf.save_model(nnx.merge(graphdef, params), cfg, str(path))
+  tokenizer.save_pretrained(str(path))
+
+
+def _real_shaped_overrides(model_dir: Path, num_layers: int) -> list[str]:
+  return [f'--config.model.path={model_dir}', '--config.sft.max_steps=0', '--config.rl.num_prompts=2',
+          '--config.rl.group_size=4', '--config.max_new_tokens=128', '--config.cpu_devices=0',
+          '--config.task.num_test=4', '--config.eval.batch_size=4', '--config.max_prompt_len=112',
+          # config.model must agree with the checkpoint's config.json (the embedded default's fields are set)
+          '--config.model.d_model=64', '--config.model.head_dim=16', '--config.model.mlp_dim=192',
+          f'--config.model.num_layers={num_layers}', '--config.model.tie_embeddings=True']
+
+
+def test_trainer_memory_check_predicts_each_phase_peak(tmp_path):
+  # The prediction the trainer checks before its first step (plan.check_memory: the memory in use after compiling
+  # the phases, the trees the stage adds, the largest planned phase growth) against each phase's measured peak RSS
+  # in the trainer's own GRPO stage (benchmarks/memory_phases.py), on a 12-layer model with a 16k vocabulary.
+  model_dir = tmp_path / 'model'
+  _real_shaped_model_dir(model_dir, vocab=16384, num_layers=12)
+  overrides = [*_real_shaped_overrides(model_dir, 12), '--config.model.remat=full', '--config.model.logprob_chunk=32']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, 'benchmarks/memory_phases.py', f'--config={REPO}/configs/default.py',
+                         '--steps=2', *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = last_json(proc.stdout)
+  print(json.dumps(result))
+  for phase, predicted in result['plan_gib'].items():
+    measured = max(result['phase_peak_gib'][phase])
+    assert abs(predicted - measured) <= 0.25 * measured, (phase, predicted, measured, result)
+
+
+def test_trainer_stops_with_one_line_when_the_plan_does_not_fit(tmp_path):
+  model_dir = tmp_path / 'model'
+  _real_shaped_model_dir(model_dir, vocab=4096, num_layers=2)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, '-m', 'grpo_jax.train', f'--config={REPO}/configs/default.py',
+                         f'--workdir={workdir}', *_real_shaped_overrides(model_dir, 2),
+                         '--config.memory_limit_gib=0.25'], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('grpo_jax.train: memory plan: the GRPO train_step needs'), proc.stderr[-2000:]
+  assert 'of host RAM' in last and 'this process has 0.2 GiB' in last
+  # remat and the chunked head are off in the embedded default: both are named, with the knobs that shrink the step
+  assert '--config.model.remat=full --config.model.logprob_chunk=64 --config.rl.grad_accum_steps=2' in last
+  assert 'Traceback' not in proc.stderr
+  assert not (workdir / 'metrics.jsonl').exists() and not (workdir / 'init_eval.json').exists()  # nothing ran
+
+
+def test_knob_hints_leave_out_knobs_already_at_their_smallest():
+  cfg = load_config()
+  cfg.model.remat, cfg.model.logprob_chunk, cfg.rl.grad_accum_steps = 'full', 32, 2
+  assert plan._knob_hints(cfg, 'train_step') == '--config.rl.grad_accum_steps=4 --config.rl.num_minibatches=2'
+  assert plan._knob_hints(cfg, 'sampler') == ('--config.rl.num_prompts=8 --config.rl.group_size=4 '
+                                              '--config.max_new_tokens=20 --config.max_prompt_len=28')

@@ -277,16 +277,15 @@ def jit_sharded(fn: Callable, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, i
     with activation_mesh(mesh, rules):
       return fn(*args)
 
-  options = compiler_options()
   if in_shardings is None:
-    return jax.jit(body, donate_argnums=donate_argnums, compiler_options=options)
+    return _jit(body, donate_argnums=donate_argnums)
   if mesh is None:
     raise ValueError(f'{where}: param_shardings needs the mesh they live on (mesh=...)')
   named = {'batch': batch_sharding(mesh, rules), 'replicated': replicated(mesh)}
   resolve = lambda s: named[s] if isinstance(s, str) else s  # noqa: E731
   out = None if out_shardings is None else jax.tree.map(resolve, out_shardings)
-  return jax.jit(body, in_shardings=jax.tree.map(resolve, tuple(in_shardings)), out_shardings=out,
-                 donate_argnums=donate_argnums, compiler_options=options)
+  return _jit(body, in_shardings=jax.tree.map(resolve, tuple(in_shardings)), out_shardings=out,
+              donate_argnums=donate_argnums)
 
 
 # XLA:CPU's cse_barrier_expander drops the optimization barriers jax.checkpoint puts around the recomputation, and
@@ -298,3 +297,25 @@ KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 def compiler_options() -> dict[str, str] | None:
   """XLA options for the jitted steps on this backend: on CPU, keep jax.checkpoint's barriers (KEEP_REMAT)."""
   return dict(KEEP_REMAT) if jax.default_backend() == 'cpu' else None
+
+
+class _TopLevelOptions:
+  """jax.jit(fn) compiled with compiler_options() when called on arrays; called inside another jit (on tracers) it is
+  the plain jit, as jax takes compiler_options on top-level jits only. Other attributes are the top-level jit's."""
+
+  def __init__(self, fn: Callable, options: dict[str, str], **jit_kwargs):
+    self._top = jax.jit(fn, compiler_options=options, **jit_kwargs)
+    self._nested = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+      return self._nested(*args)
+    return self._top(*args)
+
+  def __getattr__(self, name):
+    return getattr(self._top, name)
+
+
+def _jit(fn: Callable, **jit_kwargs):
+  options = compiler_options()
+  return jax.jit(fn, **jit_kwargs) if options is None else _TopLevelOptions(fn, options, **jit_kwargs)

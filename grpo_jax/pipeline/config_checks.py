@@ -96,6 +96,11 @@ def _check_runtime_knobs(cfg) -> None:
   cache = cfg.compile_cache_dir
   if not isinstance(cache, str):
     raise ValueError(f"config.compile_cache_dir must be a directory path or '' (off), got {cache!r}")
+  if cfg.memory_check not in ('auto', 'on', 'off'):
+    raise ValueError(f"config.memory_check={cfg.memory_check!r} is unknown; known: 'auto', 'on', 'off'")
+  if not isinstance(cfg.memory_limit_gib, (int, float)) or cfg.memory_limit_gib < 0:
+    raise ValueError(f'config.memory_limit_gib must be a number >= 0 (0 = what this process has), got '
+                     f'{cfg.memory_limit_gib!r}')
   if cache and os.path.exists(os.path.expanduser(cache)) and not os.path.isdir(os.path.expanduser(cache)):
     raise ValueError(f'config.compile_cache_dir={cache!r} exists and is not a directory')
 

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh
 from grpo_jax.models import flops
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
+from grpo_jax.pipeline import host_memory
 from grpo_jax.pipeline.config_checks import check_batch_layout
 from grpo_jax.pipeline.grpo import loss_hparams, make_grpo_train_step
 from grpo_jax.pipeline.setup import build_setup, layout_rules, tokenizer_and_model_config
@@ -141,6 +142,101 @@ def _extrapolate(at_k: dict, at_k1: dict, k: int, layers: int) -> dict:
   return out
 
 
+def resident_trees(cfg, params, mesh, rules: sharding.Rules, param_dtype: str) -> dict[str, int]:
+  """Bytes per device of the trees a GRPO stage keeps for its whole length: the policy, AdamW's state, the frozen
+  reference (kept whatever beta is) and, when an SFT stage runs first, the initial params it outlives."""
+  rl = cfg.rl
+  opt_state = jax.eval_shape(make_optimizer(rl, rl.num_steps, param_dtype=param_dtype).init, params)
+  policy = shard_bytes(params, sharding.tree_shardings(params, mesh, rules))
+  resident = {'policy params': policy,
+              'optimizer state': shard_bytes(opt_state, sharding.tree_shardings(opt_state, mesh, rules)),
+              'reference params': policy}
+  if cfg.sft.max_steps > 0:
+    resident['initial params'] = policy
+  return resident
+
+
+def phase_totals(compiled: dict[str, dict], resident: dict[str, int]) -> dict[str, dict]:
+  """Each phase's compiled sizes plus the resident trees that are not among its arguments: its peak per device
+  ('total'), and 'working_set', what the phase adds on top of the memory in use when it starts (outputs - aliased
+  + temporaries: its arguments already exist)."""
+  # The sampler's arguments are the policy params (a copy resharded to its layout is among its temporaries).
+  others = {'sampler': ['optimizer state', 'reference params'],
+            'reference_forward': ['policy params', 'optimizer state'],
+            'train_step': ['reference params']}
+  phases = {}
+  for name, m in compiled.items():
+    rest = sum(resident[k] for k in others[name] + (['initial params'] if 'initial params' in resident else []))
+    working = m['outputs'] - m['aliased'] + m['temporaries']
+    phases[name] = {**{k: int(m[k]) for k in MEMORY_KEYS}, 'resident': rest,
+                    'total': int(m['arguments'] + working + rest), 'working_set': int(working),
+                    'compile_s': m['compile_s'], 'temporaries_per_layer': m.get('temporaries_per_layer')}
+  return phases
+
+
+# What makes each phase smaller, for the trainer's "does not fit" line (knobs already at their smallest are left out).
+_KNOBS = {
+    'train_step': (('model.remat', 'full'), ('model.logprob_chunk', 64), ('rl.grad_accum_steps', None),
+                   ('rl.num_minibatches', None)),
+    'reference_forward': (('model.logprob_chunk', 64), ('rl.grad_accum_steps', None)),
+    'sampler': (('rl.num_prompts', None), ('rl.group_size', None), ('max_new_tokens', None), ('max_prompt_len', None)),
+}
+
+
+def _knob_hints(cfg, phase: str) -> str:
+  hints = []
+  for knob, want in _KNOBS[phase]:
+    section, _, name = knob.rpartition('.')
+    value = (cfg[section] if section else cfg)[name]
+    if want is None:
+      grow = knob in ('rl.grad_accum_steps', 'rl.num_minibatches')
+      hints.append(f'--config.{knob}={value * 2 if grow else max(1, value // 2)}')
+    elif value != want and not (knob == 'model.logprob_chunk' and 0 < value <= want):
+      hints.append(f'--config.{knob}={want}')
+  return ' '.join(hints)
+
+
+def memory_in_use_and_limit(devices) -> tuple[int | None, int | None, str]:
+  """(bytes in use, bytes this process may use, what they are of): device memory on an accelerator (the fullest of
+  `devices`), host RAM and this process's resident memory on CPU."""
+  if devices[0].platform == 'cpu':
+    return host_memory.rss_bytes(), host_memory.host_memory_bytes(), 'host RAM'
+  stats = [d.memory_stats() or {} for d in devices]
+  in_use = [s.get('bytes_in_use') for s in stats]
+  limit = [s.get('bytes_limit') for s in stats]
+  if None in in_use or None in limit:
+    return None, None, 'device memory'
+  return max(in_use), min(limit), 'device memory'
+
+
+def check_memory(cfg, setup, limit_bytes: int | None = None) -> dict | None:
+  """Before a GRPO stage's first step: the plan of its phases (compiled here, on the run's own mesh) against the
+  memory this process has (or limit_bytes). Raises MemoryError with one line naming the phase and the knobs that
+  would shrink it; returns the numbers checked (None where the backend does not report its memory)."""
+  if memory_in_use_and_limit(setup.mesh.devices.flat)[0] is None:
+    return None
+  model_cfg = setup.model_cfg
+  resident = resident_trees(cfg, abstract_model(model_cfg)[1], setup.mesh, setup.rules, model_cfg.param_dtype)
+  phases = phase_totals(compile_phases(cfg, setup.tokenizer, model_cfg, setup.mesh), resident)
+  # In use now, read after those compiles: the policy params, and on CPU also the runtime, data, mapped weight files,
+  # compiled programs and the compiler's leftover heap, which the run's own compiles leave the same. Still to come:
+  # the resident trees the stage adds, then the phase's working set. Freed buffers stay in the process's pool and
+  # are reused, so the phases' working sets do not add up: the largest one counts.
+  in_use, limit, what = memory_in_use_and_limit(setup.mesh.devices.flat)
+  limit = limit_bytes or limit
+  to_come = resident['optimizer state'] + resident['reference params']
+  need = {name: in_use + to_come + ph['working_set'] for name, ph in phases.items()}
+  worst = max(need, key=need.get)
+  result = {'in_use': in_use, 'limit': limit, 'need': need, 'peak_phase': worst, 'of': what}
+  if need[worst] > limit:
+    raise MemoryError(
+        f'memory plan: the GRPO {worst} needs {need[worst] / GIB:.1f} GiB of {what} ({in_use / GIB:.1f} in use, '
+        f'{to_come / GIB:.1f} for the optimizer state and reference, {phases[worst]["working_set"] / GIB:.1f} for '
+        f'the phase) and this process has {limit / GIB:.1f} GiB; to fit, try {_knob_hints(cfg, worst)} '
+        '(or --config.memory_check=off to run anyway)')
+  return result
+
+
 def make_plan(cfg, *, num_devices: int, device_kind: str, hbm_gib: float | None = None,
               num_layers: int | None = None) -> dict:
   """The plan as a JSON-able dict (sizes in bytes per device). Bad input raises ValueError before any compile."""
@@ -170,14 +266,7 @@ def make_plan(cfg, *, num_devices: int, device_kind: str, hbm_gib: float | None 
                      'simulate_devices(num_devices) before jax starts')
   mesh = sharding.make_mesh(sizes)
   rl = cfg.rl
-  param_shardings = sharding.tree_shardings(params, mesh, rules)
-  opt_state = jax.eval_shape(make_optimizer(rl, rl.num_steps, param_dtype=model_cfg.param_dtype).init, params)
-  policy = shard_bytes(params, param_shardings)
-  resident = {'policy params': policy,
-              'optimizer state': shard_bytes(opt_state, sharding.tree_shardings(opt_state, mesh, rules)),
-              'reference params': policy}  # the GRPO stage keeps a frozen copy whatever beta is
-  if cfg.sft.max_steps > 0:
-    resident['initial params'] = policy  # setup.init_params outlives the SFT stage
+  resident = resident_trees(cfg, params, mesh, rules, model_cfg.param_dtype)
 
   start = time.perf_counter()
   key = (cfg.to_json_best_effort(sort_keys=True), num_layers, tuple(sizes.items()))
@@ -191,16 +280,7 @@ def make_plan(cfg, *, num_devices: int, device_kind: str, hbm_gib: float | None 
   compiled = _COMPILED[key]
   compile_s = time.perf_counter() - start
 
-  # The sampler's arguments are the policy params (a copy resharded to its layout is among its temporaries).
-  others = {'sampler': ['optimizer state', 'reference params'],
-            'reference_forward': ['policy params', 'optimizer state'],
-            'train_step': ['reference params']}
-  phases = {}
-  for name, m in compiled.items():
-    rest = sum(resident[k] for k in others[name] + (['initial params'] if 'initial params' in resident else []))
-    own = m['arguments'] + m['outputs'] - m['aliased'] + m['temporaries']
-    phases[name] = {**{k: int(m[k]) for k in MEMORY_KEYS}, 'resident': rest, 'total': int(own + rest),
-                    'compile_s': m['compile_s'], 'temporaries_per_layer': m.get('temporaries_per_layer')}
+  phases = phase_totals(compiled, resident)
   peak_phase = max(phases, key=lambda k: phases[k]['total'])
   peak = phases[peak_phase]['total']
 

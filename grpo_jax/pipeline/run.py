@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from collections.abc import Sequence
 
 import jax
@@ -197,6 +198,20 @@ def _iterations(setup: Setup, sft_params, sinks: Sinks) -> tuple[dict, list[dict
   return state, summaries, rm_summaries
 
 
+def _check_memory(cfg, setup) -> None:
+  """config.memory_check: the GRPO step's memory plan against what this process has, before anything runs."""
+  mode = cfg.memory_check
+  if mode == 'off' or (mode == 'auto' and not cfg.model.path) or not cfg.rl.num_steps or cfg.rl.algorithm != 'grpo':
+    return
+  from grpo_jax.pipeline import plan  # noqa: PLC0415  (imports the whole stage; only when checking)
+  start = time.perf_counter()
+  checked = plan.check_memory(cfg, setup, int(cfg.memory_limit_gib * 2**30) or None)  # MemoryError: phase, knobs
+  if checked is not None:
+    distributed.print0(f"memory plan: peak phase {checked['peak_phase']} "
+                       f"{checked['need'][checked['peak_phase']] / 2**30:.1f} GiB of {checked['limit'] / 2**30:.1f} "
+                       f"GiB {checked['of']} (checked in {time.perf_counter() - start:.0f} s)")
+
+
 def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict:
   """Train as `cfg` says, in `workdir` (created; resumed when it holds checkpoints). Returns the summary.
 
@@ -234,6 +249,7 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict:
                 checkpoint_every=cfg.checkpoint_every, checkpoint_keep=cfg.checkpoint_keep,
                 compute_dtype=cfg.model.dtype, max_nonfinite_steps=cfg.max_nonfinite_steps)
 
+  _check_memory(cfg, setup)
   init_eval = _initial_eval(setup, workdir, is_main)
   if cfg.sft.max_steps > 0:
     state, sft_summary = run_stage(sft.make_stage(setup, setup.init_params), sinks)

@@ -19,7 +19,8 @@ LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'  # the config of the latest run in this workdir
 HISTORY_FILE = 'config_history.jsonl'  # one line per run start: when, and what changed against the saved config
 # Knobs that change how a run is logged or saved, not what it computes: they may differ on resume.
-NOT_TRAJECTORY = ('log_every', 'checkpoint_every', 'checkpoint_keep', 'compile_cache_dir', 'export_hf')
+NOT_TRAJECTORY = ('log_every', 'checkpoint_every', 'checkpoint_keep', 'compile_cache_dir', 'export_hf',
+                  'memory_check', 'memory_limit_gib')
 
 
 class WorkdirError(RuntimeError):
