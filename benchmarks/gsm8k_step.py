@@ -28,14 +28,20 @@ def prompt_split(tokenizer, rows: Sequence[tuple[str, str]], width: int) -> Toke
   """(text, answer) rows as the trainer's prompt batch: <bos> + one token per character, left-padded to `width`
   (TRL pads to each step's longest, which the workload makes `width` in every step)."""
   ids = [[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)['input_ids'] for text, _ in rows]
+  return left_padded(ids, [answer for _, answer in rows], width=width, pad_id=tokenizer.pad_token_id)
+
+
+def left_padded(ids: Sequence[Sequence[int]], answers: Sequence[str], *, width: int, pad_id: int) -> TokenizedSplit:
+  """Prompt token ids (a real model's chat prompts: gsm8k_workload.chat_prompts) as the trainer's prompt batch,
+  left-padded to `width` [n, width] with mask 1 on the prompt's tokens."""
   if max(map(len, ids)) > width:
     raise ValueError(f'a prompt has {max(map(len, ids))} tokens, more than width={width}')
-  tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
+  tokens = np.full((len(ids), width), pad_id, np.int32)
   mask = np.zeros((len(ids), width), np.int32)
   for i, row in enumerate(ids):
     tokens[i, width - len(row):], mask[i, width - len(row):] = row, 1
   empty = np.zeros((len(ids), 1), np.int32)
-  return TokenizedSplit(tokens, mask, empty, empty, [answer for _, answer in rows])
+  return TokenizedSplit(tokens, mask, empty, empty, list(answers))
 
 
 @functools.partial(jax.jit, static_argnames=('eos_id', 'pad_id', 'replace_id'))

