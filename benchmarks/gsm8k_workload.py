@@ -30,8 +30,8 @@ Prompts: GSM8K train questions (data/gsm8k/train.jsonl) as the user turn of the 
 Per step: P = 4 prompts x G = 8 completions, temperature 1, top_p 1, top_k 0, lr 1e-6, beta 0.04, fp32.
 Completion lengths: completion_lengths above (max 256), cut to the budget when a smoke run asks for less
   (capped_lengths: every step keeps one row at the budget). The model's EOS is <|im_end|>.
-Memory settings: each side's default for a real model (TRL: gradient checkpointing on; grpo_jax:
-  configs/smollm2.py, remat 'full' and logprobs 64 positions at a time).
+Memory settings: each side's default for a real model (TRL: gradient checkpointing on; grpo_jax: configs/smollm2.py's
+  remat, micro-batches, KV-cache block and logprob chunk).
 """
 from __future__ import annotations
 
