@@ -144,6 +144,11 @@ def use_smollm2(baseline, path: str, dims: dict):
 
   def build_model(vocab_size, tok):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers marks a model read from a GGUF file as 'gguf'-quantized, though its weights are plain fp32 now,
+    # and refuses to save it; the baseline saves it for TRL to load the policy and reference from.
+    model.hf_quantizer = None
+    if hasattr(model.config, 'quantization_config'):
+      del model.config.quantization_config
     c = model.config
     dims.update(arch=type(model).__name__, source=name, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                 intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
