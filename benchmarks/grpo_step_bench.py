@@ -15,6 +15,13 @@ completions of 256 at most whose lengths are forced to the workload's seeded dra
 how, on the trainer's own sampler). Its roofline counts only the FLOPs the step must do (gsm8k_step.must_do_flops:
 each prompt once per group, completions up to their EOS); 'padded_step_gflops' is models/flops.grpo_step_flops
 on the padded shapes the step runs (each prompt once per group too under rl.shared_prompt).
+
+--workload gsm8k --model smollm2 (the twin of trl_gsm8k.py --model smollm2; the workload spec's real-model variant):
+SmolLM2-135M-Instruct from its GGUF file with configs/smollm2.py's settings (its remat, micro-batches, KV-cache
+block, logprob chunk, reward, lr and CPU devices, unless a flag says otherwise) set to the workload: chat-template
+GSM8K prompts left-padded to gsm8k_workload.PROMPT_WIDTH, G = 8, the forced lengths (cut to --max-completion-length
+when it is below 256, for smoke runs). Its phases are timed once each after the steps (each is seconds; the steps
+compiled their shapes).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from configs import default
+from configs import default, smollm2
 from grpo_jax.core import packing
 from grpo_jax.core.advantages import get_advantage_fn
 from grpo_jax.data.batches import TokenizedSplit
@@ -49,7 +56,7 @@ from grpo_jax.rollout.rollout import Rollout, collect_rollout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsm8k_workload  # noqa: E402
-from gsm8k_step import forced_length_sampler, must_do_flops, prompt_split  # noqa: E402
+from gsm8k_step import forced_length_sampler, left_padded, must_do_flops, prompt_split  # noqa: E402
 from roofline import matmul_peak_flops  # noqa: E402
 
 CHARACTERS = string.digits + ' +-*/=:' + 'QA' + string.ascii_lowercase  # 45 + 4 specials = 49
@@ -93,7 +100,27 @@ def workload_config(args, prompt_len: int = 13) -> ConfigDict:
   cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p = 1.0, 0, 1.0
   cfg.eval.batch_size = args.prompts_per_step  # unused; must split over the devices
   cfg.sft.max_steps = 0
-  for item in args.set:  # e.g. rl.grad_accum_steps=4: dotted config path = Python literal (else a string)
+  return apply_overrides(cfg, args.set)
+
+
+def smollm2_workload_config(args) -> ConfigDict:
+  """configs/smollm2.py (model, memory settings, reward, lr) set to the workload's batch, lengths and sampling;
+  then the --set overrides."""
+  cfg = smollm2.get_config()
+  if args.gguf:
+    cfg.model.path = args.gguf
+  cfg.max_prompt_len, cfg.max_new_tokens = gsm8k_workload.PROMPT_WIDTH, args.max_completion_length
+  cfg.decode_block = args.decode_block
+  cfg.rl.num_prompts, cfg.rl.group_size = args.prompts_per_step, args.num_generations
+  cfg.rl.num_epochs, cfg.rl.num_minibatches, cfg.rl.grad_accum_steps = 1, 1, args.micro_batches
+  cfg.rl.beta, cfg.rl.lr = args.beta, gsm8k_workload.SMOLLM2_LR  # the config's, written here as the spec says
+  cfg.rl.temperature, cfg.rl.top_k, cfg.rl.top_p = 1.0, 0, 1.0
+  cfg.eval.batch_size = args.prompts_per_step  # unused; must split over the devices
+  return apply_overrides(cfg, args.set)
+
+
+def apply_overrides(cfg: ConfigDict, items: list[str]) -> ConfigDict:
+  for item in items:  # e.g. rl.grad_accum_steps=4: dotted config path = Python literal (else a string)
     path, _, text = item.partition('=')
     *parents, leaf = path.split('.')
     node = cfg
@@ -117,19 +144,26 @@ def main() -> int:
   ap.add_argument('--steps', type=int, default=10)
   ap.add_argument('--max-completion-length', type=int, default=None,
                   help='addition: 32; gsm8k: the budget, 256 (the longest forced length) or more')
-  ap.add_argument('--num-generations', type=int, default=None, help='addition: 8; gsm8k: 16')
+  ap.add_argument('--num-generations', type=int, default=None, help='addition: 8; gsm8k: 16 (smollm2: 8)')
   ap.add_argument('--prompts-per-step', type=int, default=None,
                   help=f'addition: 4; gsm8k: {gsm8k_workload.PROMPTS_PER_STEP}')
+  ap.add_argument('--model', choices=('character', 'smollm2'), default='character',
+                  help="character: the TRL baseline's random character-level model; smollm2 (gsm8k only): "
+                       'SmolLM2-135M-Instruct with configs/smollm2.py')
+  ap.add_argument('--gguf', default='', help="smollm2: the GGUF file (default: configs/smollm2.py's model.path)")
   ap.add_argument('--seed', type=int, default=0, help="gsm8k: the workload's prompts and lengths")
   ap.add_argument('--beta', type=float, default=0.04)
   ap.add_argument('--fixed-length', action='store_true', help='suppress EOS: every completion is full length')
-  ap.add_argument('--micro-batches', type=int, default=1,
+  ap.add_argument('--micro-batches', type=int, default=None,
                   help='rl.grad_accum_steps: the update (and the reference forward) computed over this many equal '
-                       'micro-batches (the same result; on CPU smaller working sets are faster and use less memory)')
-  ap.add_argument('--decode-block', type=int, default=0,
-                  help='config.decode_block: the KV cache grows this many slots at a time (same tokens)')
-  ap.add_argument('--cpu-devices', type=int, default=2,
-                  help="config.cpu_devices: XLA CPU devices that share each batch (the trainer's default 2; 0 = one)")
+                       'micro-batches (the same result; on CPU smaller working sets are faster and use less memory); '
+                       "default 1, smollm2: configs/smollm2.py's")
+  ap.add_argument('--decode-block', type=int, default=None,
+                  help="config.decode_block: the KV cache grows this many slots at a time (same tokens); default 0, "
+                       "smollm2: configs/smollm2.py's")
+  ap.add_argument('--cpu-devices', type=int, default=None,
+                  help="config.cpu_devices: XLA CPU devices that share each batch (the trainer's default 2; 0 = one; "
+                       "smollm2: configs/smollm2.py's)")
   ap.add_argument('--compile-cache', default='',
                   help='config.compile_cache_dir: load compiled executables from this dir (a rerun: run twice)')
   ap.add_argument('--set', action='append', default=[], metavar='PATH=VALUE',
@@ -139,35 +173,56 @@ def main() -> int:
     ap.error('--steps must be >= 2 (step 1 is warm-up)')
   if any('=' not in item for item in args.set):
     ap.error(f'--set takes PATH=VALUE, got {args.set}')
-  gsm8k = args.workload == 'gsm8k'
-  defaults = ((gsm8k_workload.MAX_COMPLETION, gsm8k_workload.G, gsm8k_workload.PROMPTS_PER_STEP) if gsm8k
-              else (32, 8, 4))
+  gsm8k, real = args.workload == 'gsm8k', args.model == 'smollm2'
+  if real and not gsm8k:
+    ap.error('--model smollm2 runs --workload gsm8k only')
+  defaults = ((gsm8k_workload.MAX_COMPLETION, gsm8k_workload.SMOLLM2_G if real else gsm8k_workload.G,
+               gsm8k_workload.PROMPTS_PER_STEP) if gsm8k else (32, 8, 4))
   for name, value in zip(('max_completion_length', 'num_generations', 'prompts_per_step'), defaults, strict=True):
     if getattr(args, name) is None:
       setattr(args, name, value)
-  if gsm8k and (args.fixed_length or args.max_completion_length < gsm8k_workload.MAX_COMPLETION):
+  if gsm8k and (args.fixed_length or args.max_completion_length < gsm8k_workload.MAX_COMPLETION and not real):
     ap.error(f'--workload gsm8k forces its own lengths (at most {gsm8k_workload.MAX_COMPLETION}): no '
              f'--fixed-length, no --max-completion-length below {gsm8k_workload.MAX_COMPLETION}')
 
   t_start = time.perf_counter()
+  # Unset flags take the trainer's defaults: configs/smollm2.py's for the real model, the embedded model's else.
+  real_cfg = smollm2.get_config()
+  flag_defaults = {'cpu_devices': (real_cfg.cpu_devices, 2), 'micro_batches': (real_cfg.rl.grad_accum_steps, 1),
+                   'decode_block': (real_cfg.decode_block, 0)}
+  flag_defaults = {name: pair[0] if real else pair[1] for name, pair in flag_defaults.items()}
+  for name, value in flag_defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   distributed.use_cpu_devices(args.cpu_devices)
   distributed.use_compile_cache(args.compile_cache)
   G, P, L = args.num_generations, args.prompts_per_step, args.max_completion_length
-  tokenizer = build_tokenizer(characters=CHARACTERS)
   lengths = None
-  if gsm8k:  # the prompts and forced lengths trl_gsm8k.py draws, from the same code
-    data = prompt_split(tokenizer, gsm8k_workload.prompts(args.steps, P, seed=args.seed),
-                        width=gsm8k_workload.PROMPT_TOKENS_MAX)
+  if gsm8k:  # the forced lengths trl_gsm8k.py draws, from the same code
     lengths = gsm8k_workload.completion_lengths(args.steps, P * G, seed=args.seed)
+  if real:  # the model's own tokenizer (from the GGUF file), so the setup comes before the prompts
+    cfg = smollm2_workload_config(args)
+    check_config(cfg, jax.device_count())
+    setup = build_setup(cfg, data=False)
+    tokenizer = setup.tokenizer
+    rows = gsm8k_workload.chat_prompts(tokenizer, args.steps, P, seed=args.seed)
+    data = left_padded([ids for ids, _, _ in rows], [a for _, _, a in rows], width=gsm8k_workload.PROMPT_WIDTH,
+                       pad_id=tokenizer.pad_token_id)
+    lengths = gsm8k_workload.capped_lengths(lengths, L)
   else:
-    data = prompts(tokenizer, P * args.steps)
-  cfg = workload_config(args, prompt_len=data.prompt_tokens.shape[1])
-  check_config(cfg, jax.device_count())
-  setup = build_setup(cfg, tokenizer=tokenizer, data=False)  # what the trainer builds, on this tokenizer
+    tokenizer = build_tokenizer(characters=CHARACTERS)
+    if gsm8k:  # the prompts trl_gsm8k.py draws, from the same code
+      data = prompt_split(tokenizer, gsm8k_workload.prompts(args.steps, P, seed=args.seed),
+                          width=gsm8k_workload.PROMPT_TOKENS_MAX)
+    else:
+      data = prompts(tokenizer, P * args.steps)
+    cfg = workload_config(args, prompt_len=data.prompt_tokens.shape[1])
+    check_config(cfg, jax.device_count())
+    setup = build_setup(cfg, tokenizer=tokenizer, data=False)  # what the trainer builds, on this tokenizer
   if args.fixed_length or gsm8k:
     setup.eos_ids = (-1,)  # no token ever ends a row (before the first policy() call builds the samplers)
   if gsm8k:  # the forced sampler decodes to the longest forced length; its output is padded to the budget
-    cfg.max_new_tokens = gsm8k_workload.MAX_COMPLETION
+    cfg.max_new_tokens = max(map(max, lengths))
   policy, params = setup.policy(grpo.NAME), setup.init_params  # as grpo.make_stage asks for it
   cfg.max_new_tokens = L
   cfg_model = setup.model_cfg
@@ -180,7 +235,8 @@ def main() -> int:
   ref_fn, advantage_fn = setup.reference_forward, get_advantage_fn(cfg.rl.advantage)
   buckets = grpo.length_buckets(cfg)  # the widths collect_rollout cuts completions to, as make_stage passes them
   rng = jax.random.key(0)
-  eos_id, space_id = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(' ')
+  eos_id = tokenizer.eos_token_id
+  space_id = tokenizer(' ', add_special_tokens=False)['input_ids'][-1]  # what replaces an EOS drawn too early
 
   marks, gen_times, gen_tokens, rewards = [cpu_sample()], [], [], []
   compiles = [COMPILES.count]  # XLA compilations before the steps, then after each step
@@ -216,14 +272,18 @@ def main() -> int:
   timed, timed_tok, timed_gen = step_times[1:], gen_tokens[1:], gen_times[1:]
 
   # Phases timed one by one on the last rollout's shapes (fixed length makes them the step's shapes).
-  def best_time(fn, repeats=3):
+  def one_call(fn):
+    start = time.perf_counter()
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - start)
-    return min(times)
+    return time.perf_counter() - start
+
+  def best_time(fn, repeats=3):
+    if real:  # a call is seconds and the steps compiled these shapes: one call, again only if that one compiled
+      before = COMPILES.count
+      first = one_call(fn)
+      return first if COMPILES.count == before else one_call(fn)
+    jax.block_until_ready(fn())
+    return min(one_call(fn) for _ in range(repeats))
 
   arrays = (rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens, rollout.completion_mask)
   phase_time = {'sample': statistics.median(timed_gen)}
@@ -249,16 +309,21 @@ def main() -> int:
     prompt_lens = data.prompt_mask.sum(axis=1).tolist()
     must = [must_do_flops(cfg_model, prompt_lens=prompt_lens[k * P:(k + 1) * P], completion_lens=lengths[k],
                           group_size=G, reference=ref_fn is not None) for k in range(1, args.steps)]
-    extra = {**gsm8k_workload.summary(prompt_lens, lengths), 'seed': args.seed,
+    extra = {**gsm8k_workload.summary(prompt_lens, lengths,
+                                      gsm8k_workload.SMOLLM2_WORKLOAD if real else 'gsm8k'), 'seed': args.seed,
              'padded_prompt_width': [data.prompt_tokens.shape[1]] * args.steps,
              'padded_step_gflops': round(flops['total'] / 1e9, 2)}
     flops = {k: statistics.mean(m[k] for m in must) for k in must[0]}  # the timed steps' mean
+  if real:
+    extra.update(prompt_ids_sha256=gsm8k_workload.prompt_ids_digest([ids for ids, _, _ in rows]),
+                 learning_rate=cfg.rl.lr, remat=cfg.model.remat, logprob_chunk=cfg.model.logprob_chunk,
+                 eos_token_ids=[eos_id])
   flops['sample'] = flops['prefill'] + flops['decode']
   roofline_s = flops['total'] / peak
   result = {
-      'impl': 'grpo_jax' + (f'/{jax.device_count()}dev' if args.cpu_devices != 2 else '')
-              + (f'/{args.micro_batches}mb' if args.micro_batches > 1 else '')
-              + (f'/block{args.decode_block}' if args.decode_block else '')
+      'impl': 'grpo_jax' + (f'/{jax.device_count()}dev' if args.cpu_devices != flag_defaults['cpu_devices'] else '')
+              + (f'/{args.micro_batches}mb' if args.micro_batches != flag_defaults['micro_batches'] else '')
+              + (f'/block{args.decode_block}' if args.decode_block != flag_defaults['decode_block'] else '')
               + ('/cache' if args.compile_cache else '') + ''.join(f'/{item}' for item in args.set),
       'micro_batches': args.micro_batches, 'decode_block': args.decode_block, 'devices': jax.device_count(),
       'compile_cache': bool(args.compile_cache),
@@ -288,8 +353,10 @@ def main() -> int:
       'step_over_roofline': round(statistics.median(timed) / roofline_s, 2),
       'phase_time_s': {k: round(v, 4) for k, v in phase_time.items()},
       'phase_fraction_of_peak': {k: round(flops[k] / v / peak, 3) for k, v in phase_time.items()},
-      'model': {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg_model.vocab_size, **MODEL,
-                'n_params': int(n_params), 'dtype': 'float32'},
+      'model': ({'arch': f'grpo_jax Transformer ({cfg_model.model_type})', 'source': os.path.basename(cfg.model.path),
+                 **{k: getattr(cfg_model, k) for k in (*MODEL, 'vocab_size')}} if real
+                else {'arch': 'grpo_jax Transformer (Qwen2-shaped)', 'vocab_size': cfg_model.vocab_size, **MODEL})
+               | {'n_params': int(n_params), 'dtype': 'float32'},
       **extra,
   }
   sys.stdout.flush()
