@@ -3,7 +3,9 @@
   python benchmarks/compare.py results.jsonl     (written by benchmarks/run.sh)
 
 Rows are grouped by workload and completion length: the key column shows L for the baseline's workload (rows
-without a 'workload' key) and 'gsm8k/L' for the GSM8K-shaped one (benchmarks/gsm8k_workload.py).
+without a 'workload' key), 'gsm8k/L' for the GSM8K-shaped one (benchmarks/gsm8k_workload.py) and 'gsm8k/smollm2/L'
+for its real-model variant. Rows of one key that report different prompt token ids ('prompt_ids_sha256') did not
+run the same workload: a line says so.
 """
 import json
 import sys
@@ -39,6 +41,9 @@ def main(path: str) -> None:
       each = f"  (mean of runs: {', '.join(f'{t:.3f}' for t in r['runs'])} s)" if 'runs' in r else ''
       print(f"{length:>{width}} {name:>26} {step_time(r):>8.3f} {r['gen_tokens_per_s']:>8.0f} "
             f"{r['gen_only_tokens_per_s']:>15.0f} {r['peak_rss_mb']:>8.0f} {r['clean_steps']:>6}{each}")
+    digests = {r['prompt_ids_sha256'] for rs in runs[key].values() for r in rs if 'prompt_ids_sha256' in r}
+    if len(digests) > 1:
+      print(f'{length:>{width}} WARNING: the runs saw different prompt token ids ({", ".join(sorted(digests))})')
     trl = impls.get('trl')
     for name, ours in impls.items():
       if trl is None or not name.startswith('grpo_jax'):

