@@ -26,7 +26,7 @@ case "$MODEL" in character) ;; smollm2) [ "$WORKLOAD" = gsm8k ] || { echo "MODEL
 LENGTHS="${LENGTHS:-32 128}"
 if [ "$MODEL" = smollm2 ]; then STEPS="${STEPS:-3}"; elif [ "$WORKLOAD" = gsm8k ]; then STEPS="${STEPS:-6}"
 else STEPS="${STEPS:-10}"; fi
-PROMPTS="${PROMPTS:-4}"  # gsm8k: prompts per step (x G=16 completions)
+PROMPTS="${PROMPTS:-4}"  # gsm8k: prompts per step (x G=16 completions; smollm2: x G=8)
 TUNED="${TUNED:---micro-batches 4 --decode-block 32}"
 if [ "$MODEL" = smollm2 ]; then OUT="${OUT:-$ROOT/benchmarks/results_gsm8k_smollm2.jsonl}"; fi
 if [ "$WORKLOAD" = gsm8k ]; then OUT="${OUT:-$ROOT/benchmarks/results_gsm8k.jsonl}"; fi
