@@ -32,7 +32,7 @@ _STEPS = flags.DEFINE_integer('steps', 2, 'GRPO steps to run (the first compiles
 _PLAN = flags.DEFINE_bool('plan', True, "First the trainer's memory check (pipeline/plan.check_memory: each phase "
                           'compiled ahead of time): its per-phase prediction goes beside the measured peaks.')
 
-GIB = 2**30
+GIB = plan.GIB
 
 
 class PhasePeaks:
@@ -51,9 +51,6 @@ class PhasePeaks:
       self.times.setdefault(name, []).append(time.perf_counter() - start)
       self.peaks.setdefault(name, []).append(host_memory.peak_rss_bytes() / GIB)
       return out
-    for attr in ('lower', '_fns'):  # what per_packed_rows / host_io expose, kept for callers that read them
-      if hasattr(fn, attr):
-        setattr(measured, attr, getattr(fn, attr))
     return measured
 
 
@@ -71,7 +68,7 @@ def main(argv):
   make_train_step = grpo.make_packed_train_step
   grpo.make_packed_train_step = lambda *a, **k: peaks.wrap('train_step', make_train_step(*a, **k))
   setup.reference_forward = peaks.wrap('reference_forward', setup.reference_forward)
-  policy = setup.policy(grpo.NAME)
+  setup.policy(grpo.NAME)  # builds and caches the stage's policy, whose sampler is wrapped next
   setup._policies = {k: p._replace(sampler=peaks.wrap('sampler', p.sampler)) for k, p in setup._policies.items()}
   stage = grpo.make_stage(setup, setup.init_params)
   state = stage.state
@@ -83,7 +80,6 @@ def main(argv):
     print(f'step {i}: reward {float(metrics["reward"]):.3f} completion_len {float(metrics["completion_len"]):.1f} '
           f'width {metrics["completion_width"]} ' + ' '.join(f'{k} {v[-1]:.2f} GiB / {peaks.times[k][-1]:.1f} s'
                                                              for k, v in peaks.peaks.items()), flush=True)
-  del policy
   result = {'config': flags.FLAGS['config'].config_filename, 'steps': _STEPS.value, 'loaded_gib': round(loaded, 3),
             'before_step_gib': [round(x, 3) for x in before],
             'phase_peak_gib': {k: [round(x, 3) for x in v] for k, v in peaks.peaks.items()},

@@ -205,10 +205,11 @@ def _check_memory(cfg, setup) -> None:
     return
   from grpo_jax.pipeline import plan  # noqa: PLC0415  (imports the whole stage; only when checking)
   start = time.perf_counter()
-  checked = plan.check_memory(cfg, setup, int(cfg.memory_limit_gib * 2**30) or None)  # MemoryError: phase, knobs
+  checked = plan.check_memory(cfg, setup, int(cfg.memory_limit_gib * plan.GIB) or None)  # MemoryError: phase, knobs
   if checked is not None:
-    distributed.print0(f"memory plan: peak phase {checked['peak_phase']} "
-                       f"{checked['need'][checked['peak_phase']] / 2**30:.1f} GiB of {checked['limit'] / 2**30:.1f} "
+    peak = checked['peak_phase']
+    distributed.print0(f"memory plan: peak phase {peak} {checked['need'][peak] / plan.GIB:.1f} GiB of "
+                       f"{checked['limit'] / plan.GIB:.1f} "
                        f"GiB {checked['of']} (checked in {time.perf_counter() - start:.0f} s)")
 
 
