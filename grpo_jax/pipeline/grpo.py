@@ -24,6 +24,7 @@ from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective, 
 from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import flops, lora
 from grpo_jax.parallel import distributed
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.loop import Stage
 from grpo_jax.pipeline.setup import Policy, Setup, pack_row_buckets, shared_prompt_group
 from grpo_jax.pipeline.train_state import (
@@ -42,12 +43,12 @@ from grpo_jax.rollout.rollout import Rollout, collect_rollout, dynamic_sampling,
 from grpo_jax.rollout.steps import delimiter_token_ids
 from grpo_jax.rollout.trim import bucket_width, completion_buckets, per_packed_rows, trim_columns
 
-NAME = 'grpo'  # setup.STAGES[1]
+NAME = stages.GRPO.name
 
 
 def stage_name(iteration: int, num_iterations: int) -> str:
   """Checkpoint folder of outer iteration `iteration` (1-based): 'grpo' for a single iteration, else 'grpo_<k>'."""
-  return NAME if num_iterations == 1 else f'{NAME}_{iteration}'
+  return stages.GRPO.folder(None if num_iterations == 1 else iteration)
 
 
 def loss_config(cfg, *, reference_model: Callable | None = None) -> LossConfig:

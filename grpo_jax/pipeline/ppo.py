@@ -28,7 +28,7 @@ from grpo_jax.data.batches import batch_indices
 from grpo_jax.models import critic as critic_lib, flops
 from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline import grpo
+from grpo_jax.pipeline import grpo, stages
 from grpo_jax.pipeline.loop import Stage
 from grpo_jax.pipeline.setup import Setup
 from grpo_jax.pipeline.train_state import (
@@ -42,7 +42,7 @@ from grpo_jax.pipeline.train_state import (
 )
 from grpo_jax.rollout.rollout import Rollout, collect_rollout
 
-NAME = 'ppo'
+NAME = stages.PPO.name
 
 
 def loss_config(cfg) -> LossConfig:
