@@ -42,11 +42,12 @@ from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.models import gguf
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
-from grpo_jax.pipeline.evaluate import greedy_eval, load_policy, maj_at_k, policy_stages
+from grpo_jax.pipeline.evaluate import load_policy, maj_at_k, pass_at_1, policy_stages
 from grpo_jax.pipeline.stats import accuracy_interval, mcnemar
 from grpo_jax.pipeline.workdir import write_json
 from grpo_jax.rewards.answers import extract_answer
 from grpo_jax.rewards.registry import get_reward_fn
+from grpo_jax.rewards.verifiers import answers_equivalent
 from grpo_jax.rollout.sampling import make_sampler
 
 # dataset -> (split, verifier, the paper's column)
@@ -370,16 +371,17 @@ def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
       return on_batch
 
     res = {'n': len(split), 'column': column,
-           'greedy': greedy_eval(greedy, params, split, tokenizer, verifier, batch_size=FLAGS.batch_size, rng=rng,
-                                 desc=f'{name} greedy' if main_process else None,
-                                 keep_completions=FLAGS.save_completions, keep_scores=True,
-                                 done=records.get('greedy', ()), on_batch=saver('greedy'))}
+           'greedy': pass_at_1(greedy, params, split, tokenizer, verifier, batch_size=FLAGS.batch_size, rng=rng,
+                               desc=f'{name} greedy' if main_process else None,
+                               keep_completions=FLAGS.save_completions, keep_scores=True,
+                               done=records.get('greedy', ()), on_batch=saver('greedy'))}
     # Per problem, for pairing with another policy's eval (--compare); the same as keep_completions' 'correct'.
     res['greedy']['correct'] = [s >= 1 for s in res['greedy'].pop('scores')]
     if voter is not None:
       res[maj] = maj_at_k(
           voter, params, split, tokenizer, verifier, lambda t, v=verifier_name: extract_answer(v, t),
-          k=FLAGS.maj_k, batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng,
+          same=functools.partial(answers_equivalent, verifier_name), k=FLAGS.maj_k,
+          batch_size=max(1, FLAGS.batch_size // FLAGS.maj_k), rng=rng,
           desc=f'{name} {maj}' if main_process else None, done=records.get(maj, ()), on_batch=saver(maj))
     res['wall_time'] = earlier + time.perf_counter() - start
     add_intervals({name: res})

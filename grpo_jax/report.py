@@ -4,9 +4,9 @@ r"""Plots of training workdirs' metrics, as PNG files.
   python -m grpo_jax.report /tmp/g4 /tmp/g16 --out /tmp/g_plots   # several runs overlaid, one colour each
 
 Reads <workdir>/metrics.jsonl (grpo_jax/pipeline/metrics.py) and writes, against step:
-  grpo_<metric>.png for reward, accuracy, kl, entropy, completion_len, clip_frac of the GRPO stage(s), and
-  grpo_overview.png with all of them; the outer iterations of iterative RL ('grpo_1', 'grpo_2', ...) are laid end to
-  end, their boundaries dotted;
+  grpo_<metric>.png for reward, accuracy, kl, entropy, completion_len, clip_frac of the RL stage(s) (GRPO's, or PPO's
+  with rl.algorithm='ppo': the stage table's RL stages, pipeline/stages.py), and grpo_overview.png with all of them;
+  the outer iterations of iterative RL ('grpo_1', 'grpo_2', ...) are laid end to end, their boundaries dotted;
   sft_nll.png and sft_val_accuracy.png of the SFT stage.
 A metric no run logged is left out. With several workdirs the plots go to the first one's plots/ unless --out says
 otherwise.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 from matplotlib.figure import Figure  # no pyplot: a Figure saves through the Agg canvas, no display or global state
 
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 
 GRPO_METRICS = ('reward', 'accuracy', 'kl', 'entropy', 'completion_len', 'clip_frac')
@@ -31,7 +31,6 @@ SFT_METRICS = ('nll', 'val_accuracy')
 LABELS = {'reward': 'mean reward', 'accuracy': 'train accuracy (sampled)', 'kl': 'KL to the reference',
           'entropy': 'token entropy', 'completion_len': 'completion length (tokens)', 'clip_frac': 'clip fraction',
           'nll': 'SFT loss (token NLL)', 'val_accuracy': 'validation accuracy (greedy)'}
-_GRPO_STAGE = re.compile(r'grpo(?:_(\d+))?|ppo')  # PPO's stage (rl.algorithm='ppo') plots as the RL stage
 
 
 class ReportError(Exception):
@@ -42,13 +41,13 @@ class ReportError(Exception):
 class Run:
   label: str
   sft: list[dict[str, Any]]  # the SFT stage's rows, in order
-  grpo: list[dict[str, Any]]  # the GRPO stages' rows, iteration after iteration
-  grpo_x: list[int]  # each GRPO row's step counted from the first GRPO stage's start
-  boundaries: list[int]  # where each GRPO stage after the first starts, on grpo_x
+  grpo: list[dict[str, Any]]  # the RL stages' rows (GRPO's or PPO's), iteration after iteration
+  grpo_x: list[int]  # each RL row's step counted from the first RL stage's start
+  boundaries: list[int]  # where each RL stage after the first starts, on grpo_x
 
 
 def load_run(workdir: str, label: str) -> Run:
-  """The SFT and GRPO rows of <workdir>/metrics.jsonl; ReportError when there is nothing to plot."""
+  """The SFT and RL rows of <workdir>/metrics.jsonl; ReportError when there is nothing to plot."""
   if not os.path.isdir(workdir):
     raise ReportError(f'{workdir}: no such directory')
   if not os.path.isfile(os.path.join(workdir, 'metrics.jsonl')):
@@ -57,12 +56,12 @@ def load_run(workdir: str, label: str) -> Run:
     rows = read_metrics(workdir)
   except ValueError as e:
     raise ReportError(str(e)) from None
-  sft = [r for r in rows if r.get('stage') == 'sft']
+  sft = [r for r in rows if r.get('stage') == stages.SFT.name]
   grpo_stages: dict[int, list[dict[str, Any]]] = {}
   for r in rows:
-    match = _GRPO_STAGE.fullmatch(str(r.get('stage')))
-    if match:
-      grpo_stages.setdefault(int(match.group(1) or 1), []).append(r)
+    parsed = stages.parse_folder(str(r.get('stage')))
+    if parsed is not None and parsed[0].rl:  # outer iteration k, or 1 for a plain 'grpo' / 'ppo'
+      grpo_stages.setdefault(parsed[1] or 1, []).append(r)
   if not sft and not grpo_stages:
     raise ReportError(f'{workdir}/metrics.jsonl has no SFT or GRPO rows to plot')
   grpo, grpo_x, boundaries, offset = [], [], [], 0

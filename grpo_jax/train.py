@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from grpo_jax.parallel import distributed
 from grpo_jax.pipeline.checkpoint import CheckpointError, DiskFullError
 from grpo_jax.pipeline.config_checks import parse_flags
-from grpo_jax.pipeline.loop import NonFiniteError
+from grpo_jax.pipeline.loop import NonFiniteError, NotTrainedError
 from grpo_jax.pipeline.run import run
 from grpo_jax.pipeline.workdir import WorkdirError
 
@@ -43,7 +43,8 @@ def main(argv):
     sys.stderr.write(f'\ngrpo_jax.train: {e}\n')  # after the progress bar's line
     sys.stderr.flush()
     os._exit(1)
-  except (ValueError, FileNotFoundError, MemoryError, CheckpointError, WorkdirError, NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, MemoryError, CheckpointError, WorkdirError, NonFiniteError,
+          NotTrainedError) as e:
     sys.exit(f'grpo_jax.train: {e}')  # bad input or a stopped run: the message says what and what to do
   except OSError as e:
     if e.errno != errno.ENOSPC:

@@ -21,5 +21,5 @@ def test_default_job_grpo_beats_sft_by_ten_points(tmp_path, seed):
                         timeout=3600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / 'summary.json').read_text())
-  assert summary['grpo_accuracy'] - summary['sft_accuracy'] >= 0.10, summary
-  assert summary['sft_wall_time'] + summary['grpo_wall_time'] < 10 * 60, summary
+  assert summary['rl_accuracy'] - summary['sft_accuracy'] >= 0.10, summary
+  assert summary['sft_wall_time'] + summary['rl_wall_time'] < 10 * 60, summary

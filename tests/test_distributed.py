@@ -262,7 +262,7 @@ def test_two_process_training_matches_one_process(tmp_path, extra):
       if key in b:
         assert a[key] == pytest.approx(b[key], rel=1e-5), (a['stage'], a['step'], key)
   summary = json.loads((tmp_path / 'multi' / 'summary.json').read_text())
-  assert summary['grpo_sample'] == json.loads((tmp_path / 'one' / 'summary.json').read_text())['grpo_sample']
+  assert summary['rl_sample'] == json.loads((tmp_path / 'one' / 'summary.json').read_text())['rl_sample']
 
 
 @pytest.mark.slow

@@ -66,8 +66,8 @@ def fake_workdir(workdir, *, stage, steps, correct, accuracy=None, sft_steps=6, 
   checkpoint meta's per-problem scores, metrics.jsonl (model_flops on every log_every-th step) and config.json."""
   accuracy = float(np.mean(correct)) if accuracy is None else accuracy
   rl = stage != 'sft'
-  summary = {'sft_accuracy': None if rl else accuracy, 'grpo_accuracy': accuracy if rl else None,
-             'sft_steps': steps if not rl else sft_steps, 'grpo_steps': steps if rl else 0, **(extra_summary or {})}
+  summary = {'sft_accuracy': None if rl else accuracy, 'rl_accuracy': accuracy if rl else None,
+             'sft_steps': steps if not rl else sft_steps, 'rl_steps': steps if rl else 0, **(extra_summary or {})}
   _write(os.path.join(workdir, 'run.json'), {'status': status, 'wall_s': wall, 'peak_rss_mb': rss, 'args': []})
   if status:
     return

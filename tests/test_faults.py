@@ -115,7 +115,7 @@ def test_extending_a_finished_run_trains_the_extra_steps_and_keeps_the_history(f
   cfg = one_device(tiny_config)
   cfg.rl.num_steps, cfg.log_every = 6, 2  # log_every does not change the trajectory: no need to allow it
   summary = runner.run(cfg, str(workdir), allow_config_change=['rl.num_steps'])
-  assert summary['grpo_steps'] == 6
+  assert summary['rl_steps'] == 6
   assert [r['step'] for r in read_metrics(str(workdir), 'grpo')] == [1, 2, 3, 4, 6]
   history = [json.loads(line) for line in (workdir / 'config_history.jsonl').read_text().splitlines()]
   assert [h['event'] for h in history] == ['started', 'resumed']

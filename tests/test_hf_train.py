@@ -57,7 +57,7 @@ def trained(model_dir, tmp_path_factory):
 def test_grpo_on_gsm8k_from_a_hf_directory(trained):
   workdir, stdout = trained
   summary = json.loads((workdir / 'summary.json').read_text())
-  assert summary['grpo_steps'] == 2 and summary['sft_steps'] == 0  # RL straight from the loaded model
+  assert summary['rl_steps'] == 2 and summary['sft_steps'] == 0  # RL straight from the loaded model
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if r['stage'] == 'grpo'] == [1, 2]
   assert all('reward_failures' in r and 'kl' in r for r in rows if r['stage'] == 'grpo')

@@ -71,7 +71,7 @@ def test_stages_of_algorithm_1_in_order_with_their_checkpoints(iterative_run):
       assert meta['data_offset'] == 2 * (k - 1) and meta['data_position'] == 2 and len(meta['rng']) == 2
   summary = summary_without_wall(workdir)
   assert [it['stage'] for it in summary['iterations']] == ['grpo_1', 'grpo_2', 'grpo_3']
-  assert summary['grpo_steps'] == 6
+  assert summary['rl_steps'] == 6
   for it in summary['iterations']:
     assert 0 <= it['rm_heldout_accuracy'] <= 1 and 0 <= it['win_rate_vs_sft'] <= 1
   assert 'grpo_3' in stdout
@@ -178,7 +178,7 @@ def test_iterations_without_reference_reset_equal_one_iteration(tmp_path):
                     if r['stage'].startswith('grpo')]
   assert len(rows(one)) == 4 and rows(one) == rows(two)
   a, b = summary_without_wall(one), summary_without_wall(two)
-  assert (a['grpo_accuracy'], a['grpo_reward']) == (b['grpo_accuracy'], b['grpo_reward'])
+  assert (a['rl_accuracy'], a['rl_reward']) == (b['rl_accuracy'], b['rl_reward'])
 
 
 def test_eval_loads_the_policy_of_a_chosen_iteration(iterative_run):

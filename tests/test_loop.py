@@ -1,5 +1,7 @@
 """The stage loop knows no algorithm: any state of named trees, any number of stages, any names. Resume, early stop,
 finished stages and the metrics file, on toy stages that train nothing."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -125,3 +127,75 @@ def test_a_signal_during_the_final_evaluation_stops_before_the_next_stage(tmp_pa
   assert calls == []
   meta = checkpoint.read_meta(checkpoint.manager(str(tmp_path), 'a', max_to_keep=3))
   assert meta['finished']
+
+
+# --- whether a stage trained: skipped updates and a collapse (loop.Health) ------------------------------------------
+
+
+def scripted_stage(name: str, rows: list[dict]) -> Stage:
+  """A stage whose step i reports rows[i] as its metrics (what a train step's guards would say) and trains nothing."""
+  def step(state, i):
+    return {'n': {'value': state['n']['value'] + 1}}, dict(rows[i])
+
+  return Stage(name, len(rows), {'n': {'value': jnp.int32(0)}}, step, lambda state: {'final': 1})
+
+
+def healthy(i: int) -> dict:
+  return {'nonfinite': 0.0, 'grad_norm': 0.3 + 0.01 * i, 'entropy': 4.78 + 0.001 * i, 'frac_groups_no_signal': 0.25}
+
+
+def test_a_healthy_stage_is_not_flagged(tmp_path, capsys):
+  # A zero gradient on a step where no group had reward variance is no signal, not a collapse (beta = 0 runs have it).
+  rows = [healthy(0), dict(healthy(1), grad_norm=0.0, frac_groups_no_signal=1.0), healthy(2),
+          dict(healthy(3), grad_norm=0.0, frac_groups_no_signal=1.0), healthy(4)]
+  _, summary = run_stage(scripted_stage('grpo', rows), sinks(tmp_path))
+  assert summary['nonfinite_steps'] == 0 and summary['skipped_update_frac'] == 0.0
+  assert summary['collapse_step'] is None and 'collapsed' not in capsys.readouterr().out
+
+
+# Steps 1-2 healthy, from step 3 on dead. A zero gradient despite reward variance is dead at once (steps 3, 4: the
+# collapse at 4); an entropy equal to the step before's first repeats at step 4 (steps 4, 5: the collapse at 5).
+@pytest.mark.parametrize('dead,collapse', [({'grad_norm': 0.0}, 4), ({'entropy': 4.804}, 5)],
+                         ids=['zero_grad', 'frozen_entropy'])
+def test_a_collapse_is_named_at_the_step_it_happens(tmp_path, capsys, dead, collapse):
+  rows = [healthy(0), healthy(1), *[dict(healthy(i), **dead) for i in range(2, 6)]]
+  state, summary = run_stage(scripted_stage('grpo', rows), sinks(tmp_path))
+  out = capsys.readouterr().out
+  assert summary['collapse_step'] == collapse and out.count(f'WARNING: grpo: collapsed at step {collapse}') == 1, out
+  assert out.count('collapsed') == 1  # named once, not on every dead step after
+  assert int(state['n']['value']) == 6  # the stage runs to its end: a false alarm would cost a line, not the run
+  meta = checkpoint.read_meta(checkpoint.manager(str(tmp_path), 'grpo', max_to_keep=3))
+  assert meta['collapse_step'] == collapse and meta['summary']['collapse_step'] == collapse
+
+
+def test_skipped_updates_are_counted_and_most_skipped_ends_the_stage(tmp_path):
+  from grpo_jax.pipeline.loop import NotTrainedError
+  # A quarter of one step's updates skipped: counted, not fatal.
+  rows = [healthy(0), dict(healthy(1), nonfinite=0.25), healthy(2), healthy(3)]
+  _, summary = run_stage(scripted_stage('a', rows), sinks(tmp_path / 'some'))
+  assert summary['nonfinite_steps'] == 1 and summary['skipped_update_frac'] == pytest.approx(0.25 / 4)
+  # Three of four steps skipped whole (fewer in a row than max_nonfinite_steps): the stage ends without a result.
+  rows = [dict(healthy(i), nonfinite=1.0 if i != 1 else 0.0) for i in range(4)]
+  finished = []
+  stage = scripted_stage('b', rows)._replace(finish=lambda state: finished.append(1) or {})
+  with pytest.raises(NotTrainedError, match=r'^b: 75% of its updates were skipped \(3 of 4 steps had a non-finite'):
+    run_stage(stage, sinks(tmp_path / 'most'))
+  assert finished == []  # no evaluation of a model that did not train
+  meta = checkpoint.read_meta(checkpoint.manager(str(tmp_path / 'most'), 'b', max_to_keep=3))
+  assert meta['step'] == 4 and not meta['finished'] and meta['nonfinite_steps'] == 3
+  calls = []
+  with pytest.raises(NotTrainedError, match='75% of its updates'):  # a rerun says so again, training nothing
+    run_stage(stage._replace(step=lambda state, i: calls.append(i)), sinks(tmp_path / 'most'))
+  assert calls == [] and finished == []
+
+
+def test_a_finished_stage_from_before_the_counts_reads(tmp_path):
+  # Checkpoints written before skipped updates and collapses were counted: their meta and summary lack the keys.
+  run_stage(counter_stage('a', 2), sinks(tmp_path))
+  mngr = checkpoint.manager(str(tmp_path), 'a', max_to_keep=3)
+  meta = checkpoint.read_meta(mngr)
+  old = {k: v for k, v in meta.items() if k not in ('skipped_updates', 'collapse_step')}
+  old['summary'] = {k: v for k, v in meta['summary'].items() if k not in ('skipped_update_frac', 'collapse_step')}
+  (tmp_path / 'checkpoints' / 'a' / '2' / 'meta' / 'metadata').write_text(json.dumps(old))
+  _, summary = run_stage(counter_stage('a', 2), sinks(tmp_path))
+  assert summary['final_total'] == 1 and summary['skipped_update_frac'] == 0.0 and summary['collapse_step'] is None

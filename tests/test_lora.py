@@ -250,7 +250,7 @@ def lora_run(tmp_path_factory):
 def test_main_command_with_lora_trains_adapters_and_exports_merged_weights(lora_run):
   workdir, stdout = lora_run
   assert 'grpo: LoRA rank 4 on q,k,v,o,gate,up,down: 4,096 trained params' in stdout
-  assert json.loads((workdir / 'summary.json').read_text())['grpo_steps'] == 4
+  assert json.loads((workdir / 'summary.json').read_text())['rl_steps'] == 4
   assert all('kl' in r for r in read_rows(workdir) if r['stage'] == 'grpo')
   final = checkpoint.read_meta(checkpoint.manager(str(workdir), 'grpo', max_to_keep=2))
   assert final['finished'] and final['lora'] == {'rank': 4, 'alpha': 16.0, 'targets': list(ALL)}

@@ -259,8 +259,8 @@ def ppo_run(tmp_path_factory):
 
 def test_tiny_ppo_run_logs_its_metrics_and_checkpoints_the_critic_by_role(ppo_run):
   workdir, summary = ppo_run
-  assert summary['rl_algorithm'] == 'ppo' and summary['grpo_steps'] == 4
-  assert 0 <= summary['grpo_accuracy'] <= 1 and summary['grpo_pass_at_g'] is not None
+  assert summary['rl_algorithm'] == 'ppo' and summary['rl_steps'] == 4
+  assert 0 <= summary['rl_accuracy'] <= 1 and summary['rl_pass_at_g'] is not None
   rows = [r for r in _rows(workdir) if r['stage'] == 'ppo']
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   for key in ('value_loss', 'value_clip_frac', 'explained_variance', 'advantage_mean', 'advantage_std', 'reward',
@@ -340,7 +340,7 @@ def test_ppo_command_on_two_cpu_devices(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "devices: 2 (1 processes)" in proc.stdout and 'ppo' in proc.stdout
   summary = json.loads((tmp_path / 'summary.json').read_text())
-  assert summary['rl_algorithm'] == 'ppo' and summary['grpo_steps'] == 6
+  assert summary['rl_algorithm'] == 'ppo' and summary['rl_steps'] == 6
   assert [r['step'] for r in _rows(tmp_path) if r['stage'] == 'ppo'] == list(range(1, 7))
 
 

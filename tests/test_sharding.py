@@ -291,7 +291,7 @@ def test_trainer_runs_on_a_sharded_mesh(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stdout
   summary = json.loads((tmp_path / 'w' / 'summary.json').read_text())
-  assert summary['sft_steps'] == 2 and summary['grpo_steps'] == 2
+  assert summary['sft_steps'] == 2 and summary['rl_steps'] == 2
 
 
 def test_trainer_refuses_a_mesh_that_does_not_divide_a_weight(tmp_path):

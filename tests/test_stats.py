@@ -104,8 +104,8 @@ def test_training_summary_reports_intervals_and_the_paired_test(rl_steps, tmp_pa
   # From the reported accuracy and n, not the per-problem scores the run used: the two must agree.
   assert summary['sft_accuracy_ci'] == pytest.approx(stats.accuracy_interval(summary['sft_accuracy'], n), abs=1e-12)
   if rl_steps:
-    assert summary['grpo_accuracy_ci'] == pytest.approx(stats.accuracy_interval(summary['grpo_accuracy'], n),
-                                                        abs=1e-12)
-    assert 0 < summary['grpo_vs_sft_mcnemar_p'] <= 1
+    assert summary['rl_accuracy_ci'] == pytest.approx(stats.accuracy_interval(summary['rl_accuracy'], n),
+                                                      abs=1e-12)
+    assert 0 < summary['rl_vs_sft_mcnemar_p'] <= 1
   else:
-    assert summary['grpo_accuracy_ci'] is None and summary['grpo_vs_sft_mcnemar_p'] is None
+    assert summary['rl_accuracy_ci'] is None and summary['rl_vs_sft_mcnemar_p'] is None

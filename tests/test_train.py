@@ -36,9 +36,9 @@ def test_smoke_run_writes_summary_metrics_and_artifacts(finished_run):
   workdir, stdout = finished_run
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)
-  for key in ('sft_accuracy', 'grpo_accuracy'):
+  for key in ('sft_accuracy', 'rl_accuracy'):
     assert 0.0 <= summary[key] <= 1.0
-  assert summary['grpo_steps'] == 12
+  assert summary['rl_steps'] == 12
   rows = read_metrics(workdir)
   grpo_rows = [r for r in rows if r['stage'] == 'grpo']
   assert [r['step'] for r in grpo_rows] == list(range(1, 13))
@@ -207,7 +207,7 @@ def test_sft_only_run_is_the_sft_stage_of_the_full_run(finished_run, tmp_path):
   with open(tmp_path / 'summary.json') as f, open(reference / 'summary.json') as g:
     ours, full = json.load(f), json.load(g)
   assert ours['sft_accuracy'] == full['sft_accuracy']
-  assert ours['grpo_accuracy'] is None and ours['grpo_steps'] == 0
+  assert ours['rl_accuracy'] is None and ours['rl_steps'] == 0
 
 
 def test_sft_matched_preset_is_the_default_with_sft_in_place_of_grpo():

@@ -58,7 +58,7 @@ def sweep_plan(num_prompts: int, group_size: int, group_sizes: Sequence[int]) ->
 def collect(workdir: str, run: dict) -> dict[str, Any]:
   """A GRPO run's held-out accuracy and interval, steps and what it sampled (completions; tokens, from the logged
   mean completion length of each step)."""
-  summary = read_json(os.path.join(workdir, 'summary.json')) if run['status'] == 0 else None
+  summary = runs.read_summary(workdir) if run['status'] == 0 else None
   if summary is None:
     return {'accuracy': None, 'note': runs.failure(workdir, run['status'])}
   stages = runs.rl_stages(workdir)
@@ -67,11 +67,11 @@ def collect(workdir: str, run: dict) -> dict[str, Any]:
   cfg = read_json(os.path.join(workdir, 'config.json'))
   rows_per_step = cfg['rl']['num_prompts'] * cfg['rl']['group_size']
   lens = [r['completion_len'] for r in rows if isinstance(r.get('completion_len'), (int, float))]
-  return {'accuracy': summary['grpo_accuracy'], 'ci95': None if correct is None else list(wilson_interval(correct)),
+  return {'accuracy': summary['rl_accuracy'], 'ci95': None if correct is None else list(wilson_interval(correct)),
           'solved': None if correct is None else int(correct.sum()),
           'problems': None if correct is None else int(correct.size),
-          'sft_accuracy': summary['sft_accuracy'], 'steps': summary['grpo_steps'],
-          'sampled_tokens': float(np.mean(lens)) * rows_per_step * summary['grpo_steps'] if lens else None,
+          'sft_accuracy': summary['sft_accuracy'], 'steps': summary['rl_steps'],
+          'sampled_tokens': float(np.mean(lens)) * rows_per_step * summary['rl_steps'] if lens else None,
           'wall_s': run['wall_s'], 'peak_rss_mb': run['peak_rss_mb'], 'note': ''}
 
 
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if sft['status'] != 0:
       print(f'seed {seed}: the SFT run failed (see {sft_dir}.log); its GRPO runs are skipped')
       continue
-    sft_accs.append(read_json(os.path.join(sft_dir, 'summary.json'))['sft_accuracy'])
+    sft_accs.append(runs.read_summary(sft_dir)['sft_accuracy'])
     for g, p in dict.fromkeys((item['group_size'], item['num_prompts']) for item in plan):
       workdir = os.path.join(base, f'G{g}_P{p}')
       args = [*common, f'--config.rl.group_size={g}', f'--config.rl.num_prompts={p}', '--allow_config_change=rl']

@@ -37,6 +37,7 @@ import numpy as np
 from absl import flags
 
 from grpo_jax.experiments import runs
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.stats import mcnemar, wilson_counts, wilson_interval
 from grpo_jax.pipeline.workdir import read_json
 
@@ -71,20 +72,20 @@ def collect(name: str, seed: int, workdir: str, run: dict | None, *, sft_step_fl
   """One run's record: accuracy, per-problem correctness, steps, model FLOPs, wall time and peak RSS.
 
   SFT-only runs (SFT, the control) report sft_accuracy; their FLOPs are steps * sft_step_flops, counted from
-  sft_steps (the shared SFT's steps) for the control. The RL rows report grpo_accuracy and the FLOPs they logged."""
+  sft_steps (the shared SFT's steps) for the control. The RL rows report rl_accuracy and the FLOPs they logged."""
   rec = {'row': name, 'seed': seed, 'workdir': workdir, 'status': None if run is None else run['status'],
          'wall_s': None, 'peak_rss_mb': None, 'accuracy': None, 'correct': None, 'steps': None, 'flops': None,
          'note': note}
   if run is None:
     return rec
   rec.update(wall_s=run['wall_s'], peak_rss_mb=run['peak_rss_mb'])
-  summary = read_json(os.path.join(workdir, 'summary.json')) if run['status'] == 0 else None
+  summary = runs.read_summary(workdir) if run['status'] == 0 else None
   if summary is None:
     rec['note'] = note or runs.failure(workdir, run['status'])
     return rec
   if name in (SFT, CONTROL):
     steps = summary['sft_steps']
-    correct = runs.stage_correct(workdir, 'sft') if steps else None
+    correct = runs.stage_correct(workdir, stages.SFT.name) if steps else None
     if correct is None:  # no SFT stage (sft.max_steps=0): the loaded model's evaluation
       scores = (read_json(os.path.join(workdir, 'init_eval.json')) or {}).get('scores')
       correct = None if scores is None else np.asarray(scores) >= 1
@@ -92,11 +93,11 @@ def collect(name: str, seed: int, workdir: str, run: dict | None, *, sft_step_fl
     if name == CONTROL and sft_steps is not None and steps <= sft_steps:
       rec['note'] = note or 'SFT did not continue: its stage had stopped early (sft.target_accuracy)'
   else:
-    stages = runs.rl_stages(workdir)
-    correct = runs.stage_correct(workdir, stages[-1]) if stages else None
-    rec.update(accuracy=summary['grpo_accuracy'], steps=summary['grpo_steps'], flops=runs.logged_flops(workdir, stages))
+    rl = runs.rl_stages(workdir)
+    correct = runs.stage_correct(workdir, rl[-1]) if rl else None
+    rec.update(accuracy=summary['rl_accuracy'], steps=summary['rl_steps'], flops=runs.logged_flops(workdir, rl))
     if rec['flops'] is None:
-      rec['note'] = note or f"its stage ({', '.join(stages)}) logged no model_flops"
+      rec['note'] = note or f"its stage ({', '.join(rl)}) logged no model_flops"
   rec['correct'] = None if correct is None else correct.astype(int).tolist()
   return rec
 

@@ -6,6 +6,8 @@ evaluations included. A finished run leaves <workdir>/run.json (exit status 0, w
 summary.json; launching it again reads them instead of training, so an interrupted experiment resumes when rerun with
 the same flags. An unfinished run starts again from scratch, so that its wall time and peak memory are one process's.
 A run continuing from an SFT stage starts from a copy of that stage (copy_sft); the stage loop skips a finished stage.
+Stage names come from the stage table (pipeline/stages.py); summaries are read through `read_summary`, which renames
+the RL stage's keys of results written before they were rl_* (stages.upgrade_summary).
 """
 from __future__ import annotations
 
@@ -25,9 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from grpo_jax.models import flops
-from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline import checkpoint, stages
 from grpo_jax.pipeline.metrics import read_metrics
-from grpo_jax.pipeline.run import stage_folders
 from grpo_jax.pipeline.setup import tokenizer_and_model_config
 from grpo_jax.pipeline.workdir import read_json, write_json
 
@@ -50,12 +51,13 @@ def train_process(config: str, workdir: str, args: Sequence[str], log: str) -> t
 def copy_sft(src: str, dst: str) -> None:
   """A workdir holding only src's finished SFT stage (and its initial evaluation, config record and metrics)."""
   os.makedirs(os.path.join(dst, 'checkpoints'), exist_ok=True)
-  shutil.copytree(os.path.join(src, 'checkpoints', 'sft'), os.path.join(dst, 'checkpoints', 'sft'))
+  sft = stages.SFT.name
+  shutil.copytree(os.path.join(src, 'checkpoints', sft), os.path.join(dst, 'checkpoints', sft))
   for name in ('init_eval.json', 'config.json', 'config_history.jsonl'):
     if os.path.exists(os.path.join(src, name)):
       shutil.copy(os.path.join(src, name), dst)
   with open(os.path.join(dst, 'metrics.jsonl'), 'w') as g:
-    g.writelines(json.dumps(r) + '\n' for r in read_metrics(src, 'sft'))
+    g.writelines(json.dumps(r) + '\n' for r in read_metrics(src, sft))
 
 
 def finished(workdir: str) -> dict | None:
@@ -97,10 +99,15 @@ def failure(workdir: str, status: int) -> str:
   return f'failed (exit status {status}, {workdir}.log){": " + last[-300:] if last else ""}'
 
 
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """<workdir>/summary.json (None when absent), its RL results under rl_* keys whenever it was written."""
+  summary = read_json(os.path.join(workdir, 'summary.json'))
+  return None if summary is None else stages.upgrade_summary(summary)
+
+
 def rl_stages(workdir: str) -> list[str]:
-  """The RL stages with checkpoints ('grpo', or 'grpo_1', 'grpo_2', ...), outer iterations in order."""
-  stages = [s for s in stage_folders(workdir) if s != 'sft' and not s.startswith('reward_model')]
-  return sorted(stages, key=lambda s: (int(s.rsplit('_', 1)[1]) if s.rsplit('_', 1)[-1].isdigit() else 1, s))
+  """The RL stages with checkpoints ('grpo', 'ppo', or 'grpo_1', 'grpo_2', ...), outer iterations in order."""
+  return stages.rl_folders(checkpoint.stage_folders(workdir))
 
 
 def stage_correct(workdir: str, stage: str) -> np.ndarray | None:

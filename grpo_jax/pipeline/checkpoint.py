@@ -1,11 +1,13 @@
 """Orbax checkpoints of one stage: its trees saved by role, and a JSON meta.
 
-Each stage ('sft', 'grpo', ...) has its own CheckpointManager under <workdir>/checkpoints/<stage>; a step holds
-one item per role: 'policy' (the trained policy's TrainState: step, params, optimizer state), 'reference' (the
-frozen reference's params, when the stage keeps one), 'critic' (the PPO stage's value model, a TrainState), and
-'meta' (JSON: data position, RNG key data, the model config, checked before resuming, and the stage's summary once
-finished). A LoRA stage (models/lora.py) saves the frozen base and the adapters in the policy's params, no
-reference tree, and its LoRA config under meta['lora'].
+Each stage (its folder: 'sft', 'grpo', 'grpo_2', 'reward_model_0', ...; the table is stages.py) has its own
+CheckpointManager under <workdir>/checkpoints/<folder>; a step holds one item per model, named by its `Role`:
+'policy' (the trained policy's TrainState: step, params, optimizer state), 'reference' (the frozen reference's
+params, when the stage keeps one), 'critic' (the PPO stage's value model, a TrainState), 'reward_model' (the learned
+reward model's TrainState); the stage's other state (GRPO's KL controller, the reward model's replay buffer) under its
+own name; and 'meta' (JSON: data position, RNG key data, the model config, checked before resuming, and the stage's
+summary once finished). A LoRA stage (models/lora.py) saves the frozen base and the adapters in the policy's params,
+no reference tree, and its LoRA config under meta['lora'].
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.pipeline import stages
+from grpo_jax.pipeline.stages import Role
 from grpo_jax.pipeline.workdir import write_json
 
 
@@ -61,6 +65,12 @@ def _replay(captured) -> None:
   if text:
     sys.stderr.buffer.write(text)
     sys.stderr.flush()
+
+
+def stage_folders(workdir: str) -> list[str]:
+  """The stage folders under <workdir>/checkpoints ('sft', 'grpo', 'grpo_2', 'reward_model_0', ...), sorted."""
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
 
 
 def manager(workdir: str, stage: str, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -145,7 +155,7 @@ def check_policy_layout(mngr: ocp.CheckpointManager, step: int) -> None:
   """A policy stage's checkpoint holds its trees by role; one written before that (2026-12-04: the train state as
   item 'state') is refused with what to do, instead of an error from inside Orbax."""
   step_dir = os.path.join(str(mngr.directory), str(step))
-  if os.path.isdir(os.path.join(step_dir, 'state')) and not os.path.isdir(os.path.join(step_dir, 'policy')):
+  if os.path.isdir(os.path.join(step_dir, 'state')) and not os.path.isdir(os.path.join(step_dir, Role.POLICY)):
     raise CheckpointError(f"{step_dir} has the checkpoint layout of grpo_jax before 2026-12-04 (item 'state', not "
                           "'policy'): finish that run with that version (git checkout 7f909e5) or use a fresh "
                           '--workdir')
@@ -172,7 +182,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> 
   return {name: restored[name] for name in targets}
 
 
-def restore_subtree(mngr: ocp.CheckpointManager, step: int, item: str, target) -> Any:
+def restore_subtree(mngr: ocp.CheckpointManager, step: int, item: Role | str, target) -> Any:
   """Part of one item (e.g. only {'params': ...} of the 'policy' TrainState, no optimizer state), restored into
   `target`'s shapes, dtypes and shardings."""
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -185,10 +195,12 @@ def restore_subtree(mngr: ocp.CheckpointManager, step: int, item: str, target) -
     raise CheckpointError(f'could not restore {item} from {mngr.directory}/{step}: {e}') from e
 
 
-def saved_model_config(workdir: str, stages: tuple[str, ...] = ('grpo', 'grpo_1', 'ppo', 'sft')) -> dict[str, Any]:
-  """The model config (a dict of ModelConfig fields) stored with the workdir's latest checkpoint."""
-  for stage in stages:
-    meta = read_meta(manager(workdir, stage, max_to_keep=1_000_000))
+def saved_model_config(workdir: str) -> dict[str, Any]:
+  """The model config (a dict of ModelConfig fields) stored with the checkpoint of the workdir's final policy (the
+  first of stages.policy_folders that has one)."""
+  folders = stages.policy_folders(stage_folders(workdir))
+  for folder in folders:
+    meta = read_meta(manager(workdir, folder, max_to_keep=1_000_000))
     if meta is not None:
       return meta['model']
-  raise CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under {workdir}/checkpoints')
+  raise CheckpointError(f'{workdir} has no checkpoint of any stage {folders} under {workdir}/checkpoints')

@@ -16,7 +16,8 @@ from grpo_jax.models import gguf
 from grpo_jax.models.lora import TARGETS, parse_names
 from grpo_jax.models.transformer import REMAT_POLICIES
 from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape
-from grpo_jax.pipeline.setup import STAGES, layout_rules
+from grpo_jax.pipeline.setup import layout_rules
+from grpo_jax.pipeline.stages import GRPO, LORA_STAGES, RL_ALGORITHMS
 from grpo_jax.rewards.registry import REWARDS
 from grpo_jax.rewards.steps import STEP_VERIFIERS
 from grpo_jax.rollout.rollout import REWARD_SOURCES
@@ -111,7 +112,7 @@ def _check_lora(lora_cfg) -> None:
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
     raise ValueError(f'config.lora.rank must be an int >= 0 (0 = off: full fine-tuning), got {rank!r}')
   targets = parse_names(lora_cfg.targets, TARGETS, 'config.lora.targets')
-  stages = parse_names(lora_cfg.stages, STAGES, 'config.lora.stages')
+  stages = parse_names(lora_cfg.stages, LORA_STAGES, 'config.lora.stages')
   if rank == 0:
     return
   alpha = lora_cfg.alpha
@@ -160,8 +161,8 @@ def _check_iterations(cfg) -> None:
   if rl.num_steps % rl.num_iterations:
     raise ValueError(f'config.rl.num_steps={rl.num_steps} does not split into rl.num_iterations={rl.num_iterations} '
                      'equal iterations (M = num_steps / num_iterations steps each, a whole number >= 1)')
-  if rl.num_iterations > 1 and rl.reset_reference and cfg.lora.rank and 'grpo' in parse_names(
-      cfg.lora.stages, STAGES, 'config.lora.stages'):
+  if rl.num_iterations > 1 and rl.reset_reference and cfg.lora.rank and GRPO.name in parse_names(
+      cfg.lora.stages, LORA_STAGES, 'config.lora.stages'):
     raise ValueError('config.rl.reset_reference with rl.num_iterations > 1 is not supported with LoRA on GRPO: the '
                      'reference is the frozen base the adapters sit on; set rl.reset_reference=False or lora.rank=0')
   _in(cfg, 'rl.reward_source', REWARD_SOURCES)
@@ -238,7 +239,7 @@ def _check_loss_switches(cfg) -> None:
                      "rl.importance_ratio='token' or rl.supervision='outcome'")
 
 
-ALGORITHMS = ('grpo', 'ppo')  # config.rl.algorithm
+ALGORITHMS = RL_ALGORITHMS  # config.rl.algorithm: the stage table's RL stages
 
 
 def _check_ppo(cfg) -> None:
@@ -269,7 +270,7 @@ def _check_ppo(cfg) -> None:
       raise ValueError(f"config.{key}={value!r} is not supported with rl.algorithm='ppo' (only {supported!r}: the PPO "
                        "baseline is one stage on the verifier's outcome reward, its KL always in the reward, "
                        "weighted by a fixed rl.beta)")
-  if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
+  if cfg.lora.rank and GRPO.name in parse_names(cfg.lora.stages, LORA_STAGES, 'config.lora.stages'):
     raise ValueError("config.lora.rank > 0 on the RL stage is not supported with rl.algorithm='ppo' (it trains every "
                      "weight): set lora.rank=0 or lora.stages='sft'")
   if rl.importance_ratio == 'sequence':
@@ -334,7 +335,7 @@ def _check_exact_kl(cfg) -> None:
   if not rl.beta > 0 or rl.kl_in_reward or rl.trainer_sampling_filters:
     raise ValueError("config.rl.kl_estimator='exact' is the loss's KL term: it needs rl.beta > 0, rl.kl_in_reward="
                      'False and rl.trainer_sampling_filters=False')
-  if cfg.lora.rank and 'grpo' in parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
+  if cfg.lora.rank and GRPO.name in parse_names(cfg.lora.stages, LORA_STAGES, 'config.lora.stages'):
     raise ValueError("config.rl.kl_estimator='exact' with LoRA on GRPO is unsupported: the reference is the frozen "
                      'base inside the donated policy state, which the train step cannot also take as an input')
   if cfg.mesh.fsdp != 1 or cfg.mesh.tensor != 1:

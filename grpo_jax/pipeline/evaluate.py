@@ -1,4 +1,4 @@
-"""Evaluation: greedy pass@1 and maj@k on tokenized splits, and loading a policy to evaluate.
+"""Evaluation: pass@1 (greedy or sampled) and maj@k on tokenized splits, and loading a policy to evaluate.
 
 A policy comes from a Hugging Face model directory or from a training workdir's latest Orbax checkpoint.
 Used by the trainer (held-out accuracy) and by the `eval` / `generate` commands.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,7 +22,8 @@ from grpo_jax.data.tokenizer import decode, load_tokenizer
 from grpo_jax.models import hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline import checkpoint, stages
+from grpo_jax.pipeline.stages import Role
 from grpo_jax.rewards.registry import RewardFn, score
 
 
@@ -81,18 +81,19 @@ def decode_records(sampler: Callable, params, split: TokenizedSplit, tokenizer, 
   return records
 
 
-def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *,
-                batch_size: int, rng, verifier: RewardFn | None = None, desc: str | None = None,
-                keep_completions: bool = False, keep_scores: bool = False, done: Sequence[str] = (),
-                on_batch: Callable[[list[str]], None] | None = None) -> dict:
-  """Greedy decoding of every example: accuracy (the fraction the verifier, default the reward, scores >= 1),
-  mean reward, verifier failures (timeouts / errors, scored 0) and the first completion as a sample; with
-  keep_completions, also every completion and whether it is correct ('completions', 'correct'); with keep_scores,
-  each example's verifier score ('scores').
+def pass_at_1(sampler: Callable, params, split: TokenizedSplit, tokenizer, reward_fn: RewardFn, *, batch_size: int,
+              rng, verifier: RewardFn | None = None, desc: str | None = None, keep_completions: bool = False,
+              keep_scores: bool = False, done: Sequence[str] = (),
+              on_batch: Callable[[list[str]], None] | None = None) -> dict:
+  """pass@1: one completion of every example from `sampler` (greedy, or sampled with group_size 1, as the caller
+  built it), scored: accuracy (the fraction the verifier, default the reward, scores >= 1), mean reward, verifier
+  failures (timeouts / errors, scored 0) and the first completion as a sample; with keep_completions, also every
+  completion and whether it is correct ('completions', 'correct'); with keep_scores, each example's verifier score
+  ('scores').
 
   Resuming (decode_records): `done` = the completions of the first batches, on_batch(completions so far).
   """
-  texts = decode_records(greedy_sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, done=done,
+  texts = decode_records(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, done=done,
                          on_batch=on_batch, desc=desc)
   rewards, failures = score(reward_fn, texts, split.answers)
   correct = rewards if verifier is None else score(verifier, texts, split.answers)[0]
@@ -105,27 +106,48 @@ def greedy_eval(greedy_sampler: Callable, params, split: TokenizedSplit, tokeniz
   return out
 
 
-def majority_answers(texts: list[str], k: int, extract: Callable[[str], str | None]) -> list[str | None]:
-  """Most frequent extracted answer of each group of k texts (ties: the first to reach the top count);
-  None when no text of the group has an answer. Answers are compared as whitespace-stripped strings."""
+def vote(answers: Sequence[str], same: Callable[[str, str], bool] | None = None) -> str | None:
+  """The answer most of `answers` agree on, answers that same(a, b) calls equal voting together (default: equal
+  strings), so '0.5' and '1/2' are one vote under a numeric verifier's equivalence. A class is named by its first
+  answer; ties go to the class seen first; None for no answers.
+
+  Identical strings are counted first, so `same` (math-verify for MATH, a worker-pool round trip) is asked once per
+  distinct answer and class."""
+  classes: list[list] = []  # [first answer, votes], in the order first seen
+  for answer, n in collections.Counter(answers).items():
+    for c in classes:
+      if same is not None and same(c[0], answer):
+        c[1] += n
+        break
+    else:
+      classes.append([answer, n])
+  return max(classes, key=lambda c: c[1])[0] if classes else None
+
+
+def majority_answers(texts: list[str], k: int, extract: Callable[[str], str | None],
+                     same: Callable[[str, str], bool] | None = None) -> list[str | None]:
+  """The voted answer (`vote`) of each group of k texts over their extracted, whitespace-stripped answers; None when
+  no text of the group has an answer."""
   out = []
   for g in range(0, len(texts), k):
-    found = [a.strip() for a in map(extract, texts[g:g + k]) if a is not None and a.strip()]
-    out.append(collections.Counter(found).most_common(1)[0][0] if found else None)
+    out.append(vote([a.strip() for a in map(extract, texts[g:g + k]) if a is not None and a.strip()], same))
   return out
 
 
 def maj_at_k(sampler: Callable, params, split: TokenizedSplit, tokenizer, verifier: RewardFn,
-             extract: Callable[[str], str | None], *, k: int, batch_size: int, rng, desc: str | None = None,
-             done: Sequence[str | None] = (), on_batch: Callable[[list[str | None]], None] | None = None) -> dict:
+             extract: Callable[[str], str | None], *, same: Callable[[str, str], bool], k: int, batch_size: int, rng,
+             desc: str | None = None, done: Sequence[str | None] = (),
+             on_batch: Callable[[list[str | None]], None] | None = None) -> dict:
   """maj@k: sample k completions per problem, vote over their extracted final answers, verify the winner.
 
   `sampler` must produce k completions per prompt (make_sampler(..., group_size=k)); batch_size counts prompts.
+  same(a, b): whether two extracted answers are one answer, the verifier's equivalence
+  (rewards.verifiers.answers_equivalent), so that equivalent forms of an answer vote together.
   Resuming (decode_records): `done` = the voted answers of the first batches, on_batch(voted answers so far); each
   batch is voted on as it comes, so what is saved is one answer per problem, not k completions.
   """
   voted = decode_records(sampler, params, split, tokenizer, batch_size=batch_size, rng=rng, group_size=k,
-                         reduce=lambda texts: majority_answers(texts, k, extract), done=done, on_batch=on_batch,
+                         reduce=lambda texts: majority_answers(texts, k, extract, same), done=done, on_batch=on_batch,
                          desc=desc)
   # The winner is verified as a completion that states it in the form every verifier reads.
   as_text = ['' if a is None else f'The answer is \\boxed{{{a}}}' for a in voted]
@@ -135,14 +157,16 @@ def maj_at_k(sampler: Callable, params, split: TokenizedSplit, tokenizer, verifi
 
 
 def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] | None = None,
-                   stages: tuple[str, ...] = ('grpo', 'sft')) -> tuple[Any, str, int]:
-  """The policy params of the latest checkpoint of the last stage that has one (GRPO, else SFT).
+                   folders: Sequence[str] | None = None) -> tuple[Any, str, int]:
+  """The policy params of the latest checkpoint of the first of `folders` that has one (default: policy_stages, the
+  last RL stage's, else SFT's).
 
   abstract_params: the nnx.State of nnx.Param as shape/dtype/sharding structs (e.g. from nnx.eval_shape);
   only the params are read (no optimizer state). A LoRA checkpoint's adapters are read too and merged into the
-  returned plain params (W + scale * A @ B). Returns (params, stage, step).
+  returned plain params (W + scale * A @ B). Returns (params, stage folder, step).
   """
-  for stage in stages:
+  folders = policy_stages(workdir) if folders is None else tuple(folders)
+  for stage in folders:
     mngr = checkpoint.manager(workdir, stage, max_to_keep=1_000_000)  # never prunes: only reads here
     meta = checkpoint.read_meta(mngr)
     if meta is None:
@@ -154,11 +178,11 @@ def restore_params(workdir: str, abstract_params, model_config: dict[str, Any] |
     target_params = abstract_params
     if lora_cfg is not None:
       target_params = nnx.merge_state(abstract_params, _abstract_adapters(abstract_params, meta['model'], lora_cfg))
-    params = checkpoint.restore_subtree(mngr, meta['step'], 'policy', {'params': target_params})['params']
+    params = checkpoint.restore_subtree(mngr, meta['step'], Role.POLICY, {'params': target_params})['params']
     if lora_cfg is not None:
       params = lora.merge_into_base(params, lora_cfg.scale)
     return params, stage, meta['step']
-  raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of any stage {stages} under '
+  raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of any stage {folders} under '
                                    f'{workdir}/checkpoints')
 
 
@@ -174,25 +198,23 @@ def _abstract_adapters(abstract_params, model_config: dict[str, Any], lora_cfg: 
 
 
 def policy_stages(workdir: str, iteration: int | None = None) -> tuple[str, ...]:
-  """The checkpoint folders to read a workdir's policy from, in order of preference.
+  """The checkpoint folders to read a workdir's policy from, in order of preference (stages.policy_folders).
 
-  Default: the last outer iteration's GRPO ('grpo_<I>', or 'grpo' for a single iteration), else PPO's stage
-  (rl.algorithm='ppo'), else SFT. With `iteration` k: that iteration's end ('grpo_<k>'; 'grpo', or 'ppo', is
-  iteration 1 of a single-iteration run); 0 is SFT.
+  Default: the last outer iteration's RL stage ('grpo_<I>', or 'grpo' / 'ppo' for a single iteration), else SFT.
+  With `iteration` k: that iteration's end ('grpo_<k>'; a plain 'grpo' or 'ppo' is iteration 1); 0 is SFT.
   """
-  root = os.path.join(workdir, 'checkpoints')
-  present = set(os.listdir(root)) if os.path.isdir(root) else set()
-  numbered = sorted(int(s.split('_')[1]) for s in present if re.fullmatch(r'grpo_\d+', s))
+  present = checkpoint.stage_folders(workdir)
   if iteration is None:
-    return (*[f'grpo_{k}' for k in reversed(numbered)], 'grpo', 'ppo', 'sft')
+    return stages.policy_folders(present)
   if iteration == 0:
-    return ('sft',)
-  if f'grpo_{iteration}' in present:
-    return (f'grpo_{iteration}',)
-  for single in ('grpo', 'ppo'):
-    if iteration == 1 and single in present:
-      return (single,)
-  have = numbered or ([1] if present & {'grpo', 'ppo'} else [])
+    return (stages.SFT.name,)
+  numbered = {stages.parse_folder(f)[1]: f for f in stages.rl_folders(present) if stages.parse_folder(f)[1]}
+  plain = [f for f in stages.rl_folders(present) if stages.parse_folder(f)[1] is None]
+  if iteration in numbered:
+    return (numbered[iteration],)
+  if iteration == 1 and plain:
+    return (plain[0],)
+  have = sorted(numbered) or ([1] if plain else [])
   raise checkpoint.CheckpointError(f'{workdir} has no checkpoint of outer iteration {iteration}; it has '
                                    f'iterations {have} (0 = SFT)')
 
@@ -201,7 +223,7 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
                 iteration: int | None = None):
   """(graphdef, params, model_config, tokenizer) from a Hugging Face directory or a training workdir.
 
-  A workdir gives the params of its latest checkpoint (the last iteration's GRPO, else SFT; or outer iteration
+  A workdir gives the params of its latest checkpoint (the last iteration's RL stage, else SFT; or outer iteration
   `iteration`'s, see policy_stages), the model config saved with it and the tokenizer the run saved in
   <workdir>/tokenizer.
   """
@@ -223,7 +245,7 @@ def load_policy(*, model_dir: str | None = None, workdir: str | None = None, dty
   abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_params, shardings)
   if workdir is not None:
-    params, stage, step = restore_params(workdir, abstract_params, saved, stages=policy_stages(workdir, iteration))
+    params, stage, step = restore_params(workdir, abstract_params, saved, policy_stages(workdir, iteration))
     distributed.print0(f'loaded {workdir}: {stage} checkpoint, step {step}')
   else:
     params = hf.load_params(model_dir, model_cfg, dtype=model_cfg.param_dtype, shardings=shardings)

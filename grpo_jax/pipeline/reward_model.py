@@ -47,7 +47,7 @@ from grpo_jax.models.reward_model import (
 )
 from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline import workdir as workdir_lib
+from grpo_jax.pipeline import stages, workdir as workdir_lib
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.pipeline.loop import Interrupt, Sinks, Stage, run_stage
 from grpo_jax.pipeline.metrics import MetricWriter
@@ -58,12 +58,12 @@ from grpo_jax.rewards.steps import get_step_verifier
 from grpo_jax.rollout.rollout import step_rewards
 from grpo_jax.rollout.steps import delimiter_token_ids
 
-NAME = 'reward_model'
+NAME = stages.REWARD_MODEL.name
 
 
 def stage_name(k: int) -> str:
   """Checkpoint folder of the reward model trained before outer iteration k + 1."""
-  return f'{NAME}_{k}'
+  return stages.REWARD_MODEL.folder(k)
 
 
 class RewardModelSpec(NamedTuple):

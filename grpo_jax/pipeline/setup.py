@@ -24,15 +24,13 @@ from grpo_jax.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_
 from grpo_jax.models import gguf, hf, lora
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import distributed, sharding
-from grpo_jax.pipeline.evaluate import greedy_eval
+from grpo_jax.pipeline import stages
+from grpo_jax.pipeline.evaluate import pass_at_1
 from grpo_jax.rewards.registry import RewardFn, get_reward_fn
 from grpo_jax.rollout.reference import make_sequence_logprobs_fn
 from grpo_jax.rollout.sampling import make_sampler
 from grpo_jax.rollout.trim import completion_buckets, per_packed_rows
 
-# The trainer's stages in the order they run: their checkpoint folders, the 'stage' of metric rows, and the names
-# config.lora.stages takes.
-STAGES = ('sft', 'grpo')
 # config.model fields that say how the training forward runs, not what the model is
 FORWARD_KNOBS = ('remat', 'logprob_chunk')
 
@@ -117,9 +115,9 @@ def layout_rules(cfg) -> tuple[sharding.Rules, sharding.Rules]:
 
 
 def stage_lora(cfg, stage: str) -> lora.LoraConfig | None:
-  """The LoRA a stage ('sft' | 'grpo') trains with, from config.lora; None (train every weight) when rank is 0
-  or config.lora.stages does not list the stage."""
-  if not cfg.lora.rank or stage not in lora.parse_names(cfg.lora.stages, STAGES, 'config.lora.stages'):
+  """The LoRA a stage (a name of stages.LORA_STAGES) trains with, from config.lora; None (train every weight) when
+  rank is 0 or config.lora.stages does not list the stage."""
+  if not cfg.lora.rank or stage not in lora.parse_names(cfg.lora.stages, stages.LORA_STAGES, 'config.lora.stages'):
     return None
   return lora.LoraConfig(int(cfg.lora.rank), float(cfg.lora.alpha),
                          lora.parse_names(cfg.lora.targets, lora.TARGETS, 'config.lora.targets'))
@@ -197,12 +195,12 @@ class Setup:
 
   def evaluate(self, params, split: str, policy: Policy | None = None, *, keep_scores: bool = False
                ) -> dict[str, Any]:
-    """Greedy (or, config.eval.sample, sampled) accuracy, mean reward and a sample completion of `split`
-    (collective on several hosts); with keep_scores, also each example's verifier score ('scores', win rates)."""
+    """pass@1 of `split`: accuracy, mean reward and a sample completion of one greedy (or, config.eval.sample,
+    sampled) completion per example (collective on several hosts); with keep_scores, also each example's verifier
+    score ('scores', win rates)."""
     policy = policy or self.policy()
-    return greedy_eval(policy.eval_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
-                       batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier,
-                       keep_scores=keep_scores)
+    return pass_at_1(policy.eval_sampler, params, self.splits[split], self.tokenizer, self.reward_fn,
+                     batch_size=self.cfg.eval.batch_size, rng=self.rng, verifier=self.verifier, keep_scores=keep_scores)
 
   def with_adapters(self, stage: str, params, policy: Policy, key: jax.Array) -> nnx.State:
     """params plus fresh adapters for a LoRA stage (A random, B zero: the model's function is unchanged)."""

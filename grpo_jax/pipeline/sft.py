@@ -12,11 +12,12 @@ from grpo_jax.core.losses import sft_loss, sft_token_count
 from grpo_jax.data.batches import SFTBatch, batch_indices
 from grpo_jax.models import lora
 from grpo_jax.parallel import distributed
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.loop import Stage
 from grpo_jax.pipeline.setup import Setup
 from grpo_jax.pipeline.train_state import init_state, make_optimizer, make_train_step, state_shardings
 
-NAME = 'sft'  # setup.STAGES[0]
+NAME = stages.SFT.name
 
 
 def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
