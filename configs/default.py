@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_prompt_len = 56  # tokens; longer prompts are an error, shorter are left-padded
   c.max_new_tokens = 40  # completion budget (SFT targets must fit too)
   c.decode_block = 0  # > 0: the KV cache grows this many slots at a time (less attention; more compile, memory)
+  c.decode_buckets = 1  # k > 1: blocks decode only the rows not ended, at the least of k sizes b, b/2, ...; same tokens
 
   c.sft = ml_collections.ConfigDict()
   c.sft.batch_size = 32

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_prompt_len = 512  # tokens, chat template included
   c.max_new_tokens = 1024  # the paper's max length
   # decode_block stays 0: larger blocks decode faster but XLA gives each block's loop its own KV cache buffer
-  # (the 7B plan: benchmarks/RESULTS.md).
+  # (the 7B plan: benchmarks/RESULTS.md). So decode_buckets stays 1: it compacts rows at block boundaries.
 
   c.sft.max_steps = 0  # start RL from the loaded model
 

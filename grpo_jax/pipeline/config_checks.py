@@ -90,10 +90,15 @@ def _check_memory_knobs(cfg) -> None:
 
 
 def _check_runtime_knobs(cfg) -> None:
-  """decode_block and compile_cache_dir: how the sampler loops and where compiled executables are kept."""
+  """decode_block, decode_buckets and compile_cache_dir: how the sampler loops and where compiled executables are
+  kept."""
   block = cfg.decode_block
   if not isinstance(block, int) or block < 0:
     raise ValueError(f'config.decode_block must be an int >= 0 (0 = one decode loop), got {block!r}')
+  buckets = cfg.decode_buckets
+  if not isinstance(buckets, int) or buckets < 1 or (buckets > 1 and not block):
+    raise ValueError(f'config.decode_buckets must be an int >= 1 (1 = off), and > 1 only with decode_block > 0 (it '
+                     f'compacts rows between decode blocks); got {buckets!r} with decode_block={block!r}')
   cache = cfg.compile_cache_dir
   if not isinstance(cache, str):
     raise ValueError(f"config.compile_cache_dir must be a directory path or '' (off), got {cache!r}")

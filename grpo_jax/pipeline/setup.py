@@ -171,7 +171,7 @@ class Setup:
   def _make_policy(self, graphdef, params, lora_cfg: lora.LoraConfig | None) -> Policy:
     """params: concrete or abstract (only their structure and shapes are read)."""
     cfg = self.cfg
-    tok = dict(max_new_tokens=cfg.max_new_tokens, decode_block=cfg.decode_block,
+    tok = dict(max_new_tokens=cfg.max_new_tokens, decode_block=cfg.decode_block, decode_buckets=cfg.decode_buckets,
                eos_id=self.eos_ids,
                pad_id=self.tokenizer.pad_token_id, mesh=self.mesh, rules=self.sampler_rules,
                # the samplers reshard params to their own layout first when config.sharding.sampler_rules differ
