@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.clip_eps = 0.2  # epsilon (the lower one when clip_eps_high is set)
   c.rl.clip_eps_high = 0.0  # upper epsilon of the ratio clip (clip-higher, DAPO: 0.28); 0 = clip_eps
   c.rl.dual_clip = 0.0  # c > 1: for A < 0 the objective is floored at c * A (Ye et al. 2020); 0 = off
+  c.rl.policy_loss = 'clip'  # per-token objective (core/losses.POLICY_LOSSES): 'clip', the paper's clipped surrogate
   c.rl.importance_ratio = 'token'  # 'token' (the paper) | 'sequence' (GSPO: one length-normalized ratio per output)
   c.rl.loss_aggregation = 'sequence_mean'  # the paper | 'token_mean' (DAPO) | 'constant' (Dr. GRPO) | 'sequence_sum'
   c.rl.entropy_coef = 0.0  # + coef * token entropy in the objective (an entropy bonus); 0 = off
@@ -254,6 +255,7 @@ def paper_grpo(c: ml_collections.ConfigDict) -> None:
   c.rl.kl_estimator = 'k3'  # Sec. 4.1.1, eq. 4: the unbiased estimator pi_ref/pi - log(pi_ref/pi) - 1
   c.rl.advantage = 'grpo'  # Sec. 4.1.2: rewards normalized by the group's mean and std, every token of o_i gets A_i
   c.rl.loss_aggregation = 'sequence_mean'  # Sec. 4.1.1, eq. 3: (1/G) sum_i (1/|o_i|) sum_t
+  c.rl.policy_loss = 'clip'  # eq. 3: min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), PPO's clipped surrogate
   c.rl.importance_ratio = 'token'  # eq. 3: the per-token ratio pi_theta(o_it) / pi_old(o_it)
   c.rl.clip_eps, c.rl.clip_eps_high, c.rl.dual_clip = 0.2, 0.0, 0.0  # eq. 3's symmetric clip; 0.2: see below
   c.rl.kl_in_reward = False  # Sec. 4.1.1: GRPO adds the KL to the loss, not to the reward as PPO does (eq. 2)

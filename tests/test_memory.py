@@ -14,7 +14,7 @@ from conftest import load_config
 from flax import nnx
 from ml_collections import ConfigDict
 
-from grpo_jax.core.losses import LossConfig, grpo_objective, sft_loss, sft_token_count
+from grpo_jax.core.losses import LossConfig, completion_token_count, grpo_objective, sft_loss
 from grpo_jax.data.batches import SFTBatch
 from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.parallel import sharding
@@ -186,7 +186,7 @@ def test_grad_accumulation_gives_the_single_batch_sft_update():
   batch = SFTBatch(*grpo_batch(16, 6, 8, seed=2)[:4])
   one, m1 = run_step(graphdef, params, optax.sgd(1.0), sft_loss, batch)
   four, m4 = run_step(graphdef, params, optax.sgd(1.0), sft_loss, batch, grad_accum_steps=4,
-                      micro_weight=sft_token_count)
+                      micro_weight=completion_token_count)
   for key in ('loss', 'grad_norm', 'nll'):
     np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, atol=1e-7)
   assert_trees_close(four.params, one.params, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,6 @@ import os
 from absl import app
 
 from grpo_jax.core.advantages import ADVANTAGES, PREFIX_SCALE_OF
-from grpo_jax.core.kl import KL_CHOICES
-from grpo_jax.core.losses import IMPORTANCE_RATIOS, LOSS_AGGREGATIONS
 from grpo_jax.data.datasets import DATASETS
 from grpo_jax.data.preferences import load_preference_jsonl
 from grpo_jax.data.prompts import CHAT_MODES, resolve_template
@@ -16,6 +14,7 @@ from grpo_jax.models import gguf
 from grpo_jax.models.lora import TARGETS, parse_names
 from grpo_jax.models.transformer import REMAT_POLICIES
 from grpo_jax.parallel.sharding import MESH_AXES, mesh_shape
+from grpo_jax.pipeline.grpo import loss_config
 from grpo_jax.pipeline.setup import layout_rules
 from grpo_jax.pipeline.stages import GRPO, LORA_STAGES, RL_ALGORITHMS
 from grpo_jax.rewards.registry import REWARDS
@@ -219,25 +218,13 @@ def _check_prefix_resample(cfg) -> None:
 
 
 def _check_loss_switches(cfg) -> None:
-  """The GRPO loss's switches (core/losses.LossConfig): names from their lists, the clip epsilons ordered, and
-  combinations that would silently do nothing or something else than asked."""
+  """The GRPO loss's switches: each one's own values are core/losses.LossConfig's to check, here through the one
+  function that builds it from the config (pipeline/grpo.loss_config, whose errors name the config keys); here only
+  what involves other knobs: combinations that would silently do nothing or something else than asked."""
+  loss_config(cfg)
   rl = cfg.rl
-  _in(cfg, 'rl.loss_aggregation', LOSS_AGGREGATIONS)
-  _in(cfg, 'rl.importance_ratio', IMPORTANCE_RATIOS)
-  high = rl.clip_eps_high
-  if isinstance(high, bool) or not isinstance(high, (int, float)) or high < 0 or (high and high < rl.clip_eps):
-    raise ValueError(f'config.rl.clip_eps_high={high!r} must be 0 (= rl.clip_eps, a symmetric clip) or >= '
-                     f'rl.clip_eps={rl.clip_eps} (the lower epsilon)')
-  dual = rl.dual_clip
-  if isinstance(dual, bool) or not isinstance(dual, (int, float)) or not (dual == 0 or dual > 1):
-    raise ValueError(f'config.rl.dual_clip={dual!r} must be 0 (off) or > 1: the floor c * A (A < 0) zeroes the '
-                     'gradient of every token whose ratio is above c, on-policy tokens (ratio 1) too when c <= 1')
-  if not isinstance(rl.kl_in_reward, bool):
-    raise ValueError(f'config.rl.kl_in_reward must be True or False, got {rl.kl_in_reward!r}')
   if rl.kl_in_reward and not rl.beta > 0:
     raise ValueError('config.rl.kl_in_reward=True with rl.beta=0 folds no KL into the reward: set rl.beta > 0')
-  if isinstance(rl.entropy_coef, bool) or not isinstance(rl.entropy_coef, (int, float)):
-    raise ValueError(f'config.rl.entropy_coef must be a number (0 = off), got {rl.entropy_coef!r}')
   if rl.importance_ratio == 'sequence' and rl.supervision == 'process':
     raise ValueError("config.rl.importance_ratio='sequence' (GSPO) with rl.supervision='process' is unsupported: one "
                      "ratio for all of an output's tokens collapses the per-token advantages into their sum; use "
@@ -335,11 +322,8 @@ def _check_sampling_switches(cfg) -> None:
 
 
 def _check_exact_kl(cfg) -> None:
-  """rl.kl_estimator='exact': the reference's full forward inside the train step, with what that cannot serve."""
-  rl = cfg.rl
-  if not rl.beta > 0 or rl.kl_in_reward or rl.trainer_sampling_filters:
-    raise ValueError("config.rl.kl_estimator='exact' is the loss's KL term: it needs rl.beta > 0, rl.kl_in_reward="
-                     'False and rl.trainer_sampling_filters=False')
+  """rl.kl_estimator='exact': the reference's full forward inside the train step, with what that cannot serve (its
+  loss switches: LossConfig)."""
   if cfg.lora.rank and GRPO.name in parse_names(cfg.lora.stages, LORA_STAGES, 'config.lora.stages'):
     raise ValueError("config.rl.kl_estimator='exact' with LoRA on GRPO is unsupported: the reference is the frozen "
                      'base inside the donated policy state, which the train step cannot also take as an input')
@@ -411,8 +395,6 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.rl.group_size (G) must be >= 2 for a group baseline, got {cfg.rl.group_size}')
   _check_iterations(cfg)
   _check_reward_model(cfg)
-  if not 0 < cfg.rl.clip_eps < 1:
-    raise ValueError(f'config.rl.clip_eps must be in (0, 1), got {cfg.rl.clip_eps}')
   _check_loss_switches(cfg)
   _check_sampling_switches(cfg)
   _check_ppo(cfg)
@@ -428,8 +410,7 @@ def check_config(cfg, num_devices: int) -> None:
     raise ValueError(f'config.rl.top_p must be in (0, 1] and top_k >= 0, got {cfg.rl.top_p}, {cfg.rl.top_k}')
   if not 0 <= cfg.sft.target_accuracy <= 1:
     raise ValueError(f'config.sft.target_accuracy must be in [0, 1], got {cfg.sft.target_accuracy}')
-  for key, registry in (('rl.kl_estimator', KL_CHOICES), ('rl.advantage', ADVANTAGES), ('rl.reward', REWARDS),
-                        ('task.verifier', REWARDS)):
+  for key, registry in (('rl.advantage', ADVANTAGES), ('rl.reward', REWARDS), ('task.verifier', REWARDS)):
     group, name = key.split('.')
     if cfg[group][name] not in registry:
       raise ValueError(f'config.{key}={cfg[group][name]!r} is unknown; known: {sorted(registry)}')

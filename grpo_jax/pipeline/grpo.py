@@ -2,12 +2,18 @@
 advantages, then runs mu epochs x minibatches of clipped updates with pi_old fixed (DeepSeekMath Alg. 1, inner
 loop). One stage is one outer iteration; run.py chains them. The math is in core/ (advantages, losses, kl,
 logprobs); experience collection in rollout/.
+
+`grpo_step` is one step, read top to bottom: collect (sample, reward, group advantages, reference logprobs) ->
+credit (process or prefix supervision) -> off-policy correction (exact KL, the trainer's pi_old against the
+sampler's) -> update (epochs x minibatches) -> metrics. Each phase is a function of this module; what they share and
+what never changes between steps (the config, the jitted functions) is one `StepContext`, built by `make_stage`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,17 +57,31 @@ def stage_name(iteration: int, num_iterations: int) -> str:
   return stages.GRPO.folder(None if num_iterations == 1 else iteration)
 
 
+# LossConfig's fields as the run config spells them: LossConfig's errors name its fields, the user sets config keys.
+CONFIG_KEYS = {**{name: f'rl.{name}' for name in ('policy_loss', 'clip_eps', 'clip_eps_high', 'dual_clip',
+                                                   'kl_estimator', 'kl_in_reward', 'loss_aggregation',
+                                                   'importance_ratio', 'entropy_coef')},
+               'kl_penalty': 'rl.beta > 0', 'logits_filter': 'rl.trainer_sampling_filters'}
+_FIELD = re.compile(r'\b(' + '|'.join(sorted(CONFIG_KEYS, key=len, reverse=True)) + r')\b')
+
+
 def loss_config(cfg, *, reference_model: Callable | None = None) -> LossConfig:
-  """The GRPO loss's static choices, from config.rl (and the forward's memory knobs from config.model).
-  reference_model: ref params -> the reference model, for rl.kl_estimator 'exact'."""
+  """The GRPO loss's static choices, from config.rl (and the forward's memory knobs from config.model): the one place
+  the config's loss switches are read. LossConfig checks them (config_checks runs this before anything is built); its
+  error is raised again naming the config keys. reference_model: ref params -> the reference model, for
+  rl.kl_estimator 'exact'."""
   rl = cfg.rl
-  return LossConfig(clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, dual_clip=rl.dual_clip,
-                    kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0, kl_in_reward=rl.kl_in_reward,
-                    loss_aggregation=rl.loss_aggregation, importance_ratio=rl.importance_ratio,
-                    entropy_coef=rl.entropy_coef, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat,
-                    max_len=cfg.max_new_tokens,
-                    shared_prompt_group=shared_prompt_group(cfg),
-                    logits_filter=trainer_filter(cfg), reference_model=reference_model)
+  try:
+    return LossConfig(policy_loss=rl.policy_loss, clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high,
+                      dual_clip=rl.dual_clip, kl_estimator=rl.kl_estimator, kl_penalty=rl.beta > 0,
+                      kl_in_reward=rl.kl_in_reward, loss_aggregation=rl.loss_aggregation,
+                      importance_ratio=rl.importance_ratio, entropy_coef=rl.entropy_coef,
+                      logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat, max_len=cfg.max_new_tokens,
+                      shared_prompt_group=shared_prompt_group(cfg), logits_filter=trainer_filter(cfg),
+                      reference_model=reference_model)
+  except ValueError as e:
+    message = _FIELD.sub(lambda m: CONFIG_KEYS[m[1]], str(e))
+    raise ValueError(f'config.{message}' if message.startswith('rl.') else message) from None
 
 
 def trainer_filter(cfg):
@@ -215,45 +235,185 @@ def extra_sampling_flops(model_cfg, rollout: Rollout, stats: dict[str, Any], *, 
   return total
 
 
-def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
-               reference=None, learned_reward: Callable | None = None, step_scores: Callable | None = None) -> Stage:
-  """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps from `params` (iteration 1) or
-  from `start` (the previous iteration's final {'policy': TrainState, 'kl_controller': ...}: optimizer state, lr
-  schedule and controller carry on). `reference`: the frozen reference's params (default `params`); with LoRA
-  the reference is the policy's frozen base. `learned_reward`: the reward model's scores(prompt_tokens,
-  prompt_mask, completion_tokens, completion_mask) -> [N], for rl.reward_source 'reward_model' / 'mix'.
-  `step_scores`: a process reward model's (rollout.process_supervision), for rl.step_reward 'reward_model'.
+@dataclasses.dataclass
+class StepContext:
+  """What every GRPO step of a stage uses and no step changes, built once by make_stage: the run's setup and the
+  trained policy, the jitted train step and forwards, and the phases' switches."""
+  setup: Setup
+  policy: Policy
+  name: str  # the stage's checkpoint folder, for messages
+  iteration: int  # the outer iteration, 1-based
+  offset: int  # steps of the earlier iterations: the data order and the RNG run on across iterations
+  rng: jax.Array  # the stage's key; step i's is fold_in(rng, offset + i)
+  train_step: Callable  # make_packed_train_step's (state, Rollout, hparams) -> (state, metrics)
+  advantage_fn: Callable  # rl.advantage (core/advantages.ADVANTAGES)
+  reference_forward: Callable  # (ref params, prompt, prompt mask, completion, completion mask) -> logprobs [N, c]
+  lr_at: Callable  # optimizer step -> the schedule's learning rate
+  length_buckets: tuple[int, ...]  # the widths a batch is cut to (rollout/trim.py)
+  group: int  # G when the update runs each prompt once for its G outputs (rl.shared_prompt), else 1
+  row_buckets: tuple[int, ...]  # packed rows per group (rl.pack_buckets; core/packing.py)
+  overlong: dict[str, Any]  # collect_rollout's overlong switches (DAPO), {} when off
+  process: dict[str, Any] | None  # rl.supervision 'process': the step verifier and delimiter ids
+  exact_kl: Callable | None  # the full-vocabulary KL of pi_old to the reference, on exact_kl_rows rows; None = off
+  exact_kl_rows: int
+  trainer_old: Callable | None  # the trainer's forward of pi_old (reference.make_trainer_logprobs_fn); None = off
+  mismatch_rows: int | None  # rows it runs on for the logged gap alone; None = every row, read by the loss
+  learned_reward: Callable | None = None  # the reward model's scores, for rl.reward_source 'reward_model' / 'mix'
+  step_scores: Callable | None = None  # a process reward model's, for rl.step_reward 'reward_model'
+  warned_no_delimiter: bool = False  # process supervision: warn once when no output has a step delimiter
 
-  State: {'policy': TrainState, 'reference': params (not with LoRA), 'kl_controller': {'beta', 'lr_scale'}}.
-  """
-  cfg, rl, train = setup.cfg, setup.cfg.rl, setup.splits['train']
-  name = stage_name(iteration, rl.num_iterations)
-  steps_per_iteration = rl.num_steps // rl.num_iterations
-  offset = (iteration - 1) * steps_per_iteration  # data order and RNG run on across iterations
-  policy = setup.policy(NAME)
-  tx = make_optimizer(rl, rl.num_steps, param_dtype=setup.model_cfg.param_dtype)
-  lr_at = learning_rate(rl, rl.num_steps)
-  trainable = None if policy.lora is None else lora.TRAINABLE
+
+def collect(ctx: StepContext, params, reference, key: jax.Array, step: int) -> tuple[Any, Rollout, dict[str, Any]]:
+  """Phase 1, collect: the step's prompts, G outputs each sampled from pi_old = `params`, their rewards and group
+  advantages, and the reference's logprobs (rollout.collect_rollout). With rl.dynamic_sampling, groups without reward
+  variance are replaced by those of further prompt batches (DAPO); the first draw's stats (reward, accuracy, signal)
+  stay those of a fresh batch. Returns (the first draw's prompts, the Rollout [P*G rows], stats)."""
+  cfg, rl, train = ctx.setup.cfg, ctx.setup.cfg.rl, ctx.setup.splits['train']
+
+  def draw(d):  # d = 0: the step's own prompts; d > 0: dynamic sampling's refills, each from its own stream
+    stream, draw_key = 'grpo', key
+    if d:  # keyed by (step, d) alone, so a resumed run draws what an uninterrupted one does
+      stream, draw_key = f'grpo_dynamic_{d}', jax.random.fold_in(key, 10_000 + d)
+    batch = train.take(batch_indices(len(train), rl.num_prompts, step, seed=cfg.seed, stream=stream))
+    return batch, collect_rollout(
+        ctx.policy.sampler, ctx.reference_forward, params, reference, batch, draw_key,
+        group_size=rl.group_size, tokenizer=ctx.setup.tokenizer, reward_fn=ctx.setup.reward_fn,
+        advantage_fn=ctx.advantage_fn, verifier=ctx.setup.verifier, learned_reward=ctx.learned_reward,
+        reward_source=rl.reward_source, reward_mix=rl.reward_mix, length_buckets=ctx.length_buckets, **ctx.overlong,
+        **({'return_rewards': True} if rl.dynamic_sampling else {}))
+
+  prompts, collected = draw(0)
+  if not rl.dynamic_sampling:
+    return prompts, *collected
+  rollout, dynamic = dynamic_sampling(lambda d: collected if d == 0 else draw(d)[1], num_groups=rl.num_prompts,
+                                      group_size=rl.group_size, max_draws=rl.dynamic_sampling_max_draws,
+                                      advantage_fn=ctx.advantage_fn)
+  stats = {**collected[1], **dynamic,
+           'sampled_tokens_per_s': dynamic['sampled_tokens'] / max(dynamic['sample_time'], 1e-9)}
+  return prompts, rollout, stats
+
+
+def assign_credit(ctx: StepContext, rollout: Rollout, prompts, params, key: jax.Array, step: int
+                  ) -> tuple[Rollout, dict[str, Any]]:
+  """Phase 2, credit: with rl.supervision 'process', per-step rewards as per-token advantages (DeepSeekMath 4.1.3);
+  with 'prefix_resample', per-segment credit from K continuations of each output's prefixes sampled from pi_old =
+  `params` (key: the step's sampling key); with 'outcome' the collected advantages stand. Returns (rollout, stats)."""
+  cfg, rl = ctx.setup.cfg, ctx.setup.cfg.rl
+  if ctx.process is not None:
+    rollout, stats = process_supervision(rollout, prompts, ctx.setup.tokenizer, group_size=rl.group_size,
+                                         step_verifier=ctx.process['step_verifier'],
+                                         delimiter_ids=ctx.process['delimiter_ids'], step_scores=ctx.step_scores)
+    if not stats['delimiters'] and not ctx.warned_no_delimiter:
+      ctx.warned_no_delimiter = True
+      msg = (f'{ctx.name}: step {step}: no output of the batch contains rl.step_delimiter={rl.step_delimiter!r}: '
+             'every output is one step (process supervision reduces to outcome supervision); warned once')
+      logging.warning(msg)
+      distributed.print0(f'WARNING: {msg}')
+    return rollout, stats
+  if rl.supervision == 'prefix_resample':
+    return prefix_credit(rollout, prompts, ctx.policy.continuation_sampler, params, jax.random.fold_in(key, 1),
+                         group_size=rl.group_size, continuations=rl.prefix_continuations,
+                         cut_fractions=tuple(rl.prefix_cuts), tokenizer=ctx.setup.tokenizer,
+                         reward_fn=ctx.setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage],
+                         max_len=cfg.max_new_tokens)
+  return rollout, {}
+
+
+def correct_off_policy(ctx: StepContext, params, reference, rollout: Rollout) -> tuple[Rollout, dict[str, Any]]:
+  """Phase 3, reference and off-policy correction: pi_old = `params` against the reference over the whole vocabulary
+  on a few rows (kl_exact), and the trainer's forward of pi_old against the sampler's logprobs (sampler_vs_trainer:
+  the logged gap; with rl.tis_cap / rl.trainer_sampling_filters the loss's old logprobs and TIS weights). Returns
+  (rollout, stats)."""
+  stats = {}
+  if ctx.exact_kl is None and ctx.trainer_old is None:
+    return rollout, stats
+  # pi_old as plain params, merged once for both
+  merged = params if ctx.policy.lora is None else lora.merge_params(params, ctx.policy.lora.scale)
+  if ctx.exact_kl is not None:
+    rows = np.linspace(0, rollout.advantages.shape[0] - 1, ctx.exact_kl_rows).astype(int)
+    stats['kl_exact'] = ctx.exact_kl(merged, reference, *(np.asarray(x)[rows] for x in rollout[:4]))
+  if ctx.trainer_old is not None:
+    rollout, mismatch = sampler_vs_trainer(ctx.trainer_old, merged, rollout, rows=ctx.mismatch_rows,
+                                           tis_cap=ctx.setup.cfg.rl.tis_cap)
+    stats.update(mismatch)
+  return rollout, stats
+
+
+def step_work(ctx: StepContext, rollout: Rollout, stats: dict[str, Any]) -> dict[str, float]:
+  """Part of phase 5, metrics: the step's model FLOPs (models/flops.py: sampling, the reference forward, which runs
+  also at beta 0, and the update, plus dynamic sampling's and prefix resampling's extra draws) and tokens."""
+  rl = ctx.setup.cfg.rl
+  work = flops.grpo_step_work(ctx.setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
+                              group_size=rl.group_size, reference=True, num_epochs=rl.num_epochs,
+                              shared_prompt=ctx.group > 1,
+                              packed_rows=packing.packed_rows(rollout.completion_mask, ctx.group, ctx.row_buckets))
+  work['model_flops'] += extra_sampling_flops(ctx.setup.model_cfg, rollout, stats, group_size=rl.group_size,
+                                              continuations=rl.prefix_continuations)
+  return work
+
+
+def grpo_step(ctx: StepContext, state: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Step i (0-based, of this stage) of GRPO: the stage loop's step(state, i) -> (state, metrics), state as in
+  make_stage. The body of DeepSeekMath Alg. 1's inner loop, phase by phase."""
+  rl, i = ctx.setup.cfg.rl, ctx.offset + i
+  policy_state, controller = state['policy'], state['kl_controller']
+  reference = state['reference'] if ctx.policy.lora is None else lora.base_params(policy_state.params)
+  sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(ctx.rng, i))
+
+  # 1. Collect: G outputs per prompt from pi_old, rewarded, with group advantages and the reference's logprobs.
+  prompts, rollout, stats = collect(ctx, policy_state.params, reference, sample_rng, i)
+  # 2. Credit: per-step or per-segment advantages in place of the outcome's (rl.supervision).
+  rollout, credit_stats = assign_credit(ctx, rollout, prompts, policy_state.params, sample_rng, i)
+  # 3. Reference and off-policy correction: the exact KL on a few rows; the trainer's pi_old against the sampler's.
+  rollout, correction_stats = correct_off_policy(ctx, policy_state.params, reference, rollout)
+  stats = {**stats, **credit_stats, **correction_stats}
+  # 4. Update: mu epochs x minibatches of the loss, pi_old fixed.
+  hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
+  policy_state, losses = update(ctx.train_step, policy_state, rollout, shuffle_rng, hparams,
+                                num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches, group_size=ctx.group,
+                                length_buckets=ctx.length_buckets)
+  # 5. Metrics; the KL controller moves beta (or the learning rate) for the next step.
+  logged = {'beta': controller['beta'], 'lr': ctx.lr_at(policy_state.step) * controller['lr_scale'],
+            'iteration': ctx.iteration}
+  metrics = {**stats, **losses, **step_work(ctx, rollout, stats), **logged}
+  return {**state, 'policy': policy_state, 'kl_controller': control_kl(controller, losses['kl'], rl)}, metrics
+
+
+def initial_state(setup: Setup, policy: Policy, tx, params, *, start: dict[str, Any] | None = None,
+                  reference=None) -> dict[str, Any]:
+  """The stage's state by role: {'policy': TrainState, 'kl_controller': {'beta', 'lr_scale'}, 'reference': params}
+  ('reference' not with LoRA: the reference is the frozen base inside the policy's params). From `params`, or from
+  `start` (the previous iteration's final state: optimizer state, lr schedule and controller carry on)."""
   if start is None:
     # Saved with the checkpoints (a resumed run continues its beta), committed replicated on the mesh as the step's
     # metrics are: a restored controller is committed, and mixing it with arrays on other devices is an error.
-    controller = jax.device_put(loss_hparams(cfg), jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
-    roles = {'kl_controller': controller}
+    controller = jax.device_put(loss_hparams(setup.cfg),
+                                jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
     reference = params if reference is None else reference
     if policy.lora is not None:  # the reference is the frozen base inside the policy's params: no copy
       params = setup.with_adapters(NAME, params, policy, jax.random.fold_in(setup.rng, 1001))
-    state = init_state(params, tx, setup.mesh, setup.rules, trainable=trainable)
+    trainable = None if policy.lora is None else lora.TRAINABLE
+    state = {'policy': init_state(params, tx, setup.mesh, setup.rules, trainable=trainable),
+             'kl_controller': controller}
   else:
-    roles, state = {'kl_controller': start['kl_controller']}, start['policy']
-    reference = state.params if reference is None else reference
+    state = {'policy': start['policy'], 'kl_controller': start['kl_controller']}
+    reference = state['policy'].params if reference is None else reference
   if policy.lora is None:
-    roles['reference'] = jax.tree.map(jnp.copy, reference)  # frozen: the policy's params are donated each step
-  train_step = make_packed_train_step(setup, policy, state, tx)
-  advantage_fn = get_advantage_fn(rl.advantage)
-  exact_kl = None
-  # Rounded up to whole rows per data-parallel device, as every batch the mesh shards.
+    state['reference'] = jax.tree.map(jnp.copy, reference)  # frozen: the policy's params are donated each step
+  return state
+
+
+def _whole_rows(setup: Setup, rows: int) -> int:
+  """`rows` rounded up to whole rows per data-parallel device, as every batch the mesh shards, at most a rollout's."""
   data_parallel = math.prod(setup.mesh.shape[a] for a in setup.rules.mesh_axes('batch'))
-  exact_kl_rows = min(-(-rl.exact_kl_rows // data_parallel) * data_parallel, rl.num_prompts * rl.group_size)
+  return min(-(-rows // data_parallel) * data_parallel, setup.cfg.rl.num_prompts * setup.cfg.rl.group_size)
+
+
+def correction_fns(setup: Setup) -> dict[str, Any]:
+  """StepContext's reference and off-policy fields: exact_kl (rl.exact_kl_rows), trainer_old and mismatch_rows, and
+  the reference forward the collect phase runs."""
+  cfg, rl = setup.cfg, setup.cfg.rl
+  exact_kl = None
   if rl.exact_kl_rows:
     exact_kl = make_exact_kl_fn(setup.graphdef, mesh=setup.mesh, rules=setup.rules,
                                 param_shardings=setup.param_shardings, chunk_size=cfg.model.logprob_chunk)
@@ -261,7 +421,6 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   # The trainer's own forward of pi_old: on every row when the loss reads it (rl.tis_cap, rl.trainer_sampling_filters),
   # else on rl.mismatch_rows rows for the logged sampler-vs-trainer gap alone.
   replace_old = rl.tis_cap > 0 or rl.trainer_sampling_filters
-  mismatch_rows = min(-(-rl.mismatch_rows // data_parallel) * data_parallel, rl.num_prompts * rl.group_size)
   trainer_old = None
   if replace_old or rl.mismatch_rows:
     trainer_old = make_trainer_logprobs_fn(setup.graphdef, logits_filter=trainer_filter(cfg), mesh=setup.mesh,
@@ -271,6 +430,15 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   reference_forward = setup.reference_forward
   if trainer_filter(cfg) is not None:  # the KL term then compares the filtered policy with the filtered reference
     reference_forward = lambda params, *arrays: trainer_old(params, *arrays)[1]  # noqa: E731
+  return dict(exact_kl=exact_kl, exact_kl_rows=_whole_rows(setup, rl.exact_kl_rows), trainer_old=trainer_old,
+              mismatch_rows=None if replace_old else _whole_rows(setup, rl.mismatch_rows),
+              reference_forward=reference_forward)
+
+
+def credit_switches(setup: Setup) -> dict[str, Any]:
+  """StepContext's collect and credit switches: overlong (DAPO's overlong penalty and truncation mask) and process
+  (rl.supervision 'process': the step verifier and the delimiter's token ids)."""
+  rl = setup.cfg.rl
   overlong = {}
   if rl.overlong_penalty_len or rl.mask_truncated:
     overlong = dict(eos_ids=setup.eos_ids, overlong_penalty_len=rl.overlong_penalty_len,
@@ -279,81 +447,33 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
   if rl.supervision == 'process':
     process = dict(step_verifier=get_step_verifier(rl.step_verifier),
                    delimiter_ids=delimiter_token_ids(setup.tokenizer, rl.step_delimiter))
-  warned_no_delimiter = False
-  buckets, group, row_buckets = length_buckets(cfg), shared_prompt_group(cfg), pack_row_buckets(cfg)
-  rng = jax.random.fold_in(setup.rng, 1)
+  return dict(overlong=overlong, process=process)
 
-  def step(state, i):
-    nonlocal warned_no_delimiter
-    i = offset + i
-    policy_state = state['policy']
-    reference = state['reference'] if policy.lora is None else lora.base_params(policy_state.params)
-    sample_rng, shuffle_rng = jax.random.split(jax.random.fold_in(rng, i))
 
-    def draw(d):  # d = 0: the step's own prompts; d > 0: dynamic sampling's refills, each from its own stream
-      stream, key = 'grpo', sample_rng
-      if d:  # keyed by (step, d) alone, so a resumed run draws what an uninterrupted one does
-        stream, key = f'grpo_dynamic_{d}', jax.random.fold_in(sample_rng, 10_000 + d)
-      batch = train.take(batch_indices(len(train), rl.num_prompts, i, seed=cfg.seed, stream=stream))
-      return batch, collect_rollout(
-          policy.sampler, reference_forward, policy_state.params, reference, batch, key,
-          group_size=rl.group_size, tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, advantage_fn=advantage_fn,
-          verifier=setup.verifier, learned_reward=learned_reward, reward_source=rl.reward_source,
-          reward_mix=rl.reward_mix, length_buckets=buckets, **overlong,
-          **({'return_rewards': True} if rl.dynamic_sampling else {}))
+def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any] | None = None,
+               reference=None, learned_reward: Callable | None = None, step_scores: Callable | None = None) -> Stage:
+  """Outer iteration `iteration` of GRPO: rl.num_steps / rl.num_iterations steps of grpo_step from `params`
+  (iteration 1) or from `start` (the previous iteration's final {'policy': TrainState, 'kl_controller': ...}:
+  optimizer state, lr schedule and controller carry on). `reference`: the frozen reference's params (default
+  `params`); with LoRA the reference is the policy's frozen base. `learned_reward`: the reward model's
+  scores(prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [N], for rl.reward_source 'reward_model' /
+  'mix'. `step_scores`: a process reward model's (rollout.process_supervision), for rl.step_reward 'reward_model'.
 
-    prompts, collected = draw(0)
-    if rl.dynamic_sampling:  # the first draw's stats (reward, accuracy, signal) stay those of a fresh batch
-      rollout, dynamic = dynamic_sampling(lambda d: collected if d == 0 else draw(d)[1],
-                                          num_groups=rl.num_prompts, group_size=rl.group_size,
-                                          max_draws=rl.dynamic_sampling_max_draws, advantage_fn=advantage_fn)
-      stats = {**collected[1], **dynamic,
-               'sampled_tokens_per_s': dynamic['sampled_tokens'] / max(dynamic['sample_time'], 1e-9)}
-    else:
-      rollout, stats = collected
-    if process is not None:
-      rollout, step_stats = process_supervision(rollout, prompts, setup.tokenizer, group_size=rl.group_size,
-                                                step_verifier=process['step_verifier'],
-                                                delimiter_ids=process['delimiter_ids'], step_scores=step_scores)
-      stats.update(step_stats)
-      if not step_stats['delimiters'] and not warned_no_delimiter:
-        warned_no_delimiter = True
-        msg = (f'{name}: step {i}: no output of the batch contains rl.step_delimiter={rl.step_delimiter!r}: every '
-               'output is one step (process supervision reduces to outcome supervision); warned once')
-        logging.warning(msg)
-        distributed.print0(f'WARNING: {msg}')
-    if rl.supervision == 'prefix_resample':  # per-segment credit from K continuations of each output's prefixes
-      rollout, prefix_stats = prefix_credit(
-          rollout, prompts, policy.continuation_sampler, policy_state.params, jax.random.fold_in(sample_rng, 1),
-          group_size=rl.group_size, continuations=rl.prefix_continuations, cut_fractions=tuple(rl.prefix_cuts),
-          tokenizer=setup.tokenizer, reward_fn=setup.reward_fn, scale=PREFIX_SCALE_OF[rl.advantage],
-          max_len=cfg.max_new_tokens)
-      stats.update(prefix_stats)
-    if exact_kl is not None or trainer_old is not None:  # pi_old as plain params, merged once for both
-      merged = policy_state.params if policy.lora is None else lora.merge_params(policy_state.params,
-                                                                                   policy.lora.scale)
-    if exact_kl is not None:  # pi_old against the reference over the whole vocabulary, on a few rows
-      rows = np.linspace(0, rollout.advantages.shape[0] - 1, exact_kl_rows).astype(int)
-      stats['kl_exact'] = exact_kl(merged, reference, *(np.asarray(x)[rows] for x in rollout[:4]))
-    if trainer_old is not None:
-      rollout, mismatch = sampler_vs_trainer(trainer_old, merged, rollout, rows=None if replace_old else mismatch_rows,
-                                             tis_cap=rl.tis_cap)
-      stats.update(mismatch)
-    controller = state['kl_controller']
-    hparams = controller if rl.kl_estimator != 'exact' else {**controller, 'ref_params': reference}
-    policy_state, metrics = update(train_step, policy_state, rollout, shuffle_rng, hparams,
-                                   num_epochs=rl.num_epochs, num_minibatches=rl.num_minibatches,
-                                   group_size=group, length_buckets=buckets)
-    work = flops.grpo_step_work(setup.model_cfg, rollout.prompt_mask, rollout.completion_mask,
-                                group_size=rl.group_size, reference=True,  # it runs also at beta 0
-                                num_epochs=rl.num_epochs, shared_prompt=group > 1,
-                                packed_rows=packing.packed_rows(rollout.completion_mask, group, row_buckets))
-    work['model_flops'] += extra_sampling_flops(setup.model_cfg, rollout, stats, group_size=rl.group_size,
-                                                continuations=rl.prefix_continuations)
-    logged = {'beta': controller['beta'], 'lr': lr_at(policy_state.step) * controller['lr_scale'],
-              'iteration': iteration}
-    return ({**state, 'policy': policy_state, 'kl_controller': control_kl(controller, metrics['kl'], rl)},
-            {**stats, **metrics, **work, **logged})
+  State: {'policy': TrainState, 'reference': params (not with LoRA), 'kl_controller': {'beta', 'lr_scale'}}.
+  """
+  cfg, rl = setup.cfg, setup.cfg.rl
+  steps_per_iteration = rl.num_steps // rl.num_iterations
+  policy = setup.policy(NAME)
+  tx = make_optimizer(rl, rl.num_steps, param_dtype=setup.model_cfg.param_dtype)
+  state = initial_state(setup, policy, tx, params, start=start, reference=reference)
+  ctx = StepContext(
+      setup=setup, policy=policy, name=stage_name(iteration, rl.num_iterations), iteration=iteration,
+      offset=(iteration - 1) * steps_per_iteration, rng=jax.random.fold_in(setup.rng, 1),
+      train_step=make_packed_train_step(setup, policy, state['policy'], tx),
+      advantage_fn=get_advantage_fn(rl.advantage), lr_at=learning_rate(rl, rl.num_steps),
+      length_buckets=length_buckets(cfg), group=shared_prompt_group(cfg),
+      row_buckets=pack_row_buckets(cfg), learned_reward=learned_reward, step_scores=step_scores,
+      **correction_fns(setup), **credit_switches(setup))
 
   def finish(state):
     held_out = setup.evaluate(state['policy'].params, 'test', policy, keep_scores=True)
@@ -361,5 +481,5 @@ def make_stage(setup: Setup, params, *, iteration: int = 1, start: dict[str, Any
             'test_scores': held_out['scores'], 'iteration': iteration}
 
   # The loop's data_position counts this stage's steps; the prompt stream's position is data_offset + that.
-  meta = {**setup.checkpoint_meta(policy), 'iteration': iteration, 'data_offset': offset}
-  return Stage(name, steps_per_iteration, {'policy': state, **roles}, step, finish, meta=meta)
+  meta = {**setup.checkpoint_meta(policy), 'iteration': iteration, 'data_offset': ctx.offset}
+  return Stage(ctx.name, steps_per_iteration, state, functools.partial(grpo_step, ctx), finish, meta=meta)

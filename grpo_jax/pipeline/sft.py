@@ -8,7 +8,7 @@ import functools
 
 import jax
 
-from grpo_jax.core.losses import sft_loss, sft_token_count
+from grpo_jax.core.losses import completion_token_count, sft_loss
 from grpo_jax.data.batches import SFTBatch, batch_indices
 from grpo_jax.models import lora
 from grpo_jax.parallel import distributed
@@ -33,7 +33,7 @@ def make_stage(setup: Setup, params, *, name: str = NAME) -> Stage:
   loss_fn = functools.partial(sft_loss, logprob_chunk=cfg.model.logprob_chunk, remat=cfg.model.remat)
   train_step = make_train_step(policy.graphdef, tx, loss_fn, state_shardings(state, setup.mesh, setup.rules),
                                setup.batch_sharding, setup.mesh, setup.rules, grad_accum_steps=cfg.sft.grad_accum_steps,
-                               micro_weight=sft_token_count,  # sft_loss is a token mean
+                               micro_weight=completion_token_count,  # sft_loss is a token mean
                                trainable=trainable)
   train_step = distributed.host_io(train_step, setup.batch_sharding, batch_argnums=(1,), gather=False)
 
