@@ -93,7 +93,7 @@ def workload_config(args, prompt_len: int = 13) -> ConfigDict:
   cfg = default.get_config()
   cfg.model.update(MODEL)
   cfg.max_prompt_len, cfg.max_new_tokens = prompt_len, args.max_completion_length  # addition: 13 tokens each
-  cfg.decode_block = args.decode_block
+  cfg.decode_block, cfg.decode_buckets = args.decode_block, args.decode_buckets
   cfg.rl.num_prompts, cfg.rl.group_size = args.prompts_per_step, args.num_generations
   cfg.rl.num_epochs, cfg.rl.num_minibatches, cfg.rl.grad_accum_steps = 1, 1, args.micro_batches
   cfg.rl.beta, cfg.rl.lr, cfg.rl.reward = args.beta, 1e-5, 'first_integer'
@@ -110,7 +110,7 @@ def smollm2_workload_config(args) -> ConfigDict:
   if args.gguf:
     cfg.model.path = args.gguf
   cfg.max_prompt_len, cfg.max_new_tokens = gsm8k_workload.PROMPT_WIDTH, args.max_completion_length
-  cfg.decode_block = args.decode_block
+  cfg.decode_block, cfg.decode_buckets = args.decode_block, args.decode_buckets
   cfg.rl.num_prompts, cfg.rl.group_size = args.prompts_per_step, args.num_generations
   cfg.rl.num_epochs, cfg.rl.num_minibatches, cfg.rl.grad_accum_steps = 1, 1, args.micro_batches
   cfg.rl.beta, cfg.rl.lr = args.beta, gsm8k_workload.SMOLLM2_LR  # the config's, written here as the spec says
@@ -161,6 +161,10 @@ def main() -> int:
   ap.add_argument('--decode-block', type=int, default=None,
                   help="config.decode_block: the KV cache grows this many slots at a time (same tokens); default 0, "
                        "smollm2: configs/smollm2.py's")
+  ap.add_argument('--decode-buckets', type=int, default=None,
+                  help='config.decode_buckets: k > 1 decodes each block after the first at the smallest of k batch '
+                       'sizes b, b/2, ... that holds the rows not yet ended (needs --decode-block; same tokens); '
+                       "default 1, smollm2: configs/smollm2.py's")
   ap.add_argument('--cpu-devices', type=int, default=None,
                   help="config.cpu_devices: XLA CPU devices that share each batch (the trainer's default 2; 0 = one; "
                        "smollm2: configs/smollm2.py's)")
@@ -189,7 +193,7 @@ def main() -> int:
   # Unset flags take the trainer's defaults: configs/smollm2.py's for the real model, the embedded model's else.
   real_cfg = smollm2.get_config()
   flag_defaults = {'cpu_devices': (real_cfg.cpu_devices, 2), 'micro_batches': (real_cfg.rl.grad_accum_steps, 1),
-                   'decode_block': (real_cfg.decode_block, 0)}
+                   'decode_block': (real_cfg.decode_block, 0), 'decode_buckets': (real_cfg.decode_buckets, 1)}
   flag_defaults = {name: pair[0] if real else pair[1] for name, pair in flag_defaults.items()}
   for name, value in flag_defaults.items():
     if getattr(args, name) is None:
@@ -324,8 +328,10 @@ def main() -> int:
       'impl': 'grpo_jax' + (f'/{jax.device_count()}dev' if args.cpu_devices != flag_defaults['cpu_devices'] else '')
               + (f'/{args.micro_batches}mb' if args.micro_batches != flag_defaults['micro_batches'] else '')
               + (f'/block{args.decode_block}' if args.decode_block != flag_defaults['decode_block'] else '')
+              + (f'/buckets{args.decode_buckets}' if args.decode_buckets != flag_defaults['decode_buckets'] else '')
               + ('/cache' if args.compile_cache else '') + ''.join(f'/{item}' for item in args.set),
-      'micro_batches': args.micro_batches, 'decode_block': args.decode_block, 'devices': jax.device_count(),
+      'micro_batches': args.micro_batches, 'decode_block': args.decode_block, 'decode_buckets': args.decode_buckets,
+      'devices': jax.device_count(),
       'compile_cache': bool(args.compile_cache),
       'jax_version': jax.__version__, 'steps': args.steps,
       'step_time_median_s': round(statistics.median(timed), 4),

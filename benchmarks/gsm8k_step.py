@@ -1,13 +1,14 @@
 """Our side of the GSM8K-shaped benchmark (benchmarks/gsm8k_workload.py): its prompts as the trainer's batch, a
 wrapper that forces each completion's length on the trainer's own sampler, and the FLOPs the step must do.
 
-Forcing lengths: grpo_jax/rollout/sampling.py has no logits hook, so the wrapped sampler is built never to stop
-(eos_ids (-1,): every row decodes max_new_tokens, as in a step whose longest row runs to the budget, which every
-step of this workload has) and its output is cut afterwards: row r keeps lengths[r] tokens, the last one replaced
-by EOS, the rest pad with mask 0. The decode work is the same as with an EOS sampled in the loop (the batch decodes
-to its longest row either way). What differs from a real EOS: the logprob kept at the forced EOS (and at an EOS the
-sampler drew earlier, replaced by `replace_id` because EOS is suppressed there) is that of the token the sampler
-drew, not of the token now in its place; the loss runs on the same shapes, so the timing does not change.
+Forcing lengths: grpo_jax/rollout/sampling.py has no logits hook, so the wrapped sampler is built never to stop at a
+token (eos_ids (-1,)) and is given each row's forced length as its length cap (max_lengths): row r ends inside the
+sampler after lengths[r] tokens, as it would at a sampled EOS, so a compacting sampler (config.decode_buckets) stops
+decoding it. The output is then cut as before: the last kept token replaced by EOS, the rest pad with mask 0. The
+batch decodes to its longest row, as with EOS sampled in the loop. What differs from a real EOS: the logprob kept at
+the forced EOS (and at an EOS the sampler drew earlier, replaced by `replace_id` because EOS is suppressed there) is
+that of the token the sampler drew, not of the token now in its place; the loss runs on the same shapes, so the
+timing does not change.
 """
 from __future__ import annotations
 
@@ -60,14 +61,15 @@ def force_lengths(out: Completions, lengths: jax.Array, *, eos_id: int, pad_id: 
 
 def forced_length_sampler(sampler: Callable, lengths: Sequence[int], *, eos_id: int, pad_id: int,
                           replace_id: int, budget: int = 0) -> Callable:
-  """sampler(params, prompt_tokens [P, p], prompt_mask, rng) -> Completions [P*G, c], with row r cut to lengths[r]
-  (force_lengths). `sampler` must not stop rows itself (built with eos_ids (-1,)). budget > c: the completions
-  padded to [P*G, budget], as a sampler with that budget returns them once every row has stopped by column c."""
+  """sampler(params, prompt_tokens [P, p], prompt_mask, rng) -> Completions [P*G, c], with row r ended after
+  lengths[r] tokens (the sampler's max_lengths) and cut there (force_lengths). `sampler` must not stop rows at a
+  token itself (built with eos_ids (-1,)). budget > c: the completions padded to [P*G, budget], as a sampler with
+  that budget returns them once every row has stopped by column c."""
   lengths = np.asarray(lengths, np.int32)
 
   def sample(params, prompt_tokens, prompt_mask, rng):
-    out = sampler(params, prompt_tokens, prompt_mask, rng)
-    if out.tokens.shape[0] != lengths.shape[0] or lengths.max() > out.tokens.shape[1] or lengths.min() < 1:
+    out = sampler(params, prompt_tokens, prompt_mask, rng, lengths)  # the sampler checks there is one per row
+    if lengths.max() > out.tokens.shape[1] or lengths.min() < 1:
       raise ValueError(f'lengths for {lengths.shape[0]} rows in [1, {out.tokens.shape[1]}] needed; got '
                        f'{lengths.shape[0]} in [{lengths.min()}, {lengths.max()}]')
     out = force_lengths(out, lengths, eos_id=eos_id, pad_id=pad_id, replace_id=replace_id)
