@@ -170,10 +170,12 @@ class Health:
     return {'nonfinite_steps': self.nonfinite_steps, 'skipped_update_frac': self.skipped_updates / steps if steps else
             0.0, 'collapse_step': self.collapse_step}
 
-  def check_trained(self, steps: int) -> None:
-    """NotTrainedError when more than sinks.max_skipped_fraction of the stage's updates were skipped."""
+  def check_trained(self, steps: int, before_raising: Callable[[], None] = lambda: None) -> None:
+    """NotTrainedError when more than sinks.max_skipped_fraction of the stage's updates were skipped (nan, not
+    counted: not refused), after before_raising()."""
     frac = self.summary(steps)['skipped_update_frac']
     if frac > self.sinks.max_skipped_fraction:
+      before_raising()
       raise NotTrainedError(
           f'{self.name}: {100 * frac:.0f}% of its updates were skipped ({self.nonfinite_steps} of {steps} steps had a '
           'non-finite loss, gradient or update), so it did not train and no result is reported. Lower the learning '
@@ -279,9 +281,7 @@ def run_stage(stage: Stage, sinks: Sinks) -> tuple[dict[str, Any], dict[str, Any
     if step % sinks.checkpoint_every == 0:
       save()
   bar.close()
-  if health.summary(step)['skipped_update_frac'] > sinks.max_skipped_fraction:
-    save()  # a rerun restores this and stops here again, without training or evaluating
-    health.check_trained(step)
+  health.check_trained(step, before_raising=save)  # a rerun restores that save and stops here again, training nothing
   summary = {**stage.finish(state), 'steps': step, 'wall_time': wall + time.perf_counter() - start,
              **health.summary(step)}
   save(finished=True, summary=summary)
