@@ -7,8 +7,8 @@ without a 'workload' key), 'gsm8k/L' for the GSM8K-shaped one (benchmarks/gsm8k_
 for its real-model variant. Rows of one key that report different prompt token ids ('prompt_ids_sha256') did not
 run the same workload: a line says so.
 """
+import argparse
 import json
-import sys
 
 
 def step_time(r):
@@ -55,4 +55,6 @@ def main(path: str) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('results', help='the JSON lines benchmarks/run.sh wrote (results.jsonl)')
+  main(parser.parse_args().results)

@@ -42,6 +42,7 @@ from grpo_jax.data.tokenizer import stop_token_ids
 from grpo_jax.models import gguf
 from grpo_jax.parallel import distributed, sharding
 from grpo_jax.pipeline import checkpoint
+from grpo_jax.pipeline.config_checks import parse_flags
 from grpo_jax.pipeline.evaluate import load_policy, maj_at_k, pass_at_1, policy_stages
 from grpo_jax.pipeline.stats import accuracy_interval, mcnemar
 from grpo_jax.pipeline.workdir import write_json
@@ -411,4 +412,4 @@ def evaluate(names: list[str], results: dict[str, dict], pending: dict | None,
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, 'grpo_jax.eval'))

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from grpo_jax.data.prompts import format_prompt, tokenize_prompts, uses_chat_template
 from grpo_jax.data.tokenizer import decode, stop_token_ids
 from grpo_jax.models import gguf
+from grpo_jax.pipeline.config_checks import parse_flags
 from grpo_jax.pipeline.evaluate import load_policy
 from grpo_jax.rollout.sampling import make_sampler
 
@@ -72,4 +73,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, 'grpo_jax.generate'))

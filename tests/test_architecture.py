@@ -3,8 +3,8 @@
 Every .py file under grpo_jax/ is parsed; every Import and ImportFrom is checked, including those nested in functions,
 classes, `if TYPE_CHECKING:` blocks and try/except (a deferred import is still a dependency), with relative imports
 resolved against the file's package. The layer of a module is its first sub-package under grpo_jax; the top-level
-grpo_jax/{train,eval,generate,plan,reward_model,report}.py and grpo_jax/experiments/{paper_table,group_size}.py are the
-CLI layer; grpo_jax/__init__.py is the root.
+grpo_jax/{train,eval,generate,plan,reward_model,report}.py and grpo_jax/experiments/{paper_table,group_size,
+default_seeds,iterative_rl,prefix_credit}.py are the CLI layer; grpo_jax/__init__.py is the root.
 
 Rules:
 1. Layers (LAYERS below): core imports only core; models imports core, parallel; data and rewards import core, models,
@@ -35,7 +35,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = 'grpo_jax'
 CLI_MODULES = frozenset({'train', 'eval', 'generate', 'plan', 'reward_model', 'report', 'experiments.paper_table',
-                         'experiments.group_size'})
+                         'experiments.group_size', 'experiments.default_seeds', 'experiments.iterative_rl',
+                         'experiments.prefix_credit'})
 CLI = 'cli'
 PKG_ROOT = 'root'  # grpo_jax/__init__.py, or a name imported from it (e.g. __version__)
 

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from grpo_jax.models import flops
 from grpo_jax.pipeline import checkpoint, stages
+from grpo_jax.pipeline.config_checks import HELP_FLAGS
 from grpo_jax.pipeline.metrics import read_metrics
 from grpo_jax.pipeline.setup import tokenizer_and_model_config
 from grpo_jax.pipeline.workdir import read_json, write_json
@@ -195,6 +196,9 @@ def parse_flags(argv: Sequence[str], program: str, define: Callable[[flags.FlagV
                                     'overrides go to every run.', flag_values=fv, lock_config=True,
                                     sys_argv=list(argv))
     define(fv)
+    if HELP_FLAGS.intersection(argv[1:]):  # absl's own help flags print absl.FLAGS', not fv's
+      print(f'{sys.modules[define.__module__].__doc__ or program}\nflags:\n{fv.get_help(include_special_flags=False)}')
+      raise SystemExit(0)
     rest = fv(list(argv))
     cfg = fv.config
   except (flags.Error, KeyError, AttributeError, ValueError, FileNotFoundError) as e:

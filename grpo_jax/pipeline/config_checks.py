@@ -458,10 +458,19 @@ def check_batch_layout(cfg, num_devices: int) -> None:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size {data_parallel}')
 
 
+# absl's help flags: each prints the usage, then exits with status 1.
+HELP_FLAGS = frozenset({'--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull', '-?'})
+
+
 def parse_flags(argv: list[str], program: str) -> list[str]:
   """absl's flag parsing for a CLI (`app.run(main, flags_parser=...)`), but a bad --config.<key> override is one
   line naming `program`, not three chained tracebacks: for a key the config lacks, ml_collections raises a plain
-  KeyError / AttributeError, and absl only reports flags.Error."""
+  KeyError / AttributeError, and absl only reports flags.Error. --help prints absl's usage and exits 0: asking for
+  help is not a failure."""
+  asked = HELP_FLAGS.intersection(argv[1:])
+  if asked:
+    app.usage(shorthelp=not {'--helpfull', '-helpfull'} & asked, writeto_stdout=True)
+    raise SystemExit(0)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, IndexError) as e:

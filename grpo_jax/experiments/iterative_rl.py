@@ -1,10 +1,14 @@
-"""The paper's whole algorithm on the embedded tasks: which of its parts change the result, over seeds.
+r"""The paper's whole algorithm on the embedded tasks: which of its parts change the result, over seeds.
 
-  python benchmarks/iterative_rl.py --seeds 0,1,2 --root /tmp/iterative_rl --out benchmarks/iterative_rl.jsonl
+  python -m grpo_jax.experiments.iterative_rl --seeds 0,1,2 --root /tmp/iterative_rl
+  python -m grpo_jax.experiments.iterative_rl \
+      --table benchmarks/iterative_rl_arithmetic.jsonl,benchmarks/iterative_rl_numbers.jsonl
+  python -m grpo_jax.experiments.iterative_rl --config configs/default.py:tiny --seeds 0 --variants I1,I3 \
+      --config.sft.max_steps=6 --config.rl.num_steps=6 --out /tmp/iterative_rl.jsonl   # a smoke run (minutes)
 
 Each seed trains SFT once (the 'I1' variant's run); every other arithmetic variant starts from a copy of that
 finished SFT stage (the stage loop skips a finished stage), so variants differ only in what they change. The
-variants (config overrides on configs/default.py, GRPO shortened to REPORT's steps):
+variants (config overrides on --config, GRPO shortened to REPORT's steps):
 
   I1          one iteration, verifier reward, beta 0.04 (the baseline)
   I3          three outer iterations at the same total steps, reference reset each iteration (the paper)
@@ -13,21 +17,22 @@ variants (config overrides on configs/default.py, GRPO shortened to REPORT's ste
   mix         0.5 verifier + 0.5 sigmoid(reward model)
   process     process supervision with the arithmetic step verifier
   kl_adapt    beta moved toward rl.kl_target by the controller
-  numbers_I1 / numbers_I3   the non-verifiable task (configs/default.py:numbers): GRPO on the reward model alone,
-                            the hidden rater's win rate over SFT on held-out prompts (one paired sample each)
+  numbers_I1 / numbers_I3   the non-verifiable task (the config file's :numbers preset): GRPO on the reward model
+                            alone, the hidden rater's win rate over SFT on held-out prompts (one paired sample each)
 
-Appends one JSON line per run to --out: the summary's numbers, wall time and the run's peak RSS.
+Every --config.<key>=<value> goes to every run, after the variant's own (so it wins). Appends one JSON line per run
+to --out: the summary's numbers, the GRPO stages' traces, wall time and the run's peak RSS.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
+import sys
+from collections.abc import Sequence
 
-from grpo_jax.experiments.runs import copy_sft, train_process
+from absl import flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from grpo_jax.experiments import runs, sweeps
+from grpo_jax.pipeline.metrics import read_metrics
 
 # The embedded default as it was when these results were recorded (benchmarks/RESULTS.md): an exact teacher, SFT
 # stopped at 35% validation accuracy.
@@ -45,49 +50,35 @@ VARIANTS = {
 }
 NUMBERS = ['--config.rl.num_steps=60', '--config.rl.beta=0.04', '--config.task.num_test=300']  # on the :numbers preset
 NUMBERS_VARIANTS = {'numbers_I1': [], 'numbers_I3': ['--config.rl.num_iterations=3']}
+TRACES = ('kl', 'kl_exact', 'beta', 'lr', 'reward', 'rm_agreement')  # per GRPO step, kept in each run's line
 
 
-def train(workdir: str, args: list[str], log: str, preset: str = '') -> tuple[int, float, float]:
-  """(exit status, wall seconds, peak RSS in MB) of one training process on configs/default.py[:preset]."""
-  config = os.path.join(ROOT, 'configs/default.py') + (f':{preset}' if preset else '')
-  return train_process(config, workdir, args, log)
+def define_flags(fv: flags.FlagValues) -> None:
+  sweeps.define_flags(fv, name='iterative_rl', seeds='0,1,2', variants=[*VARIANTS, *NUMBERS_VARIANTS])
 
 
-def record(out: str, row: dict) -> None:
-  with open(out, 'a') as f:
-    f.write(json.dumps(row) + '\n')
-  print(json.dumps({k: row[k] for k in ('variant', 'seed', 'status', 'sft_accuracy', 'grpo_accuracy',
-                                         'grpo_win_rate_vs_sft', 'wall_s', 'peak_rss_mb') if k in row}), flush=True)
-
-
-def run_one(root: str, out: str, variant: str, seed: int, args: list[str], sft_from: str | None,
-            preset: str = '') -> str:
+def run_one(root: str, out: str, variant: str, seed: int, config: str, args: Sequence[str],
+            sft_from: str | None) -> str:
+  """Train one variant from scratch (from a copy of sft_from's SFT stage when given), append its line; returns its
+  workdir."""
   workdir = os.path.join(root, f'seed{seed}', variant)
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  args = [*args, f'--config.seed={seed}']
   if sft_from:
-    copy_sft(sft_from, workdir)
-    args = [*args, '--allow_config_change=rl,reward_model']
-  status, wall, rss = train(workdir, [f'--config.seed={seed}', *args], workdir + '.log', preset)
+    args.append('--allow_config_change=rl,reward_model')
+  status, wall, rss = sweeps.train_fresh(workdir, config, args, sft_from=sft_from)
   row = {'variant': variant, 'seed': seed, 'status': status, 'wall_s': wall, 'peak_rss_mb': rss}
-  summary_path = os.path.join(workdir, 'summary.json')
-  if status == 0 and os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    row.update({k: v for k, v in summary.items() if not k.endswith('_sample')})
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      rows = [json.loads(line) for line in f]
-    grpo_rows = [r for r in rows if r['stage'].startswith('grpo')]
-    row['traces'] = {k: [r.get(k) for r in grpo_rows] for k in ('kl', 'kl_exact', 'beta', 'lr', 'reward',
-                                                               'rm_agreement')}
-  record(out, row)
+  summary = sweeps.summary_fields(workdir) if status == 0 else {}
+  if summary:
+    row.update(summary)
+    grpo_rows = [r for r in read_metrics(workdir) if r['stage'].startswith('grpo')]
+    row['traces'] = {k: [r.get(k) for r in grpo_rows] for k in TRACES}
+  sweeps.record(out, row)
   return workdir
 
 
-def table(paths: list[str]) -> str:
+def table(paths: Sequence[str]) -> str:
   """A markdown table of the runs in the JSON-lines files: per variant, min / mean / max over seeds."""
-  rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-  rows = list({(r['variant'], r['seed']): r for r in rows if r['status'] == 0}.values())  # a rerun replaces
+  rows = sweeps.finished_rows(paths)
 
   def stats(values, scale=1.0, fmt='{:.1f}'):
     values = [v * scale for v in values if v is not None]
@@ -115,33 +106,27 @@ def table(paths: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def sweep_args(doc: str, *, seeds: str, name: str, variants: str) -> argparse.Namespace:
-  """The flags of a seed sweep: --seeds, --root (/tmp/<name>), --out (benchmarks/<name>.jsonl), --variants,
-  --table."""
-  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--seeds', default=seeds)
-  parser.add_argument('--root', default=f'/tmp/{name}')
-  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', f'{name}.jsonl'))
-  parser.add_argument('--variants', default=variants)
-  parser.add_argument('--table', nargs='*', help='print the table of these result files and exit')
-  return parser.parse_args()
-
-
-def main() -> None:
-  a = sweep_args(__doc__, seeds='0,1,2', name='iterative_rl', variants=','.join([*VARIANTS, *NUMBERS_VARIANTS]))
-  if a.table is not None:
-    print(table(a.table or [a.out]))
+def main(argv: Sequence[str] | None = None) -> None:
+  """Run the variants over the seeds (or, with --table, print the table and exit)."""
+  program = 'python -m grpo_jax.experiments.iterative_rl'
+  fv, _, config, overrides = runs.parse_flags(sys.argv if argv is None else argv, program, define_flags)
+  if fv.table is not None:
+    print(table(fv.table or [fv.out]))
     return
-  wanted = a.variants.split(',')
-  for seed in map(int, a.seeds.split(',')):
-    base = run_one(a.root, a.out, 'I1', seed, REPORT, None) if set(VARIANTS) & set(wanted) else None
+  wanted = list(fv.variants)
+  sweeps.check_variants(wanted, [*VARIANTS, *NUMBERS_VARIANTS], program)
+  numbers = sweeps.with_preset(config, 'numbers')
+  for seed in sweeps.int_list(fv.seeds, 'seeds', program):
+    base = None
+    if set(VARIANTS) & set(wanted):
+      base = run_one(fv.root, fv.out, 'I1', seed, config, [*REPORT, *overrides], None)
     for name, args in VARIANTS.items():
       if name != 'I1' and name in wanted:
-        run_one(a.root, a.out, name, seed, [*REPORT, *args], base)
+        run_one(fv.root, fv.out, name, seed, config, [*REPORT, *args, *overrides], base)
     numbers_base = None
     for name, args in NUMBERS_VARIANTS.items():
       if name in wanted:
-        workdir = run_one(a.root, a.out, name, seed, [*NUMBERS, *args], numbers_base, 'numbers')
+        workdir = run_one(fv.root, fv.out, name, seed, numbers, [*NUMBERS, *args, *overrides], numbers_base)
         numbers_base = numbers_base or workdir
 
 
