@@ -30,8 +30,8 @@ class FakeTrainer:
     seed = int(next(a for a in args if a.startswith('--config.seed=')).split('=')[1])
     steps = int(next((a for a in reversed(args) if a.startswith('--config.rl.num_steps=')), '=2').split('=')[1])
     os.makedirs(os.path.join(workdir, 'checkpoints', 'sft'), exist_ok=True)
-    summary = {'sft_accuracy': 0.25 + 0.125 * seed, 'grpo_accuracy': 0.5 + 0.125 * seed, 'sft_reward': 0.1,
-               'grpo_reward': 0.2, 'grpo_win_rate_vs_sft': 0.75, 'grpo_sample': 'not kept'}
+    summary = {'sft_accuracy': 0.25 + 0.125 * seed, 'rl_accuracy': 0.5 + 0.125 * seed, 'sft_reward': 0.1,
+               'rl_reward': 0.2, 'rl_win_rate_vs_sft': 0.75, 'rl_sample': 'not kept'}
     rows = [{'stage': 'sft', 'step': 10, 'val_accuracy': 0.2}, {'stage': 'sft', 'step': 20, 'val_accuracy': 0.4}]
     rows += [{'stage': 'grpo', 'step': i + 1, 'entropy': 1.0 - 0.1 * i, 'frac_groups_no_signal': 0.5, 'pass_at_g': 0.5,
               'reward': 0.1 * i, 'completion_len': COMPLETION_LEN, 'prefix_continuation_tokens': CONTINUATION_TOKENS,
@@ -74,7 +74,7 @@ def test_iterative_rl_variants_start_from_the_seeds_sft_and_the_overrides_win(fa
   assert args[3][:len(iterative_rl.NUMBERS)] == iterative_rl.NUMBERS
   lines = _lines(out)
   assert [r['variant'] for r in lines] == ['I1', 'I3', 'numbers_I1', 'numbers_I3']
-  assert lines[1]['grpo_accuracy'] == 0.625 and 'grpo_sample' not in lines[1]
+  assert lines[1]['rl_accuracy'] == 0.625 and 'rl_sample' not in lines[1]
   assert lines[1]['traces']['reward'] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
   capsys.readouterr()
   iterative_rl.main(['prog', f'--table={out}'])
@@ -95,12 +95,17 @@ def test_default_seeds_grpo_variants_continue_from_the_default_run(fake, tmp_pat
   assert args[4] == ['--config.rl.lr=1e-4', '--config.seed=0', '--allow_config_change=rl,ppo']
   lines = {(r['variant'], r['seed']): r for r in _lines(out)}
   assert lines['default', 0]['sft_step_val_30'] == 20 and lines['default', 0]['entropy_first'] == 1.0
+  # A line as the sweeps wrote them before the RL results were named rl_* (benchmarks/default_seeds.jsonl's).
+  with open(out, 'a') as f:
+    f.write(json.dumps({'variant': 'beta_0.04', 'seed': 3, 'status': 0, 'sft_accuracy': 0.25, 'grpo_accuracy': 0.875,
+                        'wall_s': 60.0}) + '\n')
   capsys.readouterr()
   default_seeds.main(['prog', f'--table={out}'])
   table = capsys.readouterr().out
   # Seed 0: SFT 25%, GRPO 50%, the matched control (the fake's SFT accuracy) 25%: GRPO - matched = +25 points.
   assert '| 0 | 25.0 | 50.0 | +25.0 | 25.0 | +25.0 | 50.0 | 50.0 | 0.2 |' in table
   assert 'lr_1e-4 (seeds 0,1)' in table
+  assert '| 3 | 25.0 | 87.5 | +62.5 | - | - | - | - | 1.0 |' in table
 
 
 def test_prefix_credit_matches_the_outcome_run_to_the_prefix_runs_sampled_tokens(fake, tmp_path, capsys):

@@ -88,8 +88,8 @@ def table(paths: Sequence[str]) -> str:
       r = runs_by_key[variant, seed]
       m = runs_by_key.get(('sft_matched', seed)) if variant == 'default' else None
       matched = None if m is None else m['sft_accuracy']
-      values = [r['sft_accuracy'], r['grpo_accuracy'], r['grpo_accuracy'] - r['sft_accuracy'], matched,
-                None if matched is None else r['grpo_accuracy'] - matched, r.get('mean_frac_groups_no_signal'),
+      values = [r['sft_accuracy'], r['rl_accuracy'], r['rl_accuracy'] - r['sft_accuracy'], matched,
+                None if matched is None else r['rl_accuracy'] - matched, r.get('mean_frac_groups_no_signal'),
                 r.get('mean_pass_at_g'), r['wall_s'] / 60]
       for col, v in zip(cols.values(), values, strict=True):
         col.append(v)

@@ -96,11 +96,11 @@ def table(paths: Sequence[str]) -> str:
              max(1, sum(1 for x in r['traces']['rm_agreement'] if x is not None and x == x)) for r in rs
              if any(x is not None and x == x for x in r['traces']['rm_agreement'])]
     lines.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | "
-                 f"{stats([r['sft_accuracy'] for r in rs], 100)} | {stats([r['grpo_accuracy'] for r in rs], 100)} | "
-                 f"{stats([r['grpo_accuracy'] - r['sft_accuracy'] for r in rs], 100)} | "
-                 f"{stats([r['grpo_win_rate_vs_sft'] for r in rs], 100)} | {stats(rm, 100)} | {stats(agree, 100)} | "
+                 f"{stats([r['sft_accuracy'] for r in rs], 100)} | {stats([r['rl_accuracy'] for r in rs], 100)} | "
+                 f"{stats([r['rl_accuracy'] - r['sft_accuracy'] for r in rs], 100)} | "
+                 f"{stats([r['rl_win_rate_vs_sft'] for r in rs], 100)} | {stats(rm, 100)} | {stats(agree, 100)} | "
                  f"{stats([r['sft_reward'] for r in rs], fmt=three)} -> "
-                 f"{stats([r['grpo_reward'] for r in rs], fmt=three)} | "
+                 f"{stats([r['rl_reward'] for r in rs], fmt=three)} | "
                  f"{stats([r['wall_s'] for r in rs], fmt=whole)} | "
                  f"{stats([r['peak_rss_mb'] for r in rs], fmt=whole)} |")
   return '\n'.join(lines)

@@ -90,8 +90,8 @@ def table(paths: Sequence[str]) -> str:
     mean = lambda key, rs=rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     tokens = sum(r['rollout_tokens'] + r['continuation_tokens'] for r in rs) / len(rs) / 1e3
     out.append(f'| {variant} | {",".join(str(r["seed"]) for r in rs)} | {mean("steps"):.0f} | {tokens:.0f} | '
-               f'{spread([100 * r["sft_accuracy"] for r in rs])} | {spread([100 * r["grpo_accuracy"] for r in rs])} | '
-               f'{spread([100 * (r["grpo_accuracy"] - r["sft_accuracy"]) for r in rs], "{:+.1f}")} | '
+               f'{spread([100 * r["sft_accuracy"] for r in rs])} | {spread([100 * r["rl_accuracy"] for r in rs])} | '
+               f'{spread([100 * (r["rl_accuracy"] - r["sft_accuracy"]) for r in rs], "{:+.1f}")} | '
                f'{mean("wall_s") / 60:.1f} |')
   return '\n'.join(out)
 

@@ -16,10 +16,10 @@ from typing import Any
 from absl import flags
 
 from grpo_jax.experiments import runs
+from grpo_jax.pipeline import stages
 
 # Printed for each run as it finishes: enough to follow a sweep without opening --out.
-SHOWN = ('variant', 'seed', 'status', 'sft_accuracy', 'grpo_accuracy', 'grpo_win_rate_vs_sft', 'wall_s',
-         'peak_rss_mb')
+SHOWN = ('variant', 'seed', 'status', 'sft_accuracy', 'rl_accuracy', 'rl_win_rate_vs_sft', 'wall_s', 'peak_rss_mb')
 
 
 def define_flags(fv: flags.FlagValues, *, name: str, seeds: str, variants: Sequence[str]) -> None:
@@ -63,12 +63,9 @@ def train_fresh(workdir: str, config: str, args: Sequence[str], *,
 
 
 def summary_fields(workdir: str) -> dict[str, Any]:
-  """The run's summary.json without its sample completions ({} when it wrote none)."""
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return {k: v for k, v in json.load(f).items() if not k.endswith('_sample')}
+  """The run's summary.json (RL results under rl_* keys) without its sample completions ({} when it wrote none)."""
+  summary = runs.read_summary(workdir) or {}
+  return {k: v for k, v in summary.items() if not k.endswith('_sample')}
 
 
 def record(out: str, row: dict[str, Any]) -> None:
@@ -80,6 +77,7 @@ def record(out: str, row: dict[str, Any]) -> None:
 
 
 def finished_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
-  """The lines of runs that finished (status 0), the last one of each (variant, seed): a rerun replaces."""
-  rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+  """The lines of runs that finished (status 0), the last one of each (variant, seed): a rerun replaces. Lines
+  written before the RL results were named rl_* read as if they were."""
+  rows = [stages.upgrade_summary(json.loads(line)) for p in paths for line in open(p) if line.strip()]
   return list({(r['variant'], r['seed']): r for r in rows if r['status'] == 0}.values())
