@@ -1,6 +1,10 @@
+import hashlib
 import importlib.util
 import os
+import subprocess
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import pytest
@@ -23,6 +27,36 @@ def train_command(workdir, *overrides: str) -> list[str]:
 @pytest.fixture
 def tiny_config():
   return load_config('tiny')
+
+
+# The session's shared finished run: the tiny preset with 12 GRPO steps, long enough that test_train's kill lands
+# mid-GRPO (the preset has 4), and a checkpoint every 3 steps to resume from. Tests that only read a finished run's
+# outputs share it; a test that writes to a workdir, resumes one or needs another config starts its own run.
+TINY_RUN_OVERRIDES = ('--config.rl.num_steps=12', '--config.checkpoint_every=3')
+# Outputs the readers may not change (checked when the session ends).
+TINY_RUN_OUTPUTS = ('summary.json', 'metrics.jsonl', 'config.json', 'config_history.jsonl')
+
+
+class TinyRun(NamedTuple):
+  workdir: Path
+  stdout: str
+
+
+def _digests(workdir: Path) -> dict[str, str]:
+  return {name: hashlib.sha256((workdir / name).read_bytes()).hexdigest() for name in TINY_RUN_OUTPUTS}
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """`python -m grpo_jax.train --config configs/default.py:tiny` with TINY_RUN_OVERRIDES, run once per session:
+  (workdir, stdout). Read it, never write to it: its outputs must be unchanged when the session ends."""
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  proc = subprocess.run(train_command(workdir, *TINY_RUN_OVERRIDES), cwd=ROOT,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  before = _digests(workdir)
+  yield TinyRun(workdir, proc.stdout)
+  assert _digests(workdir) == before, 'a test changed the shared tiny run: give it a run (or a copy) of its own'
 
 
 def pytest_configure(config):

@@ -1,6 +1,6 @@
 """The eval command's robustness: an unwritable output fails before anything is loaded, an interrupted eval resumes
 from <output>.partial.json without decoding again what it finished, and --skip_long_prompts. Runs the command in
-subprocesses on the tiny random Llama of test_hf_train.py."""
+subprocesses on the tiny random Llama of helpers.save_tiny_model."""
 import json
 import os
 import subprocess
@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT
-from test_hf_train import ENV, save_tiny_model
+from helpers import save_tiny_model
 
 from grpo_jax.data.batches import encode
 from grpo_jax.data.datasets import load_examples
 from grpo_jax.data.tokenizer import load_tokenizer
 from grpo_jax.pipeline import stats
+
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
 # `python -m grpo_jax.eval` that counts the sampler's calls and, with EVAL_STOP_AFTER=N, dies as a kill would
 # (os._exit: no cleanup) when call N + 1 starts, i.e. once N decoding batches are done and saved.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from flax import nnx
+from helpers import save_tiny_model
 
 from grpo_jax.data.tokenizer import build_tokenizer, stop_token_ids
 from grpo_jax.models import hf
@@ -18,8 +19,6 @@ from grpo_jax.models.transformer import ModelConfig, Transformer
 from grpo_jax.pipeline.evaluate import load_policy
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def run(args, timeout=600):
@@ -27,18 +26,6 @@ def run(args, timeout=600):
                         timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
-
-
-def save_tiny_model(path):
-  """A tiny random Llama with a character tokenizer and a chat template, as a Hugging Face directory at `path`
-  (also used by test_eval_cli.py)."""
-  tokenizer = build_tokenizer(['user', 'assistant', 'system'])
-  tokenizer.chat_template = CHAT_TEMPLATE
-  cfg = ModelConfig(model_type='llama', vocab_size=len(tokenizer) + 3, d_model=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8, mlp_dim=64)
-  hf.save_model(Transformer(cfg, nnx.Rngs(0)), cfg, str(path))
-  tokenizer.save_pretrained(str(path))
-  return path
 
 
 @pytest.fixture(scope='module')

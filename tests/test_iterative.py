@@ -5,13 +5,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, train_command
+from conftest import ROOT, TINY_RUN_OVERRIDES, train_command
 
 from grpo_jax.pipeline import checkpoint, metrics
 
@@ -167,16 +168,16 @@ def test_kill_right_after_an_iteration_boundary_then_resume_matches_uninterrupte
 
 
 @pytest.mark.slow  # CI time (about a minute); run with the slow tests
-def test_iterations_without_reference_reset_equal_one_iteration(tmp_path):
+def test_iterations_without_reference_reset_equal_one_iteration(tiny_run, tmp_path):
   """With the verifier's reward and the SFT reference kept, splitting GRPO into iterations changes nothing: the
-  policy, optimizer, learning-rate schedule, KL controller, data order and RNG all run on across the boundary."""
-  one, two = tmp_path / 'one', tmp_path / 'two'
-  train(one)
-  train(two, '--config.rl.num_iterations=2', '--config.rl.reset_reference=False')
+  policy, optimizer, learning-rate schedule, KL controller, data order and RNG all run on across the boundary.
+  One iteration: the session's shared tiny run; two: the same settings in two iterations of 6 steps."""
+  one, two = tiny_run.workdir, tmp_path / 'two'
+  train(two, *TINY_RUN_OVERRIDES, '--config.rl.num_iterations=2', '--config.rl.reset_reference=False')
   drop = ('stage', 'step', 'iteration')
   rows = lambda w: [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(w)  # noqa: E731
                     if r['stage'].startswith('grpo')]
-  assert len(rows(one)) == 4 and rows(one) == rows(two)
+  assert len(rows(one)) == 12 and rows(one) == rows(two)
   a, b = summary_without_wall(one), summary_without_wall(two)
   assert (a['rl_accuracy'], a['rl_reward']) == (b['rl_accuracy'], b['rl_reward'])
 
@@ -192,7 +193,7 @@ def test_eval_loads_the_policy_of_a_chosen_iteration(iterative_run):
   with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint of outer iteration 7; it has iterations '
                      r'\[1, 2, 3\]'):
     policy_stages(str(workdir), 7)
-  proc = subprocess.run(['python', '-m', 'grpo_jax.eval', f'--workdir={workdir}', '--iteration=7'], cwd=ROOT,
+  proc = subprocess.run([sys.executable, '-m', 'grpo_jax.eval', f'--workdir={workdir}', '--iteration=7'], cwd=ROOT,
                         env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'no checkpoint of outer iteration 7' in proc.stderr
 

@@ -682,7 +682,7 @@ def test_grad_accumulation_matches_one_batch_for_the_aggregation(aggregation):
   (sgd(1.0): new params = params - grad), token-mean metrics, and ratio_min / ratio_max (a min / max over the
   micro-batches, not a mean)."""
   import optax
-  from test_memory import compiled_step, grpo_batch, host_params
+  from helpers import compiled_step, grpo_batch, host_params
 
   from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
   graphdef, params = host_params()
@@ -709,7 +709,7 @@ def test_train_step_runs_with_every_switch_on():
   """The switches through a real model's train step (the entropy bonus differentiates the model's entropy): one
   compile, a finite update that moves the params, and every diagnostic reported."""
   import optax
-  from test_memory import compiled_step, grpo_batch, host_params
+  from helpers import compiled_step, grpo_batch, host_params
 
   from grpo_jax.core.losses import LossConfig, grpo_micro_weight, grpo_objective
   graphdef, params = host_params()

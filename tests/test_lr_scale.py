@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import count_compiles
+from helpers import MESH, grpo_batch, host_params
 from ml_collections import ConfigDict
-from test_memory import MESH, grpo_batch, host_params
 
 from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.parallel import sharding

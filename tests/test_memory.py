@@ -12,53 +12,17 @@ import optax
 import pytest
 from conftest import load_config
 from flax import nnx
+from helpers import HPARAMS, compiled_step, grpo_batch, host_params
 from ml_collections import ConfigDict
 
 from grpo_jax.core.losses import LossConfig, completion_token_count, grpo_objective, sft_loss
 from grpo_jax.data.batches import SFTBatch
-from grpo_jax.models.transformer import ModelConfig, Transformer
-from grpo_jax.parallel import sharding
 from grpo_jax.pipeline.config_checks import check_config
-from grpo_jax.pipeline.train_state import MasterState, init_state, make_optimizer, make_train_step, state_shardings
-from grpo_jax.rollout.rollout import Rollout
+from grpo_jax.pipeline.train_state import MasterState, make_optimizer
 from grpo_jax.rollout.sampling import make_sampler
 
-MESH = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
 GRPO_LOSS = functools.partial(grpo_objective, config=LossConfig())
-HPARAMS = {'beta': np.float32(0.04)}  # what the GRPO loss reads; the SFT loss ignores it
 OPT = dict(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.1, grad_clip=1.0, master_dtype='float32')
-
-
-def host_params(num_layers=1, d_model=32, mlp_dim=64, vocab=40, **dtypes):
-  cfg = ModelConfig(vocab_size=vocab, d_model=d_model, num_layers=num_layers, num_heads=4, num_kv_heads=2,
-                    head_dim=8, mlp_dim=mlp_dim, **dtypes)
-  # Abstract build filled with random numpy weights: eager init costs seconds on CPU, and numpy gives every
-  # init_state fresh device buffers (the train step donates its state).
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
-  rng = np.random.default_rng(0)
-  draw = lambda path, x: (1.0 + 0.1 * rng.standard_normal(x.shape) if str(path[-1].key) == 'scale'  # noqa: E731
-                          else 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params)))
-  return graphdef, params
-
-
-def grpo_batch(n, p, c, vocab=40, seed=0) -> Rollout:
-  """Left-padded prompts, right-padded completions of random lengths (so micro-batches differ in tokens)."""
-  rng = np.random.default_rng(seed)
-  prompt_mask = (np.arange(p)[None] >= rng.integers(0, p - 1, (n, 1))).astype(np.int32)
-  completion_mask = (np.arange(c)[None] < rng.integers(1, c + 1, (n, 1))).astype(np.int32)
-  old = (-3.0 + 0.5 * rng.standard_normal((n, c))).astype(np.float32)
-  return Rollout(np.where(prompt_mask, rng.integers(1, vocab, (n, p)), 0).astype(np.int32), prompt_mask,
-                 np.where(completion_mask, rng.integers(1, vocab, (n, c)), 0).astype(np.int32), completion_mask,
-                 old, old + 0.1, rng.standard_normal(n).astype(np.float32))
-
-
-def compiled_step(graphdef, params, tx, loss_fn, batch, options=None, **kwargs):
-  """(compiled train step, a fresh state for it); the compiled step also reports its memory plan."""
-  state = init_state(params, tx, MESH)
-  step = make_train_step(graphdef, tx, loss_fn, state_shardings(state, MESH), sharding.batch_sharding(MESH), MESH,
-                         **kwargs)
-  return step.lower(state, batch, HPARAMS).compile(options), state
 
 
 def run_step(graphdef, params, tx, loss_fn, batch, **kwargs):

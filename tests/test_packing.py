@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_shared_prompt import BASE, CASES, build
+from helpers import BASE, CASES, build
 
 from grpo_jax.core import packing
 from grpo_jax.core.logprobs import sequence_logprobs

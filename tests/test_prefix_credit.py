@@ -1,27 +1,24 @@
 """Token credit by prefix resampling: core.advantages.prefix_value_advantages against a numpy loop, the continuation
 prompts and joins of rollout/prefix_credit.py against hand-built ones, values of a greedy policy, the config checks,
 and a tiny GRPO run with the mode on."""
-import functools
 import json
 import os
 import subprocess
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, count_compiles, load_config, train_command
-from flax import nnx
+from helpers import CUTS, C, cached_sampler, char_reward, left_pad, policy_fixture, policy_rollout, tokenizer_fixture
 
 from grpo_jax.core.advantages import group_advantages, prefix_value_advantages
-from grpo_jax.data.batches import TokenizedSplit
-from grpo_jax.data.tasks import generate_split, vocabulary
-from grpo_jax.data.tokenizer import build_tokenizer, decode
-from grpo_jax.models.transformer import ModelConfig, Transformer
+from grpo_jax.data.tasks import generate_split
+from grpo_jax.data.tokenizer import decode
 from grpo_jax.pipeline.config_checks import check_config
 from grpo_jax.rollout.prefix_credit import continuation_prompts, cut_positions, join_continuations, prefix_credit
-from grpo_jax.rollout.rollout import Rollout
-from grpo_jax.rollout.sampling import make_sampler
+
+# The fixtures this file's tests take, under the names pytest finds them by.
+tokenizer, policy = tokenizer_fixture, policy_fixture
 
 
 def _loop_advantages(rewards, values, cuts, mask, scale, eps=1e-6):
@@ -88,25 +85,12 @@ def test_cut_positions_floor_of_the_fraction_of_each_length():
   np.testing.assert_array_equal(cut_positions(mask, (0.25, 0.5, 0.9)), want)
 
 
-@pytest.fixture(scope='module')
-def tokenizer():
-  return build_tokenizer(vocabulary())
-
-
-def _left_pad(rows, width, pad):
-  tokens, mask = np.full((len(rows), width), pad, np.int32), np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    if r:
-      tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
-  return tokens, mask
-
-
 def test_continuation_prompts_hold_exactly_the_prompt_then_the_prefix(tokenizer):
   examples = generate_split('train', 2, seed=0)
   pad = tokenizer.pad_token_id
   encode = lambda text: tokenizer(text, add_special_tokens=False)['input_ids']  # noqa: E731
   prompt_texts = [f'Q: {e.question}\nA: ' for e in examples]
-  prompts, prompt_mask = _left_pad([encode(t) for t in prompt_texts], 70, pad)
+  prompts, prompt_mask = left_pad([encode(t) for t in prompt_texts], 70, pad)
   solutions = [e.solution for e in examples]
   c = max(len(encode(s)) for s in solutions) + 1
   completions = np.full((2, c), pad, np.int32)
@@ -144,69 +128,17 @@ def test_join_continuations_against_a_loop():
     assert (tokens[row, len(want):] == 0).all() and (mask[row, len(want):] == 0).all()
 
 
-# A random model with peaked logits, on the task's character tokenizer; several characters end a row so outputs
-# differ in length.
-C = 12
-
-
-@pytest.fixture(scope='module')
-def policy(tokenizer):
-  cfg = ModelConfig(vocab_size=len(tokenizer), d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                    mlp_dim=64)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
-  rng = np.random.default_rng(0)
-  draw = lambda path, x: jnp.asarray((1.0 + 0.2 * rng.standard_normal(x.shape)) if str(path[-1].key) == 'scale'  # noqa: E731
-                                     else (1.0 if str(path[-1].key) == 'embed' else 0.3) * rng.standard_normal(x.shape),
-                                     x.dtype)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params)))
-  stops = tuple(tokenizer(ch, add_special_tokens=False)['input_ids'][0] for ch in '0123')
-  return graphdef, params, (tokenizer.eos_token_id, *stops)
-
-
-@functools.cache
-def _sampler(graphdef, eos, pad, **static):
-  return make_sampler(graphdef, max_new_tokens=C, eos_id=eos, pad_id=pad, **static)
-
-
-def _reward(texts, answers):
-  """Deterministic and varied: the character codes' sum mod 5, over 4."""
-  return np.array([(sum(map(ord, t)) % 5) / 4 for t in texts], np.float32)
-
-
-def _rollout(tokenizer, policy, greedy_rollout):
-  """Six outputs in groups of two. Sampled: two per prompt of three. Greedy: one per prompt of six (a greedy group of
-  one prompt would be two equal outputs, all advantages 0); the rows' own prompts are what the continuations read,
-  and the test reward ignores answers."""
-  graphdef, params, eos = policy
-  examples = generate_split('train', 6, seed=1)[:6 if greedy_rollout else 3]
-  prompts, prompt_mask = _left_pad([tokenizer(f'Q: {e.question}\nA: ', add_special_tokens=False)['input_ids']
-                                    for e in examples], 64, tokenizer.pad_token_id)
-  split = TokenizedSplit(prompts[:3], prompt_mask[:3], np.zeros((3, 0), np.int32), np.zeros((3, 0), np.int32),
-                         [e.answer for e in examples[:3]])
-  group = 1 if greedy_rollout else 2
-  sampler = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=group, greedy=greedy_rollout)
-  out = sampler(params, prompts, prompt_mask, jax.random.key(3))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-  n = tokens.shape[0]
-  rollout = Rollout(np.repeat(prompts, group, 0), np.repeat(prompt_mask, group, 0), tokens, mask,
-                    np.zeros((n, C), np.float32), np.zeros((n, C), np.float32), np.zeros(n, np.float32))
-  return rollout, split
-
-
-CUTS = (0.3, 0.6)
-
-
 def test_greedy_continuations_of_a_greedy_rollout_reproduce_it(tokenizer, policy):
   # Greedy outputs continued greedily from their own prefixes come out unchanged, so every prefix's value is the
   # output's reward: each output's first segment gets r_i - mean, every later one 0.
   graphdef, params, eos = policy
-  rollout, split = _rollout(tokenizer, policy, True)
+  rollout, split = policy_rollout(tokenizer, policy, True)
   tokens, mask = rollout.completion_tokens, rollout.completion_mask
   assert len(set(mask.sum(1))) > 1  # outputs of several lengths
-  greedy_k = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=3, greedy=True)
+  greedy_k = cached_sampler(graphdef, eos, tokenizer.pad_token_id, group_size=3, greedy=True)
   out, stats = prefix_credit(rollout, split, greedy_k, params, jax.random.key(0), group_size=2, continuations=3,
-                             cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=_reward, scale='none')
-  rewards = _reward(decode(tokenizer, tokens, mask), None)
+                             cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=char_reward, scale='none')
+  rewards = char_reward(decode(tokenizer, tokens, mask), None)
   cuts = cut_positions(mask, CUTS)
   first = rewards - np.repeat(rewards.reshape(-1, 2).mean(1), 2)
   want = np.where(np.arange(C) < cuts[:, :1], first[:, None], 0.0) * mask
@@ -224,24 +156,24 @@ def test_values_of_a_greedy_continuation_policy_equal_the_greedy_continuations_r
   # Sampled outputs, greedy continuations: all K continuations of a prefix are the one greedy continuation, decoded
   # here separately (group_size 1, prompts built by hand at another width), so each value is its reward.
   graphdef, params, eos = policy
-  rollout, split = _rollout(tokenizer, policy, False)
-  greedy_k = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=3, greedy=True)
+  rollout, split = policy_rollout(tokenizer, policy, False)
+  greedy_k = cached_sampler(graphdef, eos, tokenizer.pad_token_id, group_size=3, greedy=True)
   out, _ = prefix_credit(rollout, split, greedy_k, params, jax.random.key(0), group_size=2, continuations=3,
-                         cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=_reward, scale='none')
+                         cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=char_reward, scale='none')
   tokens, mask = rollout.completion_tokens, rollout.completion_mask
   cuts = cut_positions(mask, CUTS)
   rows = [list(rollout.prompt_tokens[i][rollout.prompt_mask[i] > 0]) + list(tokens[i, :cuts[i, j]])
           for i in range(6) for j in range(2)]
-  prompts, prompt_mask = _left_pad(rows, 64 + C + 5, tokenizer.pad_token_id)
-  greedy_1 = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=1, greedy=True)
+  prompts, prompt_mask = left_pad(rows, 64 + C + 5, tokenizer.pad_token_id)
+  greedy_1 = cached_sampler(graphdef, eos, tokenizer.pad_token_id, group_size=1, greedy=True)
   cont = greedy_1(params, prompts, prompt_mask, jax.random.key(9))
   texts = []
   for r, (t, m) in enumerate(zip(np.asarray(cont.tokens), np.asarray(cont.mask), strict=True)):
     i, j = divmod(r, 2)
     budget = C - cuts[i, j]
     texts.append(tokenizer.decode(list(tokens[i, :cuts[i, j]]) + list(t[m > 0][:budget]), skip_special_tokens=True))
-  values = _reward(texts, None).reshape(6, 2)
-  rewards = _reward(decode(tokenizer, tokens, mask), None)
+  values = char_reward(texts, None).reshape(6, 2)
+  rewards = char_reward(decode(tokenizer, tokens, mask), None)
   # Rebuild the advantages from these values and compare: the segment after cut 0 carries V_1 - V_0, etc.
   want = prefix_value_advantages(rewards.reshape(3, 2), values.reshape(3, 2, 2), cuts.reshape(3, 2, 2),
                                  mask.reshape(3, 2, C), scale='none')
@@ -296,9 +228,9 @@ def test_one_compile_serves_every_cut_and_step(tokenizer, policy):
   # Continuation prompts are always [N * J, p + c], whatever the cuts: a new rollout (other lengths, other cuts)
   # compiles nothing new.
   graphdef, params, eos = policy
-  sampler = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=2)
-  kw = dict(group_size=2, continuations=2, cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=_reward)
-  first, second = _rollout(tokenizer, policy, True), _rollout(tokenizer, policy, False)
+  sampler = cached_sampler(graphdef, eos, tokenizer.pad_token_id, group_size=2)
+  kw = dict(group_size=2, continuations=2, cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=char_reward)
+  first, second = policy_rollout(tokenizer, policy, True), policy_rollout(tokenizer, policy, False)
   assert (cut_positions(first[0].completion_mask, CUTS) != cut_positions(second[0].completion_mask, CUTS)).any()
   prefix_credit(*first, sampler, params, jax.random.key(1), **kw)
   _, compiles = count_compiles(lambda: prefix_credit(*second, sampler, params, jax.random.key(2), **kw)[0].advantages)

@@ -86,6 +86,13 @@ SCRIPT = textwrap.dedent('''
         return {'/'.join(str(getattr(e, 'key', e)) for e in k): [spec(x), list(x.addressable_shards[0].data.shape)]
                 for k, x in flat}
 
+    def replicated_arrays(tree, min_size):
+        """Paths of arrays with >= min_size elements that every device holds whole (on a mesh of > 1 device)."""
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return ['/'.join(str(getattr(e, 'key', getattr(e, 'name', getattr(e, 'idx', e)))) for e in k) for k, x in flat
+                if isinstance(x, jax.Array) and x.size >= min_size and len(x.sharding.device_set) > 1
+                and x.sharding.is_fully_replicated]
+
     def greedy(mesh, rules, params):
         shardings = sharding.tree_shardings(params, mesh, rules)
         sampler = make_sampler(graphdef, param_shardings=shardings, mesh=mesh, rules=rules, max_new_tokens=6,
@@ -152,7 +159,7 @@ SCRIPT = textwrap.dedent('''
         r = out[name] = dict(losses=losses, grad_norms=grad_norms, clip_fracs=clip_fracs, step=int(state.step),
                              mesh=dict(mesh.shape), params=describe(state.params),
                              mu=describe(state.opt_state[1][0].mu), greedy=greedy(mesh, rules, params),
-                             replicated=sharding.replicated_arrays(state, min_size=256),
+                             replicated=replicated_arrays(state, min_size=256),
                              ref_micro_err=float(np.abs(ref_micro - logprobs).max()),
                              reward_model=reward_model(mesh, rules))
         if name in sampler_overrides:
@@ -162,7 +169,7 @@ SCRIPT = textwrap.dedent('''
             r['sampler_params'] = describe(moved)
             r['cache'] = prefill_cache(mesh, rules, params)
             big = jax.device_put(np.zeros((40, 32), np.float32), sharding.replicated(mesh))
-            r['replicated_probe'] = sharding.replicated_arrays({'w': big, 'params': params}, min_size=256)
+            r['replicated_probe'] = replicated_arrays({'w': big, 'params': params}, min_size=256)
             f = jax.jit(lambda x: sharding.constrain(x * 2, ('batch', 'length', 'mlp')))
             with jax.set_mesh(mesh):  # jax's own mesh context drives constrain too (with the default rules)
                 r['set_mesh'] = spec(f(np.ones((8, 3, 64), np.float32)))
@@ -321,16 +328,16 @@ def test_fit_spec_drops_axes_that_do_not_divide(spec, shape, want):
   assert sharding.fit_spec(spec, shape, MESH) == want
 
 
-def test_logical_to_spec_and_rules():
-  assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
-  assert sharding.logical_to_spec(('batch', 'length', 'kv_heads', 'head_dim')) == P(('data', 'fsdp'), None,
-                                                                                     'tensor', None)
-  assert sharding.logical_to_spec(None) == P()
+def test_rules_map_logical_axes_to_specs():
+  rules = sharding.DEFAULT_RULES
+  assert rules.spec(('vocab', 'embed')) == P('tensor', 'fsdp')
+  assert rules.spec(('batch', 'length', 'kv_heads', 'head_dim')) == P(('data', 'fsdp'), None, 'tensor', None)
+  assert rules.spec(None) == P()
   with pytest.raises(ValueError, match="'nonsense' has no sharding rule"):
-    sharding.logical_to_spec(('embed', 'nonsense'))
+    rules.spec(('embed', 'nonsense'))
   lacking = sharding.Rules({k: v for k, v in sharding.LOGICAL_RULES.items() if k != 'mlp'})
   with pytest.raises(ValueError, match="'mlp' has no sharding rule"):
-    sharding.logical_to_spec(('embed', 'mlp'), lacking)
+    lacking.spec(('embed', 'mlp'))
   twice = sharding.DEFAULT_RULES.override([('mlp', 'fsdp')])  # gate [embed, mlp] would use fsdp twice
   with pytest.raises(ValueError, match='map a mesh axis twice'):
     twice.spec(('embed', 'mlp'))

@@ -18,10 +18,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import BASE, CASES, build
 
 from grpo_jax.core.logprobs import sequence_logprobs
 from grpo_jax.core.losses import LossConfig, grpo_objective
-from grpo_jax.models import lora
 from grpo_jax.models.transformer import ModelConfig
 from grpo_jax.parallel import sharding
 from grpo_jax.pipeline import grpo
@@ -30,19 +30,7 @@ from grpo_jax.rollout.reference import make_sequence_logprobs_fn
 from grpo_jax.rollout.rollout import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = dict(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 P, G, PLEN, CLEN = 3, 4, 6, 7  # 3 prompts x G = 4 outputs
-
-
-def build(cfg: ModelConfig, lora_cfg: lora.LoraConfig | None = None):
-  """(graphdef, params) with random weights of a visible size (LoRA B too, so adapters change the outputs)."""
-  model = nnx.eval_shape(lambda: lora.transformer(cfg, nnx.Rngs(0), lora_cfg))
-  graphdef, params = nnx.split(model, nnx.Param)
-  rng = np.random.default_rng(0)
-  draw = lambda path, x: (1.0 + 0.1 * rng.standard_normal(x.shape) if str(path[-1].key) == 'scale'  # noqa: E731
-                          else 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params)))
-  return graphdef, params
 
 
 def group_batch(seed: int = 0, num_prompts: int = P, g: int = G):
@@ -68,17 +56,6 @@ def values_and_grads(graphdef, params, arrays, weights, *, chunk_size, remat, gr
     return (weights[0] * out[0] + weights[1] * out[1]).sum(), out
   (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
   return out, grads
-
-
-CASES = {  # model config, LoRA adapters, logprob chunk, remat
-    'plain': (ModelConfig(**BASE), None, 0, 'none'),
-    'plain_chunked_remat': (ModelConfig(**BASE), None, 3, 'full'),
-    'qk_norm_qkv_bias': (ModelConfig(**BASE, qk_norm=True, qkv_bias=True), None, 0, 'save_dots'),
-    'sliding_window': (ModelConfig(**BASE, sliding_window=4), None, 0, 'none'),
-    'sliding_qk_chunked': (ModelConfig(**BASE, sliding_window=3, qk_norm=True, qkv_bias=True), None, 4, 'full'),
-    'lora': (ModelConfig(**BASE), lora.LoraConfig(4, 8.0, tuple(lora.TARGETS)), 0, 'none'),
-    'lora_chunked_remat': (ModelConfig(**BASE), lora.LoraConfig(4, 8.0, tuple(lora.TARGETS)), 3, 'full'),
-}
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -262,7 +239,8 @@ MESH_SCRIPT = textwrap.dedent('''
     import jax, numpy as np, optax
     from flax import nnx
     sys.path.insert(0, sys.argv[2])
-    from test_shared_prompt import BASE, G, build, grpo_rollout
+    from helpers import BASE, build
+    from test_shared_prompt import G, grpo_rollout
     from grpo_jax.core import packing
     from grpo_jax.core.losses import LossConfig, grpo_objective
     from grpo_jax.models.transformer import ModelConfig

@@ -7,29 +7,25 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, train_command
+from conftest import ROOT, TINY_RUN_OVERRIDES, train_command
 
 from grpo_jax.pipeline import checkpoint, metrics, run as runner, setup as setup_lib, workdir as workdir_lib
 
 # Timings, and the compile count: a resumed process compiles again what the uninterrupted one had cached.
 TIMING_KEYS = {'step_time', 'sample_time', 'sampled_tokens_per_s', 'tokens_per_s_per_device', 'mfu', 'compiles'}
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-# Long enough that a kill lands mid-GRPO; checkpoints every 3 steps.
-RESUME_OVERRIDES = ('--config.rl.num_steps=12', '--config.checkpoint_every=3')
+# Long enough that a kill lands mid-GRPO; checkpoints every 3 steps: those of the session's shared run (conftest).
+RESUME_OVERRIDES = TINY_RUN_OVERRIDES
 
 
 def read_metrics(workdir):
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics.read_metrics(str(workdir))]
 
 
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
-  """One uninterrupted tiny run of the README's main command (with more GRPO steps)."""
-  workdir = tmp_path_factory.mktemp('full')
-  proc = subprocess.run(train_command(workdir, *RESUME_OVERRIDES), cwd=ROOT, env=ENV, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc.stdout
+@pytest.fixture
+def finished_run(tiny_run):
+  """One uninterrupted tiny run of the README's main command (with more GRPO steps): the session's shared one."""
+  return tiny_run
 
 
 def test_smoke_run_writes_summary_metrics_and_artifacts(finished_run):
@@ -206,8 +202,9 @@ def test_sft_only_run_is_the_sft_stage_of_the_full_run(finished_run, tmp_path):
   assert sft_rows(tmp_path) == sft_rows(reference) and sft_rows(tmp_path)
   with open(tmp_path / 'summary.json') as f, open(reference / 'summary.json') as g:
     ours, full = json.load(f), json.load(g)
-  assert ours['sft_accuracy'] == full['sft_accuracy']
+  assert ours['sft_accuracy'] == full['sft_accuracy'] and ours['sft_accuracy_ci'] == full['sft_accuracy_ci']
   assert ours['rl_accuracy'] is None and ours['rl_steps'] == 0
+  assert ours['rl_accuracy_ci'] is None and ours['rl_vs_sft_mcnemar_p'] is None  # no RL stage to pair
 
 
 def test_sft_matched_preset_is_the_default_with_sft_in_place_of_grpo():

@@ -10,9 +10,19 @@ import jax
 import numpy as np
 import pytest
 from conftest import count_compiles, load_config
+from helpers import (
+  CUTS,
+  MESH,
+  C,
+  cached_sampler,
+  char_reward,
+  grpo_batch,
+  host_params,
+  policy_fixture,
+  policy_rollout,
+  tokenizer_fixture,
+)
 from ml_collections import ConfigDict
-from test_memory import MESH, grpo_batch, host_params
-from test_prefix_credit import CUTS, C, _reward, _rollout, _sampler, policy, tokenizer  # noqa: F401 (fixtures)
 
 from grpo_jax.core.losses import LossConfig, grpo_objective
 from grpo_jax.parallel import sharding
@@ -23,6 +33,9 @@ from grpo_jax.rollout.prefix_credit import prefix_credit
 from grpo_jax.rollout.reference import make_sequence_logprobs_fn
 from grpo_jax.rollout.rollout import Rollout, take_groups
 from grpo_jax.rollout.trim import bucket_width, completion_buckets, pad_columns, trim_columns
+
+# The fixtures this file's tests take, under the names pytest finds them by.
+tokenizer, policy = tokenizer_fixture, policy_fixture
 
 OPT = dict(lr=1e-2, warmup_steps=0, schedule='constant', weight_decay=0.0, grad_clip=1.0, master_dtype='float32')
 HPARAMS = {'beta': np.float32(0.04)}
@@ -123,20 +136,20 @@ def test_take_groups_pads_draws_of_different_widths():
   np.testing.assert_array_equal(picked.completion_tokens[2:], b.completion_tokens[:2])
 
 
-def test_prefix_credit_of_a_cut_rollout_keeps_the_budget(tokenizer, policy):  # noqa: F811
+def test_prefix_credit_of_a_cut_rollout_keeps_the_budget(tokenizer, policy):
   # Greedy continuations of a greedy rollout: the full-width rollout and its cut copy (told the budget) see the same
   # joined outputs, so the same values and advantages on the kept columns.
   graphdef, params, eos = policy
-  rollout, split = _rollout(tokenizer, policy, True)
+  rollout, split = policy_rollout(tokenizer, policy, True)
   # Outputs ended early (the greedy ones fill the budget), so the batch has columns to cut; the continuations do not.
   lengths = np.arange(rollout.completion_mask.shape[0]) % (C // 2) + 1
   short = (np.arange(C)[None] < lengths[:, None]).astype(np.int32)
   rollout = rollout._replace(completion_tokens=np.where(short > 0, rollout.completion_tokens, tokenizer.pad_token_id),
                              completion_mask=short)
-  sampler = _sampler(graphdef, eos, tokenizer.pad_token_id, group_size=2, greedy=True)
+  sampler = cached_sampler(graphdef, eos, tokenizer.pad_token_id, group_size=2, greedy=True)
   width = bucket_width(rollout.completion_mask, completion_buckets(C, 4))
   assert width < C
-  kw = dict(group_size=2, continuations=2, cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=_reward)
+  kw = dict(group_size=2, continuations=2, cut_fractions=CUTS, tokenizer=tokenizer, reward_fn=char_reward)
   full, full_stats = prefix_credit(rollout, split, sampler, params, jax.random.key(1), **kw)
   cut_rollout = Rollout(*rollout[:2], *trim_columns(rollout[2:], width))
   cut, cut_stats = prefix_credit(cut_rollout, split, sampler, params, jax.random.key(1), max_len=C, **kw)

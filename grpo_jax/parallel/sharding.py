@@ -131,10 +131,6 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
   return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(axes: tuple[str | None, ...] | None, rules: Rules = DEFAULT_RULES) -> P:
-  return rules.spec(axes)
-
-
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -219,14 +215,6 @@ def merge_micro_batches(tree, group_size: int = 1):
     x = x.reshape(k, -1, group_size, *x.shape[2:]).swapaxes(0, 1)
     return x.reshape(-1, *x.shape[3:])
   return jax.tree.map(merge, tree)
-
-
-def replicated_arrays(tree, min_size: int) -> list[str]:
-  """Paths of arrays with >= min_size elements that every device holds whole (on a mesh of > 1 device)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [_path_str(path) for path, x in leaves
-          if isinstance(x, jax.Array) and x.size >= min_size and len(x.sharding.device_set) > 1
-          and x.sharding.is_fully_replicated]
 
 
 # ------------------------------------------------------------------------------------------ activations
