@@ -23,6 +23,7 @@ from typing import Any
 from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 
 # variant -> (the config file's preset, '' = --config as given; its overrides)
@@ -44,9 +45,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 def diagnostics(workdir: str) -> dict[str, Any]:
   """SFT's validation curve and the step it first passed 30%; GRPO's entropy, no-signal groups, pass@G, rewards."""
   rows = read_metrics(workdir)
-  val = [(r['step'], r['val_accuracy']) for r in rows if r['stage'] == 'sft' and 'val_accuracy' in r]
+  val = [(r['step'], r['val_accuracy']) for r in rows if r['stage'] == stages.SFT.name and 'val_accuracy' in r]
   out = {'sft_val_curve': val, 'sft_step_val_30': next((step for step, acc in val if acc >= 0.3), None)}
-  grpo = [r for r in rows if r['stage'].startswith('grpo')]
+  grpo = [r for r in rows if stages.is_rl(r['stage'])]
   if grpo:
     mean = lambda key: sum(r[key] for r in grpo) / len(grpo)  # noqa: E731
     out.update(entropy_first=grpo[0]['entropy'], entropy_last=grpo[-1]['entropy'],

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 
 # The embedded default as it was when these results were recorded (benchmarks/RESULTS.md): an exact teacher, SFT
@@ -70,7 +71,7 @@ def run_one(root: str, out: str, variant: str, seed: int, config: str, args: Seq
   summary = sweeps.summary_fields(workdir) if status == 0 else {}
   if summary:
     row.update(summary)
-    grpo_rows = [r for r in read_metrics(workdir) if r['stage'].startswith('grpo')]
+    grpo_rows = [r for r in read_metrics(workdir) if stages.is_rl(r['stage'])]
     row['traces'] = {k: [r.get(k) for r in grpo_rows] for k in TRACES}
   sweeps.record(out, row)
   return workdir

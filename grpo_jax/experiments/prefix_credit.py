@@ -29,6 +29,7 @@ from typing import Any
 from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
+from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 from grpo_jax.pipeline.workdir import read_json
 
@@ -46,7 +47,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def sampled_tokens(workdir: str, outputs_per_step: int) -> tuple[float, float]:
   """(rollout tokens, continuation tokens) the GRPO stage of `workdir` sampled, from its metrics.jsonl."""
-  rows = [r for r in read_metrics(workdir) if r.get('stage', '').startswith('grpo')]
+  rows = [r for r in read_metrics(workdir) if stages.is_rl(r.get('stage', ''))]
   return (sum(r['completion_len'] * outputs_per_step for r in rows),
           sum(r.get('prefix_continuation_tokens', 0) for r in rows))
 
