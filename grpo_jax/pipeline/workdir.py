@@ -20,7 +20,10 @@ CONFIG_FILE = 'config.json'  # the config of the latest run in this workdir
 HISTORY_FILE = 'config_history.jsonl'  # one line per run start: when, and what changed against the saved config
 # Knobs that change how a run is logged or saved, not what it computes: they may differ on resume.
 NOT_TRAJECTORY = ('log_every', 'checkpoint_every', 'checkpoint_keep', 'compile_cache_dir', 'export_hf',
-                  'memory_check', 'memory_limit_gib')
+                  'memory_check', 'memory_limit_gib', 'decode_buckets')
+# Knobs added after runs were saved, with the value that reproduces what those runs did: a saved config without
+# one is read as having it, so resuming an older workdir is not refused as a config change.
+ADDED_KNOBS = {'rl.policy_loss': 'clip', 'decode_buckets': 1}
 
 
 class WorkdirError(RuntimeError):
@@ -101,6 +104,7 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 def config_changes(saved: dict, requested: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (saved, requested)} for every knob that differs, NOT_TRAJECTORY ones aside."""
   a, b = _flatten(saved), _flatten(requested)
+  a = {**{k: v for k, v in ADDED_KNOBS.items() if k in b}, **a}
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and k not in NOT_TRAJECTORY}
 
