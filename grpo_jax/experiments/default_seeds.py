@@ -24,7 +24,6 @@ from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
 from grpo_jax.pipeline import stages
-from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 
 # variant -> (the config file's preset, '' = --config as given; its overrides)

@@ -33,7 +33,6 @@ from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
 from grpo_jax.pipeline import stages
-from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 
 # The embedded default as it was when these results were recorded (benchmarks/RESULTS.md): an exact teacher, SFT

@@ -30,7 +30,6 @@ from absl import flags
 
 from grpo_jax.experiments import runs, sweeps
 from grpo_jax.pipeline import stages
-from grpo_jax.pipeline import stages
 from grpo_jax.pipeline.metrics import read_metrics
 from grpo_jax.pipeline.workdir import read_json
 
